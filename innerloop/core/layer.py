@@ -1654,7 +1654,17 @@ class TTTLayer(nn.Module):
             overflowed = "the step (inner learning rate times gradient) overflowed"
             return f"{broke}: {overflowed}; {remedy}; if those are ordinary, {self._plugin_suspects()}"
         # a plugin's NaN gradient is the likelier cause: not called an overflow, which it may not be
-        return f"{broke}: {self._plugin_suspects()}; unless the step (inner learning rate times gradient) was too large: {remedy}"
+        return f"{broke}: {self.plugin_nan_diagnosis()}"
+
+    def plugin_nan_diagnosis(self, base_lr_name: str = "base_lr") -> str:
+        """The diagnosis of a NaN or inf from moderate input and weights of a layer whose plugins are not
+        all built in, in words: the plugins not built in as the likely source, unless one inner step
+        (learning rate times gradient) was too large, with its remedy (``base_lr_name``: how the caller
+        names ``base_lr``, ``model.ttt.base_lr`` in a run's config). The one text of that diagnosis:
+        the layer's own error and training's :class:`~innerloop.train.module.NonFiniteLayerOutputError`
+        both say it."""
+        remedy = f"lower {base_lr_name} (now {self.base_lr:g}) or {self._lr_gate_advice()}"
+        return f"{self._plugin_suspects()}; unless the step (inner learning rate times gradient) was too large: {remedy}"
 
     def _lr_gate_advice(self) -> str:
         """What to check of the inner learning rate's gate, by its parameters' names where known."""

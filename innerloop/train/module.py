@@ -77,6 +77,7 @@ from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import (
     AT_LEAST_0,
+    FAMILY_MIXERS,
     FRACTION,
     SEQ_LEN_BOUNDS,
     Bounds,
@@ -159,8 +160,9 @@ class TrainingDivergedError(RuntimeError):
 
 class NonFiniteLayerOutputError(TrainingDivergedError):
     """While training, NaN or inf first appeared in a TTT layer's output from finite input of moderate
-    size: the likely source is the layer's plugins, not the learning rate; the message names the layer
-    and its plugins. (A :class:`TrainingDivergedError`, so that a run stops on it as on a divergence,
+    size: the likely source is the layer's plugins not built in, unless one inner step (model.ttt.base_lr
+    times a gradient) was too large; the message names the layer and its plugins, in the layer's own
+    words (:meth:`~innerloop.core.layer.TTTLayer.plugin_nan_diagnosis`). (A :class:`TrainingDivergedError`, so that a run stops on it as on a divergence,
     keeping its last good checkpoint.)"""
 
 
@@ -623,12 +625,12 @@ class LanguageModelModule(L.LightningModule):
                 f"; if the training loss was rising before (last finite {float(loss):.4f}, after {step} "
                 f"steps), the run may be diverging instead: then try a lower optim.lr (now {self.hparams.lr:g})"
             )
-        return NonFiniteLayerOutputError(
+        family = getattr(self.model.config, "mixer", None) in FAMILY_MIXERS
+        base_lr = "model.family.base_lr" if family else "model.ttt.base_lr"
+        return NonFiniteLayerOutputError(  # the layer's own diagnosis of this case: one text for both
             f"{what}: the NaN or inf first appeared in the output of the TTT layer {name!r} "
             f"({type(layer).__name__}), from finite input of moderate size (largest |input| "
-            f"{largest_input:.1e}), with finite weights: the likely source is a NaN or inf computed by the "
-            f"layer's plugins, {plugins} (e.g. a sqrt, log or division at 0 in a loss or its gradient, "
-            f"where a prediction equals its target), not the learning rate{earlier}"
+            f"{largest_input:.1e}), with finite weights: {layer.plugin_nan_diagnosis(base_lr)}{earlier}"
         )
 
     def on_train_start(self) -> None:

@@ -91,7 +91,13 @@ def _assert_names_the_layer_and_its_plugins(message: str, layer: str) -> None:
     assert f"in the output of the TTT layer {layer!r}" in message, message
     assert f"inner loss {EXPLODING!r}" in message and "test_review_s13_train.Exploding" in message
     assert "inner model 'linear'" in message and "update rule" in message
-    assert "training diverged" not in message and "not the learning rate" in message
+    assert "training diverged" not in message
+    # the layer's own diagnosis, one text (s54a; was "..., not the learning rate", silent on base_lr)
+    assert "not the learning rate" not in message, message
+    assert (
+        "unless the step (inner learning rate times gradient) was too large: lower model.ttt.base_lr (now 1)"
+        in message
+    )
 
 
 def test_a_plugins_nan_at_the_first_step_names_the_layer_and_its_plugins(exploding) -> None:

@@ -227,3 +227,19 @@ def test_a_max_time_part_that_is_no_number_is_refused_naming_its_type(amount) ->
 
 def test_python_numbers_stay_accepted_as_max_time_parts() -> None:
     _checked_max_time({"hours": 2, "minutes": 1.5})
+
+
+def test_a_timedelta_max_time_is_kept_as_a_mapping_config_yaml_holds(tmp_path) -> None:
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from innerloop.config.load import validate_run_config
+
+    run, _ = load_config("tiny", [f"out_dir={tmp_path / 'out'}"])
+    limit = timedelta(hours=1, microseconds=5)
+    run = replace(run, trainer=replace(run.trainer, lightning={"max_time": limit}))
+    validate_run_config(run)
+    # was: accepted, then OmegaConf's UnsupportedValueType ('timedelta') when the run saved config.yaml
+    save_config(run, tmp_path / "config.yaml")
+    saved, _ = load_config(str(tmp_path / "config.yaml"))
+    assert timedelta(**saved.trainer.lightning["max_time"]) == limit  # the same limit for the Timer

@@ -219,6 +219,14 @@ def check_lightning_arguments(arguments: Any, error: type[ValueError]) -> None:
         if (
             name == "max_time"
         ):  # its own rule: Lightning's dict[str, int] annotation is narrower than its Timer
+            if isinstance(value, timedelta) and isinstance(arguments, MutableMapping):
+                # the same limit as a mapping of its parts: config.yaml cannot hold a timedelta (OmegaConf
+                # refused it, unnamed, when the run saved its config)
+                arguments[name] = {
+                    "days": value.days,
+                    "seconds": value.seconds,
+                    "microseconds": value.microseconds,
+                }
             _check_time_limit(value, error)
             continue
         if not value_matches(value, annotations[name]):
@@ -255,7 +263,8 @@ def _check_time_limit(value: Any, error: type[ValueError]) -> None:
     reads: its ``DD:HH:MM:SS`` text (each part whole digits) or a mapping of ``timedelta`` arguments
     (:data:`TIME_LIMIT_UNITS`; each a finite number, a fraction too: the Timer calls
     ``timedelta(**mapping)``, so ``{hours: 1.5}`` is 90 minutes although Lightning annotates
-    ``dict[str, int]``), or a ``timedelta``. One rule for every form: the ``timedelta`` its parts add up
+    ``dict[str, int]``), or a ``timedelta`` (a Python caller's; :func:`check_lightning_arguments` keeps it
+    as the mapping of its days, seconds and microseconds, which config.yaml can hold). One rule for every form: the ``timedelta`` its parts add up
     to (``{days: -1, hours: 25}`` is an hour) must be positive (a limit of no time stopped the run before
     its first step) and one ``timedelta`` holds (past it, Lightning raised a bare OverflowError when the
     Trainer was built); a part that is no finite number (nan, inf, a bool, text) or no unit is refused

@@ -126,12 +126,24 @@ def eta_tile(lr_ptr, tau_ptr, t0, rows, K):
 
 
 @triton.jit
+def clamp_keeping_nan(x, low, high):
+    """``x`` limited to ``[low, high]``, a NaN kept NaN.
+
+    ``tl.minimum``/``tl.maximum`` (and ``tl.clamp``) default to ``PropagateNan.NONE``: ``min(NaN, 100)``
+    is 100 on a GPU and under the interpreter alike (``np.fmin``), which would turn a NaN into a finite
+    number. Two ``tl.where`` on the comparisons (false for NaN) leave a NaN lane alone; on finite values
+    and on +-inf they give exactly what the min/max pair gave.
+    """
+    return tl.where(x > high, high, tl.where(x < low, low, x))
+
+
+@triton.jit
 def tanh(x):
     """tanh via exp. The argument is clamped to [-20, 20] first: tanh(20) = 1 - 8.5e-18, which rounds to
     1 in float32 and float64 alike, so no value changes, and ``exp(2x)`` no longer overflows above
-    x ~ 44 (harmless, 1 - 2/inf = 1, but numpy warned of it under the interpreter). ``tl.where`` rather
-    than ``tl.minimum``/``tl.maximum``, which may drop a NaN: a NaN still gives NaN."""
-    x = tl.where(x > 20.0, 20.0, tl.where(x < -20.0, -20.0, x))
+    x ~ 44 (harmless, 1 - 2/inf = 1, but numpy warned of it under the interpreter). A NaN still gives
+    NaN (:func:`clamp_keeping_nan`)."""
+    x = clamp_keeping_nan(x, -20.0, 20.0)
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
@@ -144,7 +156,7 @@ def gelu_tanh(x):
 @triton.jit
 def gelu_tanh_grad(x):
     """The reference's polynomial for d/dx gelu_tanh (truncated constants kept)."""
-    x = tl.minimum(tl.maximum(x, -100.0), 100.0)  # flat beyond; keeps x * x finite
+    x = clamp_keeping_nan(x, -100.0, 100.0)  # flat beyond; keeps x * x finite; NaN stays NaN
     t = tanh(0.79788456 * x * (1.0 + 0.044715 * x * x))
     return 0.5 * x * ((1.0 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1.0 + t)
 
@@ -152,7 +164,7 @@ def gelu_tanh_grad(x):
 @triton.jit
 def gelu_tanh_grad2(x):
     """d/dx of :func:`gelu_tanh_grad` (the exact derivative of that polynomial)."""
-    x = tl.minimum(tl.maximum(x, -100.0), 100.0)  # flat beyond; keeps x * x finite
+    x = clamp_keeping_nan(x, -100.0, 100.0)  # flat beyond; keeps x * x finite; NaN stays NaN
     t = tanh(0.79788456 * x * (1.0 + 0.044715 * x * x))
     sech2 = 1.0 - t * t
     du = 0.79788456 * (1.0 + 3.0 * 0.044715 * x * x)  # derivative of the tanh argument

@@ -32,11 +32,14 @@ that breaks them is refused with the reason instead of computing wrong numbers.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from functools import wraps
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -194,12 +197,77 @@ def _problem_text(problem: InnerProblem, seed: int | None = None) -> str:
     return f"make_problem({task.model.name!r}, {task.loss.name!r}, {arguments})"
 
 
+#: While :func:`check_update_rule` runs: what the reference computed on each problem it was given, by
+#: :func:`_problem_key`. The check rebuilds the same problem (same seed and options) for its values, its
+#: no-grad modes and its zero-gate comparisons, and the token-by-token reference ran on it each time:
+#: dual_form's default check ran it 122 times; with the memo, and two more default shapes, 106. None
+#: outside a check.
+_EXPECTED_MEMO: ContextVar[dict[tuple, tuple[torch.Tensor, TTTState]] | None] = ContextVar(
+    "innerloop_expected_memo", default=None
+)
+
+
+def _key_of(value: Any) -> Any:
+    """A hashable fingerprint of ``value``: a tensor by dtype, shape, strides and a digest of its bytes, a
+    dict or dataclass by its entries, a number or string as itself, any other object by identity."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return ("tensor", value.dtype, tuple(value.shape), value.stride(), hashlib.blake2b(data).digest())
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _key_of(v)) for k, v in value.items()))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = (_key_of(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return (type(value), tuple(fields))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("object", id(value))
+
+
+def _problem_key(problem: InnerProblem, rule: UpdateRule) -> tuple | None:
+    """The memo key of ``rule``'s reference on ``problem``; None (not memoised) where an input requires
+    grad: a gradient check needs the reference's graph, not a copy of its numbers."""
+    tensors = [problem.views.query, problem.views.key, problem.views.value, problem.lr]
+    tensors += [*problem.state.params.values(), *problem.state.pending.values()]
+    tensors += [
+        t for t in (problem.tau, problem.decay, problem.momentum, problem.task.norm_weight) if t is not None
+    ]
+    if any(t.requires_grad for t in tensors):
+        return None
+    return (id(rule), _key_of(problem))
+
+
+@contextmanager
+def _memoised_references() -> Iterator[None]:
+    """Within it, :func:`finite_expected` runs the reference once per distinct problem (a copy after)."""
+    if _EXPECTED_MEMO.get() is not None:  # a check inside a check: share the outer memo
+        yield
+        return
+    token = _EXPECTED_MEMO.set({})
+    try:
+        yield
+    finally:
+        _EXPECTED_MEMO.reset(token)
+
+
+def _expected_once(problem: InnerProblem, rule: UpdateRule) -> tuple[torch.Tensor, TTTState]:
+    """``problem.expected(rule)``, memoised in :data:`_EXPECTED_MEMO` when one is active."""
+    memo = _EXPECTED_MEMO.get()
+    key = None if memo is None else _problem_key(problem, rule)
+    if key is None:
+        return problem.expected(rule)
+    if key not in memo:
+        memo[key] = problem.expected(rule)
+    out, state = memo[key]
+    return out.clone(), state.clone()
+
+
 def finite_expected(
     problem: InnerProblem, rule: UpdateRule, seed: int | None = None
 ) -> tuple[torch.Tensor, TTTState]:
     """:meth:`InnerProblem.expected`, or :class:`ReferenceDivergedError` naming the problem (``seed``: the
-    one it was made with, if known) where its outputs or final weights are not finite."""
-    out, state = problem.expected(rule)
+    one it was made with, if known) where its outputs or final weights are not finite. Within
+    :func:`check_update_rule`, the reference runs once per distinct problem (:data:`_EXPECTED_MEMO`)."""
+    out, state = _expected_once(problem, rule)
     tensors = {"outputs": out, **{f"weights[{k!r}]": v for k, v in state.params.items()}}
     diverged = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if diverged:
@@ -1523,6 +1591,30 @@ ONE_TOKEN_MINI_BATCH_SHAPE: dict[str, int] = {
     "mini_batch_size": 1,
 }
 
+#: The shape :func:`check_update_rule` also checks a rule at when no shape is given, on its first model
+#: in the first wrapping: mini-batches of 32 (past a tile of 16 rows, at one of 32), head dim 20 (past 8 and 16, not
+#: a power of two) and 45 tokens (a whole mini-batch and 13 tokens of a second). Before (review
+#: s54h) the default shapes stopped at K = 16 and head dim 8, and strategies.problems at K = 6 and head
+#: dim 8: a rule wrong only for a mini-batch's rows past 16 or a head's features past 8 passed.
+WIDE_MINI_BATCH_SHAPE: dict[str, int] = {
+    "batch": 2,
+    "heads": 2,
+    "head_dim": 20,
+    "tokens": 45,
+    "mini_batch_size": 32,
+}
+
+#: ... and a call shorter than one mini-batch (K = 12 > T = 7: the sequence ends inside its first
+#: mini-batch, no weights are committed), at head dim 12: a rule that assumes one whole mini-batch
+#: (``T // K`` of them, a reshape to ``[T // K, K]``) goes wrong there. The other shapes have T > K.
+MINI_BATCH_LONGER_THAN_CALL_SHAPE: dict[str, int] = {
+    "batch": 2,
+    "heads": 2,
+    "head_dim": 12,
+    "tokens": 7,
+    "mini_batch_size": 12,
+}
+
 
 @with_autograd
 def check_inner_model(
@@ -1782,6 +1874,8 @@ def check_update_rule(
     ``mini_batch_size``, ...). Without a shape among them, the values are also checked at each shape
     of :data:`PLUGIN_CHECK_SHAPES` (three sequences and heads, an odd head dim, a 37-token call; five
     heads, head dim 8 and a 150-token call), with the first loss and wrapping, and at
+    :data:`WIDE_MINI_BATCH_SHAPE` (K = 32, head dim 20, 45 tokens) and :data:`MINI_BATCH_LONGER_THAN_CALL_SHAPE`
+    (K = 12 > T = 7, head dim 12) on the first model,
     :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems` draws shapes (and,
     if asked, the model) for a hypothesis test.
     """
@@ -1793,17 +1887,18 @@ def check_update_rule(
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given, wrappings, mixed = _wrappings_to_check(problem_kwargs)  # norm and residual popped
     check = _RuleCheck(rule, cut_points, seed, tolerance)
-    for index, each_model in enumerate(_models_for(rule, model, problem_kwargs.get("head_dim"))):
-        no_grad_too = without_grad and index == 0  # the no-grad modes at the wide shapes: first model
-        _check_default_shapes(check, each_model, losses[0], problem_kwargs, wrappings[0], given, no_grad_too)
-        _check_rule_with(check, each_model, losses, wrappings, gradients, problem_kwargs)
-        first_wrapping = {**problem_kwargs, **wrappings[0]}
-        if without_grad:  # every model: a fast path without autograd may differ for one model only
-            _check_rule_without_grad(check, each_model, losses, mixed, first_wrapping)
-        if index == 0:  # the mixed wrappings, float32 and a state far into a sequence: first model
-            _check_rule_on_first(check, each_model, losses, mixed, first_wrapping)
-            _check_rule_log_gate(check, each_model, losses[0], first_wrapping)
-            _check_rule_far_into_sequence(check, each_model, losses[0], first_wrapping)
+    with _memoised_references():  # the reference once per distinct problem
+        for index, each_model in enumerate(_models_for(rule, model, problem_kwargs.get("head_dim"))):
+            no_grad_too = without_grad and index == 0  # the no-grad modes at the wide shapes: first model
+            _check_default_shapes(
+                check, each_model, losses[0], problem_kwargs, wrappings[0], given, no_grad_too, index == 0
+            )
+            _check_rule_with(check, each_model, losses, wrappings, gradients, problem_kwargs)
+            first_wrapping = {**problem_kwargs, **wrappings[0]}
+            if without_grad:  # every model: a fast path without autograd may differ for one model only
+                _check_rule_without_grad(check, each_model, losses, mixed, first_wrapping)
+            if index == 0:  # the mixed wrappings, float32, the log gate, a state far into a sequence
+                _check_rule_on_first(check, each_model, losses, mixed, first_wrapping)
 
 
 @dataclass(frozen=True)
@@ -1886,13 +1981,20 @@ def _losses_to_check(
     return [get_registry().inner_loss(name) for name in BUILTIN_LOSSES]
 
 
-def _default_check_shapes(wrapping: dict, given: dict) -> list[tuple[dict[str, int], dict]]:
+def _default_check_shapes(
+    wrapping: dict, given: dict, first_model: bool = True
+) -> list[tuple[dict[str, int], dict]]:
     """The shapes (and wrappings) :func:`check_update_rule` checks a rule's values at when no shape is
     given: :data:`PLUGIN_CHECK_SHAPES` in ``wrapping``, :data:`UNIT_CHECK_SHAPE` in the ``given``
-    wrapping, else :data:`UNIT_CHECK_WRAPPING`, and :data:`ONE_TOKEN_MINI_BATCH_SHAPE` in ``wrapping``."""
+    wrapping, else :data:`UNIT_CHECK_WRAPPING`, and :data:`ONE_TOKEN_MINI_BATCH_SHAPE` in ``wrapping``;
+    on the ``first_model``, :data:`WIDE_MINI_BATCH_SHAPE` and :data:`MINI_BATCH_LONGER_THAN_CALL_SHAPE`
+    too (in ``wrapping``; on the first model only, as the no-grad modes at these shapes: their cost)."""
     unit = {**UNIT_CHECK_WRAPPING, **given}
-    wide = [(shape, wrapping) for shape in PLUGIN_CHECK_SHAPES]
-    return [*wide, (UNIT_CHECK_SHAPE, unit), (ONE_TOKEN_MINI_BATCH_SHAPE, wrapping)]
+    shapes = [*((shape, wrapping) for shape in PLUGIN_CHECK_SHAPES), (UNIT_CHECK_SHAPE, unit)]
+    shapes.append((ONE_TOKEN_MINI_BATCH_SHAPE, wrapping))
+    if first_model:
+        shapes += [(WIDE_MINI_BATCH_SHAPE, wrapping), (MINI_BATCH_LONGER_THAN_CALL_SHAPE, wrapping)]
+    return shapes
 
 
 def _wrappings_to_check(problem_kwargs: dict) -> tuple[dict, list[dict], list[dict]]:
@@ -1913,16 +2015,18 @@ def _check_default_shapes(
     wrapping: dict,
     given: dict,
     without_grad: bool,
+    first_model: bool = True,
 ) -> None:
     """Where ``problem_kwargs`` give no shape, :func:`check_update_rule`'s values at
-    :func:`_default_check_shapes` (``wrapping``: the first one; ``given``: the caller's), and with
+    :func:`_default_check_shapes` (``wrapping``: the first one; ``given``: the caller's; ``first_model``:
+    whether ``model`` is check_update_rule's first, which alone meets the widest shapes), and with
     ``without_grad`` (check_update_rule: on its first model), the plain rule's values under ``no_grad``
     and ``inference_mode`` there too (:func:`check_update_rule_without_grad`). Before (review s53j), those
     ran at ``make_problem``'s shape only (11 tokens, K = 4, head dim 4): a fast path without autograd
     wrong past 16 tokens (an inference-only chunked form), at more heads or another head dim passed."""
     if set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # a shape given: that shape only
         return
-    for shape, each_wrapping in _default_check_shapes(given or wrapping, given):
+    for shape, each_wrapping in _default_check_shapes(given or wrapping, given, first_model):
         options = {**problem_kwargs, **shape, **each_wrapping}
         _check_rule_on(check, model, loss, options)
         if without_grad:
@@ -1980,12 +2084,15 @@ def _check_rule_on_first(
 ) -> None:
     """:func:`check_update_rule`'s checks on its first model (``options``: the problem's, with the first
     wrapping): the ``mixed`` wrappings with the first loss, and float32 (unless the problem's dtype is
-    given) with every loss (a rule that rounds one loss's outputs through a lower precision is met there)."""
+    given) with every loss (a rule that rounds one loss's outputs through a lower precision is met there);
+    then the gate as ``decay_log`` and a state far into a sequence, with the first loss."""
     for wrapping in mixed:
         _check_rule_on(check, model, losses[0], {**options, **wrapping})
     if "dtype" not in options:  # layers run their rules in float32
         for loss in losses:
             check_update_rule_in_float32(check.rule, model, loss, check.cut_points, check.seed, options)
+    _check_rule_log_gate(check, model, losses[0], options)
+    _check_rule_far_into_sequence(check, model, losses[0], options)
 
 
 #: How many mini-batches into a sequence :func:`check_update_rule` also starts a call: about

@@ -281,6 +281,9 @@ def problems(
     one model only is caught. Leave it None for ``make_problem`` and the other checks, which take the
     model positionally (``check_update_rule`` then checks every built-in model the rule accepts).
 
+    Its defaults stop at head dim 8, mini-batches of 6 and 40 tokens (cheap enough for many examples);
+    :func:`wide_problems` draws past them (head dims 12 to 64, mini-batches of 16 to 64, ``K > T``).
+
     The default head dims leave out 2: the inner LayerNorm over two features is a constant (``+-w + b``)
     whose derivative is ~1e-10 of its inputs, so the gradients through it, and any float64 comparison
     of them, measure rounding rather than the plugin's math.
@@ -307,6 +310,56 @@ def problems(
     return drawn
 
 
+#: The head dims :func:`wide_problems` draws: past 8 and not a power of two first (12, 20), across the
+#: tile boundaries of 16, 32 and 64 (17, 33), and the boundaries themselves.
+WIDE_HEAD_DIMS: tuple[int, ...] = (12, 20, 33, 16, 17, 32, 64)
+
+#: The mini-batch sizes :func:`wide_problems` draws: a tile of 32 rows first, then across 16, 32, 64.
+WIDE_MINI_BATCHES: tuple[int, ...] = (32, 17, 33, 16, 24, 64)
+
+
+@st.composite
+def wide_problems(
+    draw: st.DrawFn,
+    head_dims: tuple[int, ...] = WIDE_HEAD_DIMS,
+    mini_batch_sizes: tuple[int, ...] = WIDE_MINI_BATCHES,
+    inner_models: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Shape keyword arguments like :func:`problems`', past where its defaults stop (head dim 8,
+    mini-batches of 6, 40 tokens): head dims of :data:`WIDE_HEAD_DIMS`, mini-batches of
+    :data:`WIDE_MINI_BATCHES` and a call length drawn against the mini-batch ``K``: shorter than one
+    mini-batch (``K > T``), exactly one, one past it, or one and 13 tokens (``T % K != 0``). A rule or
+    kernel wrong only past a tile boundary, for a head dim that is not a power of two, or when ``T`` is
+    not a multiple of ``K`` is met here. Two sequences and two heads (the wide sizes cost enough).
+
+    The simplest example (hypothesis's first) is head dim 12, ``K = 32`` and ``T = K + 13 = 45``:
+    :data:`innerloop.testing.checks.WIDE_MINI_BATCH_SHAPE`'s mini-batches, at a head dim between 8 and
+    16. A ``check_update_rule`` call with a drawn shape checks that shape only, so such a test costs
+    about a second per example for the dual form (float64, CPU).
+    """
+    head_dims = _check_head_dims("wide_problems", head_dims, even=False)
+    _check_choices("wide_problems", "mini_batch_sizes", mini_batch_sizes, "positive integers")
+    sizes = [as_index(size) for size in mini_batch_sizes]
+    if any(size is None or size < 1 for size in sizes):
+        raise ValueError(
+            f"wide_problems: mini_batch_sizes must hold positive integers, got {mini_batch_sizes!r}"
+        )
+    if inner_models is not None:
+        _check_choices("wide_problems", "inner_models", inner_models, "registered names (or None)")
+    k = draw(st.sampled_from(sizes))
+    lengths = dict.fromkeys([k + 13, max(1, k // 2), k, k + 1])  # T % K != 0 first, then K > T
+    drawn: dict[str, Any] = {
+        "batch": 2,
+        "heads": 2,
+        "head_dim": draw(st.sampled_from(head_dims)),
+        "tokens": draw(st.sampled_from(tuple(lengths))),
+        "mini_batch_size": k,
+    }
+    if inner_models is not None:
+        drawn["model"] = draw(st.sampled_from(inner_models))
+    return drawn
+
+
 def seeds() -> st.SearchStrategy[int]:
     """Seeds for torch generators."""
     return st.integers(0, 2**31 - 1)
@@ -321,4 +374,5 @@ __all__ = [
     "seeds",
     "split_points",
     "views",
+    "wide_problems",
 ]

@@ -143,3 +143,29 @@ def test_wide_problems_first_example_catches_a_rule_wrong_past_k16_or_head_dim_8
     shape = find(wide_problems(), lambda shape: True)
     problem = make_problem("linear", "reconstruction", **shape).for_rule(wrong)
     assert relative_error(problem.run(wrong)[0], problem.naive()[0]) > 1e-3
+
+
+@pytest.mark.slow  # ~0.3 s warm; alone it builds the registry (~2.5 s)
+def test_the_reference_memo_runs_once_per_problem_returns_copies_and_skips_graphs(monkeypatch):
+    """Within check_update_rule the reference runs once per distinct problem (the check rebuilds the
+    same one for values, no-grad modes, zero gates); a caller that writes into what it got does not
+    change the next caller's numbers, and a problem whose inputs require grad is not memoised."""
+    runs = []
+    naive = checks.naive_token_loop
+    monkeypatch.setattr(checks, "naive_token_loop", lambda *a, **k: runs.append(1) or naive(*a, **k))
+    rule = get_registry().update_rule("dual_form")
+    with checks._memoised_references():
+        first = checks.finite_expected(make_problem("linear", "reconstruction", tokens=5), rule)
+        wanted = first[0].clone()
+        first[0].add_(1.0)
+        again = checks.finite_expected(make_problem("linear", "reconstruction", tokens=5), rule)
+        assert len(runs) == 1 and torch.equal(again[0], wanted)
+        checks.finite_expected(make_problem("linear", "reconstruction", tokens=5, seed=1), rule)
+        assert len(runs) == 2  # another seed: another problem
+        graph = make_problem("linear", "reconstruction", tokens=5)
+        graph.lr.requires_grad_(True)
+        checks.finite_expected(graph, rule)
+        checks.finite_expected(graph, rule)
+        assert len(runs) == 4
+    checks.finite_expected(make_problem("linear", "reconstruction", tokens=5), rule)
+    assert len(runs) == 5  # outside a check: no memo

@@ -207,10 +207,17 @@ _EXPECTED_MEMO: ContextVar[dict[tuple, tuple[torch.Tensor, TTTState]] | None] = 
 )
 
 
+class _NeedsGraph(Exception):
+    """Raised by :func:`_key_of` at a tensor that requires grad: such a problem is not memoised."""
+
+
 def _key_of(value: Any) -> Any:
     """A hashable fingerprint of ``value``: a tensor by dtype, shape, strides and a digest of its bytes, a
-    dict or dataclass by its entries, a number or string as itself, any other object by identity."""
+    dict or dataclass by its entries, a number or string as itself, any other object by identity (a
+    new object each time only misses). :class:`_NeedsGraph` at a tensor that requires grad."""
     if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise _NeedsGraph
         data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         return ("tensor", value.dtype, tuple(value.shape), value.stride(), hashlib.blake2b(data).digest())
     if isinstance(value, dict):
@@ -224,16 +231,12 @@ def _key_of(value: Any) -> Any:
 
 
 def _problem_key(problem: InnerProblem, rule: UpdateRule) -> tuple | None:
-    """The memo key of ``rule``'s reference on ``problem``; None (not memoised) where an input requires
-    grad: a gradient check needs the reference's graph, not a copy of its numbers."""
-    tensors = [problem.views.query, problem.views.key, problem.views.value, problem.lr]
-    tensors += [*problem.state.params.values(), *problem.state.pending.values()]
-    tensors += [
-        t for t in (problem.tau, problem.decay, problem.momentum, problem.task.norm_weight) if t is not None
-    ]
-    if any(t.requires_grad for t in tensors):
+    """The memo key of ``rule``'s reference on ``problem``; None (not memoised) where any of its tensors
+    requires grad: a gradient check needs the reference's graph, not a copy of its numbers."""
+    try:
+        return (id(rule), _key_of(problem))
+    except _NeedsGraph:
         return None
-    return (id(rule), _key_of(problem))
 
 
 @contextmanager

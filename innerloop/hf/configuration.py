@@ -145,8 +145,9 @@ class InnerloopConfig(PreTrainedConfig):
             :func:`innerloop.checkpoints.same_plugin`) is registered now under one of those names.
             None: not recorded (a config built in Python, an older export).
         innerloop_token_index_dtype: the dtype in which the saved float64 model's TTT layers made their
-            token index ``1 / (i + 1)``, which ``from_pretrained`` makes again: ``"float32"`` (rounded
-            and widened: a float32 model cast, as a ``64-true`` run's is), ``"float64"`` (exact), or a
+            token index ``1 / (i + 1)``, which the model built from this config makes again where it is
+            float64 (``InnerloopForCausalLM(config)``, ``from_config``, ``from_pretrained``): ``"float32"``
+            (rounded and widened: a float32 model cast, as a ``64-true`` run's is), ``"float64"`` (exact), or a
             list of these, one per TTT layer, for a model mixing both (written by ``save_pretrained``;
             the record a checkpoint keeps, :data:`innerloop.checkpoints.TOKEN_INDEX_KEY`). None: made in
             the model's dtype, as the reference's ``from_pretrained`` makes it.

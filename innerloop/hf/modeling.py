@@ -807,8 +807,17 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         """Ignored: transformers' ``post_init`` sets it from the class's; the weights decide (the getter)."""
 
     def __init__(self, config: InnerloopConfig) -> None:
+        """The network ``config`` describes, built in torch's default dtype; where that is float64, its
+        TTT layers' token index is made as ``config.innerloop_token_index_dtype`` records (the model
+        ``save_pretrained`` wrote it from held it so): the model built from a saved config, under
+        ``torch.set_default_dtype(torch.float64)``, ``from_config(config, dtype=torch.float64)`` or
+        ``AutoModelForCausalLM.from_config``, is the one ``from_pretrained`` gives, bit for bit. A later
+        cast keeps the index it widens (``.double()`` of a float32 model: rounded), as torch's casts do;
+        ``save_pretrained`` records what the model then holds. A record naming another number of TTT
+        layers than the model has is refused (``ValueError`` naming the field)."""
         super().__init__(config)
         self.model = build_model(config.model_config)
+        remake_token_index(self, config.innerloop_token_index_dtype, where=TOKEN_INDEX_FIELD)
         self.post_init()
         self._mark_model_config_synced()
 
@@ -1353,9 +1362,11 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                             name, table.to(device=current.device, dtype=dtype), persistent=False
                         )
             # the token index as the model saved held it: rounded to float32 or exact (the config's record)
-            record = self.config.innerloop_token_index_dtype
-            remake_token_index(self, record, where="config.json's innerloop_token_index_dtype")
+            remake_token_index(self, self.config.innerloop_token_index_dtype, where=TOKEN_INDEX_FIELD)
 
+
+TOKEN_INDEX_FIELD = "config.json's innerloop_token_index_dtype"
+"""How a token-index record that does not fit the model is named (``InnerloopConfig``'s field)."""
 
 SAVE_STAGING_PREFIX = ".innerloop-saving-"
 """The name prefix of the hidden folder in which ``save_pretrained`` stages a save inside its folder."""

@@ -881,11 +881,11 @@ def stored_weights_dtype(path: str | os.PathLike[str]) -> torch.dtype | None:
                 counts[dtype] = counts.get(dtype, 0) + 1
     except (SafetensorError, OSError, ValueError):
         return None
-    floating = {_SAFETENSORS_DTYPES[d]: n for d, n in counts.items() if d in _SAFETENSORS_DTYPES}
+    floating = {SAFETENSORS_FLOAT_DTYPES[d]: n for d, n in counts.items() if d in SAFETENSORS_FLOAT_DTYPES}
     return max(floating, key=floating.__getitem__) if floating else None
 
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_FLOAT_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "BF16": torch.bfloat16,

@@ -48,6 +48,7 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
     fcntl = None  # type: ignore[assignment]
 
 from innerloop.checkpoints import (
+    SAFETENSORS_FLOAT_DTYPES,
     check_held_plugins,
     check_plugin_settings,
     missing_keys_note,
@@ -1257,7 +1258,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
         A local folder is checked too: a weights file that is not a whole safetensors file is named
         (:func:`stored_weight_dtypes`); a weight stored in an integer or bool dtype where the model's is
-        floating is refused (transformers would cast it); when the weights do not fit, the message also
+        floating is refused (transformers would cast it), and so is one stored wider than the dtype
+        config.json names where no ``dtype`` is given (transformers would round it:
+        :func:`refuse_rounded_weights`); when the weights do not fit, the message also
         names the keys config.json's ``model`` section lacks, which took their defaults; and where
         ``innerloop export`` recorded its files (:data:`EXPORT_RECORD`), the weights files must be the
         ones it wrote (their SHA-256, computed once per load: seconds for a large model): a file changed
@@ -1286,6 +1289,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
                 f"edited by hand?): {problems}{config_keys_note(folder)}{untied_e2e_note(model, info)}"
             )
         refuse_integer_weights(model, stored)
+        if kwargs.get("dtype", kwargs.get("torch_dtype")) in (None, "auto"):  # the user asked for no dtype
+            refuse_rounded_weights(model, stored)
         refuse_non_finite_weights(model, source)
         if folder is not None:  # after the checks above, which name what is wrong more precisely
             check_export_record(folder)
@@ -1632,6 +1637,29 @@ def refuse_integer_weights(model: nn.Module, stored: dict[str, tuple[str, str]])
                 f"{file}: the weight {key!r} is stored as {dtype}, not a floating dtype, where the model's "
                 f"is {state[key].dtype}; innerloop writes floating weights: was the file edited, or written "
                 "by another program?"
+            )
+
+
+def refuse_rounded_weights(model: nn.Module, stored: dict[str, tuple[str, str]]) -> None:
+    """Refuse a model loaded in a dtype that rounds a weight stored wider (``stored``: weight -> file and
+    safetensors dtype, from :func:`stored_weight_dtypes`), for a ``from_pretrained`` that named no
+    ``dtype``: transformers then loads in the dtype config.json names and casts every weight to it without
+    a word (its own models too: a GPT-2 folder of float64 weights whose config says float32 loads in
+    float32), so an edited config.json, or one another program wrote, lost the weights' precision where the
+    user asked for nothing. A weight loaded as wide as stored, or wider, is fine."""
+    state = model.state_dict()
+    for key, (file, stored_dtype) in sorted(stored.items()):
+        wide = SAFETENSORS_FLOAT_DTYPES.get(stored_dtype)
+        loaded = state.get(key)
+        if wide is None or loaded is None or not loaded.is_floating_point():
+            continue
+        if torch.promote_types(wide, loaded.dtype) != loaded.dtype:
+            written = getattr(model.config, "dtype", None)
+            raise ValueError(
+                f"{file}: the weight {key!r} is stored as {wide}, but config.json's dtype "
+                f"({str(written).removeprefix('torch.')!r}) loads it as {loaded.dtype}, which rounds it; pass "
+                f"dtype={wide} to load the weights as stored, or dtype={loaded.dtype} to round them "
+                "(or correct config.json's dtype)"
             )
 
 

@@ -224,3 +224,16 @@ def recall_run():
         warnings.simplefilter("ignore")
         run, _ = load_config("tiny", ["data.name=recall"])
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_model():
+    """A 1-layer TTT :class:`~innerloop.hf.InnerloopForCausalLM` (width 16, 2 heads, vocabulary 50), seeded
+    0, in eval mode: the model the ``generate()`` sampling tests share (one per test module)."""
+    import torch
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM  # here: the controller imports none
+
+    torch.manual_seed(0)
+    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
+    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()

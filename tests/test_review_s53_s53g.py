@@ -92,15 +92,6 @@ def test_cli_generate_text_of_a_tokenizer_that_reads_context_is_the_whole_decode
     assert capsys.readouterr().out == whole + "[token 9]two three\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_model():
-    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
-
-    torch.manual_seed(0)
-    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
-    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
-
-
 @pytest.mark.parametrize(
     ("setting", "value", "valid"),
     [

@@ -53,15 +53,6 @@ def test_text_window_prints_the_whole_decode_of_multi_byte_text_of_a_byte_level_
     assert not wrong, f"{len(wrong)} of 300 differ, e.g. {wrong[0]}"
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_model():
-    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
-
-    torch.manual_seed(0)
-    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
-    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
-
-
 @pytest.mark.parametrize(
     ("setting", "value", "valid"),
     [

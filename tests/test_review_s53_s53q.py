@@ -16,15 +16,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_model():
-    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
-
-    torch.manual_seed(0)
-    model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
-    return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
-
-
 @pytest.mark.parametrize("temperature", [1e-45, 1e-300])
 def test_temperature_warper_is_exact_for_a_tiny_temperature(temperature: float) -> None:
     """An overflowing row is shifted by its max (ties keep 0, the rest -inf); -inf stays -inf."""

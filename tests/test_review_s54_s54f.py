@@ -1,0 +1,60 @@
+"""Review s54f: fair comparisons -- ``innerloop compare`` and benchmarks/ against attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchmark_testing import benchmark_script
+from torch import nn
+
+
+@pytest.fixture
+def threads():
+    """The benchmark scripts' main() sets torch's thread count: restore it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class _PositionRecorder(nn.Module):
+    """A stand-in TTT layer whose state is the number of tokens it has read; it records, for each
+    decoded token, the position it is decoded at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions: list[int] = []
+
+    def forward(self, x: torch.Tensor, state: int | None = None) -> tuple[torch.Tensor, int]:
+        state = (0 if state is None else state) + x.shape[1]
+        if x.shape[1] == 1:
+            self.positions.append(state)
+        return x, state
+
+
+# review s54f (HIGH, fixed): decode_speed.py's rounds each continued the last, so attention's KV cache
+# grew by --tokens per round: "context 2048" was measured at 2049-2689 cached tokens (the median round
+# at about 2369), a slower attention than the column names, while a TTT layer's cost does not grow
+@pytest.mark.slow  # reason: loads the benchmark script and builds its layers, about 0.35 s
+def test_decode_speed_times_every_round_at_the_context_it_names(monkeypatch, threads) -> None:
+    script = benchmark_script("decode_speed")
+    recorder = _PositionRecorder()
+    monkeypatch.setattr(script, "ttt_layers", lambda *args: {"TTT-Linear": recorder})
+    cache_lengths: list[int] = []
+    attention_forward = script.CachedAttention.forward
+
+    def recording_forward(self, x, cache=None):  # the cached tokens each decoded token attends to
+        out, cache = attention_forward(self, x, cache)
+        if x.shape[1] == 1:
+            cache_lengths.append(cache[2])
+        return out, cache
+
+    monkeypatch.setattr(script.CachedAttention, "forward", recording_forward)
+    context, tokens, repeats = 16, 4, 3
+    script.main(
+        ["--hidden", "8", "--heads", "2", "--contexts", str(context), "--tokens", str(tokens),
+         "--repeats", str(repeats), "--threads", "1"]
+    )  # fmt: skip
+    one_round = list(range(context + 2, context + 2 + tokens))  # after the prefill and the warm-up token
+    expected = [context + 1] + one_round * repeats
+    assert recorder.positions == expected
+    assert cache_lengths == expected

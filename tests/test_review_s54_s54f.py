@@ -58,3 +58,28 @@ def test_decode_speed_times_every_round_at_the_context_it_names(monkeypatch, thr
     expected = [context + 1] + one_round * repeats
     assert recorder.positions == expected
     assert cache_lengths == expected
+
+
+def _two_model_comparison():
+    from types import SimpleNamespace
+
+    from innerloop.train.compare import Comparison, LengthResult, _add_length
+
+    counts = torch.full((8, 2), 4.0, dtype=torch.float64)
+    losses = torch.full((8, 2), 10.0, dtype=torch.float64)
+    result = LengthResult(4, [(0, 2), (2, 4)], torch.stack([losses, losses - 1]), counts, 8)
+    models = [SimpleNamespace(name=n, parameters=100, tokens_trained=10, tokens_per_s=1.0) for n in "ab"]
+    comparison = Comparison(models, 0, [], {}, 0.95, 1000, 0, "windows")  # type: ignore[arg-type]
+    _add_length(comparison, result)
+    return comparison
+
+
+# review s54f (MED, docs): the table's "params" column did not say what it counts; the docs neither. It is
+# count_parameters(model).total: the token embedding included, a tied LM head once (the count
+# `innerloop params --budget` sizes to and the 5% size note judges), which a reader matching models by
+# non-embedding parameters (as scaling-law papers do) would read otherwise
+def test_the_compare_table_says_its_parameter_count_includes_the_embedding() -> None:
+    from innerloop.train.compare import format_table
+
+    table = format_table(_two_model_comparison())
+    assert "params: every parameter, the token embedding included" in table

@@ -60,7 +60,7 @@ from innerloop.data.tokenizer import Tokenizer
 from innerloop.kernels.cpu.build import DISABLE_VARIABLE
 from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
-from innerloop.models.params import count_parameters, same_size
+from innerloop.models.params import SIZE_TOLERANCE, count_parameters, same_size
 from innerloop.registry import get_registry
 from innerloop.train.bootstrap import (
     DEFAULT_RESAMPLES,
@@ -929,6 +929,14 @@ def _number(value: float | int | None, digits: int = 0) -> str:
     return "?" if value is None else f"{value:,.{digits}f}"
 
 
+PARAMS_NOTE = (
+    "params: every parameter, the token embedding included and a tied LM head once "
+    "(innerloop.models.params.count_parameters(model).total, the count `innerloop params --budget` sizes "
+    f"to); a model more than {SIZE_TOLERANCE:.0%} larger or smaller than the baseline (of the smaller count) "
+    "is named in the notes"
+)
+"""What the table's ``params`` column counts (printed below the table)."""
+
 TOKENS_PER_S_NOTE = (
     "tok/s in training: tokens trained / seconds in training steps, every step of every launch included "
     "(each launch's first, warm-up step too) at the machine's load then; compare short runs by steps, not "
@@ -974,8 +982,8 @@ def windows_line(comparison: Comparison) -> str:
 
 
 def format_table(comparison: Comparison, with_context: bool = False) -> str:
-    """The comparison's table in Markdown: parameters, tokens trained, training tokens/s (see
-    :data:`TOKENS_PER_S_NOTE`, below the table), and per length the perplexity and the loss difference
+    """The comparison's table in Markdown: parameters (see :data:`PARAMS_NOTE`), tokens trained, training
+    tokens/s (see :data:`TOKENS_PER_S_NOTE`, below the table), and per length the perplexity and the loss difference
     to the baseline over whole windows with its band (see :data:`DIFFERENCE_NOTE`). ``with_context``
     (the table as written to a file, away from the terminal's other lines): first the windows scored
     (:func:`windows_line`), and after the table the notes on the models' training data and sizes."""
@@ -1010,7 +1018,7 @@ def _table(comparison: Comparison) -> str:
         note = DIFFERENCE_NOTE.format(confidence=comparison.confidence, windows=MIN_BAND_WINDOWS)
     else:
         note = ONE_MODEL_NOTE
-    return "\n".join([*lines, "", note, "", TOKENS_PER_S_NOTE]) + "\n"
+    return "\n".join([*lines, "", note, "", PARAMS_NOTE, "", TOKENS_PER_S_NOTE]) + "\n"
 
 
 ONE_MODEL_NOTE = (

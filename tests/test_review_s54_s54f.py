@@ -83,3 +83,31 @@ def test_the_compare_table_says_its_parameter_count_includes_the_embedding() -> 
 
     table = format_table(_two_model_comparison())
     assert "params: every parameter, the token embedding included" in table
+
+
+# review s54f (HIGH, unflagged): two models trained on the same number of tokens in another number of
+# optimizer steps (data.batch_size 32 x 50 steps against 16 x 100) were compared without a word, though
+# half the updates (at the same lr schedule) is another training; the steps are the checkpoint's
+# global_step, and a difference is now named in the notes as the tokens' is
+def test_compare_names_a_model_trained_in_other_optimizer_steps(monkeypatch) -> None:
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from innerloop.train import compare as compare_module
+
+    records = {
+        ("a.safetensors", "global_step"): 100,
+        ("b.safetensors", "global_step"): 50,
+        **{(f"{n}.safetensors", "callbacks"): {"TrainingThroughput": {"tokens_seen": 512}} for n in "ab"},
+    }
+    monkeypatch.setattr(
+        compare_module, "recorded_entry", lambda path, key: records.get((Path(path).name, key))
+    )
+    monkeypatch.setattr(compare_module, "recorded_data_state", lambda path: {})
+    monkeypatch.setattr(compare_module, "load_module", lambda path: SimpleNamespace(model=nn.Linear(2, 2)))
+    models = [compare_module.load_compared_model(Path(f"{n}.safetensors"), n, False) for n in "ab"]
+    assert [m.steps for m in models] == [100, 50]
+    notes = compare_module.size_notes(models, 0)
+    assert notes == [
+        "b took 50 optimizer steps, the baseline a 100: its difference is also one of training"
+    ], notes

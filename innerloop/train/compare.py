@@ -106,6 +106,8 @@ class ComparedModel:
     data_state: dict[str, Any] = field(default_factory=dict, repr=False)
     """What the checkpoint's :class:`~innerloop.train.data.TextDataModule` recorded (its held-out
     ``validation_files``, ``training_digest``)."""
+    steps: int | None = None
+    """The optimizer steps it trained for (its checkpoint's ``global_step``; None where it records none)."""
 
 
 @dataclass
@@ -182,7 +184,9 @@ def load_compared_model(path: Path, name: str, no_ttt: bool) -> ComparedModel:
         seconds = float(counters.get("train_seconds", 0.0))
         per_s = tokens / seconds if seconds > 0 else None
     total = count_parameters(module.model).total
-    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt, recorded_data_state(path))
+    step = recorded_entry(path, "global_step")
+    steps = step if isinstance(step, int) and not isinstance(step, bool) else None
+    return ComparedModel(name, path, module, total, tokens, per_s, no_ttt, recorded_data_state(path), steps)
 
 
 def model_names(paths: Sequence[Path]) -> list[str]:
@@ -550,8 +554,9 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     :data:`~innerloop.models.params.SIZE_TOLERANCE` of the smaller of the two
     (:func:`~innerloop.models.params.same_size`: the same verdict whichever is the baseline; the
     percentage it gives is of the smaller count too, :func:`_size_difference`), or
-    whose tokens trained differ from the baseline's (both known): a lower loss may then come from the
-    size or the training, not the architecture."""
+    whose tokens trained or optimizer steps differ from the baseline's (both known,
+    :func:`_training_length_notes`): a lower loss may then come from the size or the training, not the
+    architecture."""
     baseline, notes = models[base], []
     for index, model in enumerate(models):
         if index == base:
@@ -564,12 +569,27 @@ def size_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
                 )
         elif not same_size(model.parameters, baseline.parameters):
             notes.append(f"{_size_difference(model, baseline)}: its difference is also one of size")
-        trained = (model.tokens_trained, baseline.tokens_trained)
-        if None not in trained and trained[0] != trained[1]:
-            notes.append(
-                f"{model.name} trained on {trained[0]:,} tokens, the baseline {baseline.name} on {trained[1]:,}: "
-                "its difference is also one of training"
-            )
+        notes += _training_length_notes(model, baseline)
+    return notes
+
+
+def _training_length_notes(model: ComparedModel, baseline: ComparedModel) -> list[str]:
+    """A line where ``model`` trained on another number of tokens than ``baseline``, and one where it took
+    another number of optimizer steps (the same tokens in half the steps is another training too); each
+    where both are known."""
+    notes = []
+    trained = (model.tokens_trained, baseline.tokens_trained)
+    if None not in trained and trained[0] != trained[1]:
+        notes.append(
+            f"{model.name} trained on {trained[0]:,} tokens, the baseline {baseline.name} on {trained[1]:,}: "
+            "its difference is also one of training"
+        )
+    steps = (model.steps, baseline.steps)
+    if None not in steps and steps[0] != steps[1]:
+        notes.append(
+            f"{model.name} took {steps[0]:,} optimizer steps, the baseline {baseline.name} {steps[1]:,}: "
+            "its difference is also one of training"
+        )
     return notes
 
 

@@ -111,3 +111,32 @@ def test_compare_names_a_model_trained_in_other_optimizer_steps(monkeypatch) -> 
     assert notes == [
         "b took 50 optimizer steps, the baseline a 100: its difference is also one of training"
     ], notes
+
+
+# review s54f (HIGH, unflagged): a model trained at another learning rate or schedule (optim.*, or another
+# trainer.max_steps, which sets the schedule's length) than the baseline was compared without a word;
+# the notes now name the settings that differ, as they name other training data
+def test_compare_names_a_model_trained_with_another_learning_rate_schedule(monkeypatch) -> None:
+    from dataclasses import replace
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from innerloop.config.schema import OptimConfig
+    from innerloop.train import compare as compare_module
+
+    def run(lr: float, schedule: str, max_steps: int, decay_fraction: float = 0.2):
+        optim = replace(OptimConfig(), lr=lr, schedule=schedule, decay_fraction=decay_fraction)
+        return SimpleNamespace(optim=optim, trainer=SimpleNamespace(max_steps=max_steps))
+
+    runs = {
+        "a": run(3e-3, "cosine", 100),
+        "b": run(3e-3, "cosine", 100, decay_fraction=0.5),  # decay_fraction is wsd's alone: the same
+        "c": run(1e-2, "constant", 200),
+    }
+    monkeypatch.setattr(compare_module, "run_of_checkpoint", lambda path, model: runs[Path(path).stem])
+    module = SimpleNamespace(hparams={"model": {}}, model=nn.Linear(2, 2))
+    models = [compare_module.ComparedModel(n, Path(f"{n}.safetensors"), module, 6, None, None) for n in "abc"]
+    assert compare_module.optimizer_notes(models, 0) == [
+        "c trained with optim.lr=0.01, optim.schedule='constant', trainer.max_steps=200, the baseline a with "
+        "0.003, 'cosine', 100: its difference is also one of training"
+    ]

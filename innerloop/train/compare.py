@@ -414,6 +414,7 @@ def _logged_notes(
     notes = [
         *training_data_notes(models, base, paths, held_out),
         *size_notes(models, base),
+        *optimizer_notes(models, base),
         *_length_notes(models, seq_lens),
         *_same_checkpoint_notes(models),
     ]
@@ -847,6 +848,50 @@ def _refuse_training_on_held_out_documents(
         "so its loss on them is not a held-out one; compare the models on text none of them trained on "
         f"({given_argument('paths', 'FILES', placeholder=True)}), or choose another {argument_name('baseline')}"
     )
+
+
+TTT_OPTIM_KEYS = ("ttt_base_lr_init", "ttt_base_lr_warmup")
+"""The ``optim.*`` keys that act on test-time training alone (compared where both models have it)."""
+
+
+def _optimizer_settings(model: ComparedModel) -> dict[str, Any] | None:
+    """The settings that decide ``model``'s learning rate at every step: its run's ``optim.*`` and
+    ``trainer.max_steps`` (the schedule's length); None where its run is unknown."""
+    try:
+        run = run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
+    except ConfigError:
+        return None
+    if run is None:
+        return None
+    settings = {f"optim.{key}": value for key, value in asdict(run.optim).items()}
+    return {**settings, "trainer.max_steps": run.trainer.max_steps}
+
+
+def optimizer_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
+    """A line for each model whose run trained with other optimizer settings than the baseline's (both
+    runs known): another ``optim.*`` (the ``wsd`` schedule's ``decay_fraction`` only where a schedule is
+    ``wsd``; the inner learning rate's warm-up only where both learn at test time) or
+    ``trainer.max_steps``, so another learning rate at some step."""
+    settings = [_optimizer_settings(model) for model in models]
+    baseline, notes = settings[base], []
+    for index, (model, ours) in enumerate(zip(models, settings, strict=True)):
+        if index == base or ours is None or baseline is None:
+            continue
+        ignored = (
+            set()
+            if "wsd" in (ours["optim.schedule"], baseline["optim.schedule"])
+            else {"optim.decay_fraction"}
+        )
+        both_learn = all(modules_learning_at_test_time(m.module.model) for m in (model, models[base]))
+        ignored |= set() if both_learn else {f"optim.{key}" for key in TTT_OPTIM_KEYS}
+        differ = [key for key in ours if key not in ignored and ours[key] != baseline[key]]
+        if differ:
+            notes.append(
+                f"{model.name} trained with {', '.join(f'{key}={ours[key]!r}' for key in differ)}, the baseline "
+                f"{models[base].name} with {', '.join(repr(baseline[key]) for key in differ)}: its difference "
+                "is also one of training"
+            )
+    return notes
 
 
 def _length_notes(models: Sequence[ComparedModel], seq_lens: Sequence[int]) -> list[str]:

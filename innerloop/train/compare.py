@@ -585,7 +585,8 @@ def _training_length_notes(model: ComparedModel, baseline: ComparedModel) -> lis
             f"{model.name} trained on {trained[0]:,} tokens, the baseline {baseline.name} on {trained[1]:,}: "
             "its difference is also one of training"
         )
-    steps = (model.steps, baseline.steps)
+    # a record without steps (size_notes is public: a caller's own model records) counts as unknown
+    steps = (getattr(model, "steps", None), getattr(baseline, "steps", None))
     if None not in steps and steps[0] != steps[1]:
         notes.append(
             f"{model.name} took {steps[0]:,} optimizer steps, the baseline {baseline.name} {steps[1]:,}: "

@@ -82,6 +82,7 @@ from innerloop.train.run import (
     evaluation_windows,
     recorded_data_state,
     run_files,
+    run_of_checkpoint,
     run_of_checkpoint_and_why,
     training_seq_len,
 )

@@ -30,6 +30,14 @@ _FORWARD_SETTINGS = (
 """The attributes torchmetrics' ``forward`` changes besides the states (and sets back when it succeeds)."""
 
 
+def _kept_copy(value: Any) -> Any:
+    """A copy of a metric's state (a tensor cloned, a list state copied) that an in-place update of the
+    state leaves as it is; any other value as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return list(value) if isinstance(value, list) else value
+
+
 class Float64States(Metric):
     """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
     module is cast, as Lightning's ``bf16-true`` and ``16-true`` precisions cast the whole
@@ -49,12 +57,16 @@ class Float64States(Metric):
         """torchmetrics' ``forward`` (this batch's value, its sums added to the metric's), which keeps
         what the metric had accumulated when the batch is refused: torchmetrics resets the metric before
         the batch's update, so an update's ``ValueError`` left it reset (every earlier batch's sums
-        lost, silently, for a caller that skips the batch) and its sync on ``compute`` switched off."""
+        lost, silently, for a caller that skips the batch) and its sync on ``compute`` switched off. Restored
+        on every exception, a ``KeyboardInterrupt`` inside ``update`` too: a notebook's interrupted batch
+        would otherwise leave the sums it half wrote (one state added to, the next not). The states are kept
+        as copies: a metric of ``full_state_update`` (torchmetrics' default) updates its accumulated states
+        first, in place (``self.total += ...``), so the kept tensors themselves would hold the half write."""
         names = (*self._defaults, *_FORWARD_SETTINGS)  # a torchmetrics without one of the settings: skipped
-        kept = {name: getattr(self, name) for name in names if hasattr(self, name)}
+        kept = {name: _kept_copy(getattr(self, name)) for name in names if hasattr(self, name)}
         try:
             return super().forward(*args, **kwargs)
-        except Exception:
+        except BaseException:
             for name, value in kept.items():
                 setattr(self, name, value)
             raise

@@ -38,13 +38,13 @@ def _register(loss) -> None:
 @pytest.mark.parametrize(
     "given",
     [
-        {"delta": np.float32(1.0)},
+        {"delta": np.ones(2)},  # a numpy scalar is recorded as its number (s54c), an array is refused
         {"nested": {"a": 1}},
         {"weights": torch.ones(2)},
         [("delta", 1.0)],
         {1: 2.0},
     ],
-    ids=["numpy", "nested", "tensor", "not-a-mapping", "int-key"],
+    ids=["numpy-array", "nested", "tensor", "not-a-mapping", "int-key"],
 )
 def test_registration_refuses_settings_a_checkpoint_cannot_record(fresh_global_registry, given) -> None:
     class Loss(_Loss):

@@ -10,9 +10,12 @@ finished training run saves) and checkpoints read the same rule.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import inspect
+import sys
 from collections.abc import Mapping
+from pathlib import PurePath
 from typing import Any
 
 import torch
@@ -39,11 +42,62 @@ def is_no_setting(obj: Any, key: str) -> bool:
 
 
 def is_plain_setting(value: Any) -> bool:
-    """Whether ``value`` is a setting JSON keeps as it is: a bool, int, float, str or None, or a list or
-    tuple of those (a tuple reads back as a list)."""
+    """Whether ``value`` is a setting a checkpoint records (:func:`recorded_setting`): a bool, int,
+    float, str or None, a numpy or 0-dim torch scalar, an enum member, a path, or a list or tuple of
+    those (a tuple reads back as a list)."""
+    return recorded_setting(value) is not NOT_RECORDED
+
+
+NOT_RECORDED = object()
+"""What :func:`recorded_setting` gives for a value that is no setting a checkpoint can record."""
+
+_MAX_NESTING = 8
+"""Lists within lists :func:`recorded_setting` reads at most (a list that holds itself is no setting)."""
+
+
+_AS_PLAIN: dict[type, Any] = {int: int.__index__, float: float.__float__, str: str.__str__}
+"""How a value of a subclass of a plain type is recorded: as the plain value it is (``str()`` of a
+``(str, Enum)`` member would give ``"Class.MEMBER"``, not its value, which a checkpoint recorded before)."""
+
+
+def recorded_setting(value: Any, depth: int = 0) -> Any:
+    """``value`` as a checkpoint records it (JSON keeps it as it is), or :data:`NOT_RECORDED`: a bool,
+    int, float, str or None as its plain type (a ``numpy.float64`` or an ``IntEnum`` member, subclasses
+    of float and int, as the float or int they are); a numpy scalar (``np.float32(0.5)``,
+    ``np.int64(3)``, ``np.bool_``) or a 0-dim torch tensor that records no graph as the Python number
+    it holds (its exact value: ``np.float32(0.1)`` is 0.10000000149011612); another enum member as
+    ``"Class.MEMBER"``; a path as its str; a list or tuple of these as a list. Anything else (an array
+    or a tensor of more than one value, a module, a callable) is no setting."""
+    if isinstance(value, bool | type(None)):
+        return value
+    for plain, as_plain in _AS_PLAIN.items():  # an IntEnum or (str, Enum) member, a numpy.float64: its value
+        if isinstance(value, plain):
+            return as_plain(value)
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, PurePath):
+        return str(value)
     if isinstance(value, list | tuple):
-        return all(isinstance(item, PLAIN_SCALARS) for item in value)
-    return isinstance(value, PLAIN_SCALARS)
+        items = (
+            [recorded_setting(item, depth + 1) for item in value] if depth < _MAX_NESTING else [NOT_RECORDED]
+        )
+        return NOT_RECORDED if any(item is NOT_RECORDED for item in items) else items
+    if _is_scalar(value):
+        return recorded_setting(value.item(), depth)
+    return NOT_RECORDED
+
+
+def _is_scalar(value: Any) -> bool:
+    """A numpy scalar (``np.float32``, ``np.int64``, ``np.bool_``; numpy imported by whoever made it) or a
+    0-dim torch tensor of a number that records no graph (a learned value is a weight, not a setting)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.requires_grad and not value.is_complex()
+    numpy = sys.modules.get("numpy")
+    return (
+        numpy is not None
+        and isinstance(value, numpy.generic)
+        and not isinstance(value, numpy.complexfloating)
+    )
 
 
 def declares_settings(obj: Any) -> bool:
@@ -57,7 +111,7 @@ def declares_settings(obj: Any) -> bool:
 
 def declared_settings(obj: Any) -> dict[str, Any]:
     """What the plugin object ``obj``'s ``settings()`` gives, checked: a mapping of str to plain values
-    (:func:`is_plain_setting`; a tuple given as a list). A :class:`TypeError` naming the plugin where
+    (:func:`recorded_setting`: a tuple given as a list, a numpy scalar as its number). A :class:`TypeError` naming the plugin where
     ``settings`` takes arguments (a method of that name meant for something else) or gives anything else."""
     declared = obj.settings
     name = type(obj).__qualname__
@@ -72,14 +126,20 @@ def declared_settings(obj: Any) -> dict[str, Any]:
     except ValueError:  # a builtin without a signature: called as it is below
         pass
     settings = declared()
-    if not isinstance(settings, Mapping) or not all(
-        isinstance(key, str) and is_plain_setting(value) for key, value in settings.items()
-    ):
+    if not isinstance(settings, Mapping) or not all(isinstance(key, str) for key in settings):
         raise TypeError(
             f"the plugin {name}'s settings() gave {settings!r}: it must give a mapping of str to plain "
             "values (bool, int, float, str, None, or lists of those), which a checkpoint records"
         )
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+    recorded = {key: recorded_setting(value) for key, value in settings.items()}
+    refused = [key for key, value in recorded.items() if value is NOT_RECORDED]
+    if refused:
+        raise TypeError(
+            f"the plugin {name}'s settings() gave {', '.join(f'{key}={settings[key]!r}' for key in refused)}: "
+            "a checkpoint records only plain values (bool, int, float, str, None; numpy or 0-dim torch "
+            "scalars, enum members and paths as those; lists of them); give the value as one of those"
+        )
+    return recorded
 
 
 def plugin_settings(obj: Any) -> dict[str, Any]:
@@ -93,8 +153,10 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
     of plain values; else its public instance attributes (``vars(obj)``, but ``name``, those starting
     with ``_`` and those of :func:`is_no_setting`) of plain values (``Huber(delta=2.0)`` that keeps
     ``self.delta``). A class registered itself, and an object with none of these, has ``{}``: then its name, origin, class and source digest
-    are what is checked. Values that are not plain (tensors, modules, callables) are not settings and are
-    left out, except from a declared ``settings()``, which must give plain values only."""
+    are what is checked. Values are recorded as :func:`recorded_setting` reads them (a numpy scalar as the
+    number it holds, an enum member as ``"Class.MEMBER"``, a path as its str); those it cannot record
+    (tensors of more than one value, modules, callables) are not settings and are left out, except from a
+    declared ``settings()``, which is refused naming them."""
     if isinstance(obj, type):
         return {}
     if callable(getattr(obj, "settings", None)):
@@ -107,8 +169,6 @@ def plugin_settings(obj: Any) -> dict[str, Any]:
             for key, value in getattr(obj, "__dict__", {}).items()
             if not key.startswith("_") and not is_no_setting(obj, key)
         }
-    return {
-        key: list(value) if isinstance(value, tuple) else value
-        for key, value in sorted(candidates.items())
-        if is_plain_setting(value) and key != "name"  # its name is recorded already, as the record's key
-    }
+    recorded = {key: recorded_setting(value) for key, value in sorted(candidates.items()) if key != "name"}
+    # its name is recorded already, as the record's key
+    return {key: value for key, value in recorded.items() if value is not NOT_RECORDED}

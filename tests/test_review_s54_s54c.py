@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from pathlib import Path
@@ -10,6 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import innerloop
+from innerloop import HalfSquaredError, LossPairs
+from innerloop.core.layer import TTTLayer
+from innerloop.kernels import fused_torch
+from innerloop.kernels.dispatch import KernelUnavailableError
+from innerloop.kernels.first_use import KernelCheckWarning
+from innerloop.plugins.models.linear import LinearModel
 from innerloop.registry.settings import plugin_settings
 from innerloop.train.metrics import Float64States
 
@@ -136,3 +144,68 @@ def test_a_numpy_setting_changed_since_the_save_is_not_loaded_quietly(
     _register(ScaledTargets(np.float32(1.0)))
     with pytest.warns(PluginChangedWarning, match=r"differing in 'scale'"):
         load_model(path)
+
+
+class _ScaledGradient(HalfSquaredError):
+    """A plugin loss with a setting its kernel does not compute: the gradient is ``scale * (p - t)``."""
+
+    name = "s54c_scaled_gradient"
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def pairs(self, views, carry):
+        return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
+
+    def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.scale * (prediction - target).pow(2).sum(dim=-1)
+
+    def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.scale * (prediction - target)
+
+
+class _ScaledGradientHoldingATensor(_ScaledGradient):
+    """The same holding a tensor: its verdicts are kept by identity, not by value."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.offsets = torch.zeros(2)
+
+
+def _scaled_layer_output(loss: object, kernel: str) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    torch.manual_seed(0)
+    layer = TTTLayer(hidden_size=32, num_heads=2, inner_loss=loss, mini_batch_size=4, kernel=kernel)
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return layer(x)[0], list(layer.dispatches)
+
+
+@pytest.mark.slow  # probes on CPU: 1.2 s each
+@pytest.mark.parametrize("loss_class", [_ScaledGradient, _ScaledGradientHoldingATensor])
+def test_a_setting_changed_in_place_after_a_kernels_verdict_is_checked_again(
+    fresh_global_registry, loss_class: type[_ScaledGradient]
+) -> None:
+    """A kernel registered for a plugin's name computes the default scale only. The first-use check
+    refuses it for an instance of another scale (its verdict is kept per object state), but a verdict
+    was about the very object, whatever it held later: ``loss.scale = 2.0`` after a first run kept the
+    pass, and the kernel ran with scale 1 (outputs off by 0.35, silently, with or without naming it)."""
+    loss = loss_class(1.0)
+    innerloop.register_inner_loss(loss)
+    fused = fused_torch.kernel_spec("linear", LinearModel().stack)
+    innerloop.register_kernel(
+        dataclasses.replace(fused, name="s54c_default_scale", inner_loss=loss.name, priority=10**6)
+    )
+    assert _scaled_layer_output(loss, "auto")[1][0] == (
+        "s54c_default_scale",
+        "kernel 's54c_default_scale' verified",
+    )
+    loss.scale = 2.0  # the very object registered (this test's own registry)
+    expected, _ = _scaled_layer_output(loss, "torch")
+    with pytest.warns(KernelCheckWarning, match="s54c_default_scale: failed its first-use check"):
+        got, dispatches = _scaled_layer_output(loss, "auto")
+    assert dispatches[0][0] == "torch" and "relative RMS error" in dispatches[0][1]
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(KernelUnavailableError, match="s54c_default_scale: failed its first-use check"):
+        _scaled_layer_output(loss, "s54c_default_scale")
+    loss.scale = 1.0  # as it was verified: the kernel runs again, unchecked
+    assert _scaled_layer_output(loss, "auto")[1][0][0] == "s54c_default_scale"

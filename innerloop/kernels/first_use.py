@@ -16,7 +16,10 @@ graph. The relative RMS error must stay under :data:`TOLERANCES` for the dtype. 
 for the process, for those very objects or copies of them (not by name: a loss of another class
 registered under the name of one that was removed, or an instance configured differently, is checked
 again; a deep copy of a layer is not, unless a plugin of it holds tensors: such an object's verdicts
-are its own, and are forgotten when it is freed):
+are its own, and are forgotten when it is freed). It is about the objects as they were when it was
+kept (a copy of each, or the plain attributes of one holding tensors): a setting changed in place
+afterwards (``loss.scale = 2.0`` on the very object) is checked again, since a kernel registered for
+a plugin's name may compute its default settings only:
 
 - a kernel that passes runs from then on without further checks;
 - a kernel that fails is refused for that signature: ``kernel="auto"`` moves on to the next candidate
@@ -52,6 +55,7 @@ on each later block while deferred.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import types
 import warnings
@@ -118,12 +122,13 @@ class _Held:
     device at every dispatch, and holding it would keep them in memory for the whole process. Its
     verdicts are forgotten when it is freed (a copy of it is checked anew). Any other object is held."""
 
-    __slots__ = ("by_identity", "kind", "obj", "ref")
+    __slots__ = ("by_identity", "kind", "obj", "plain", "ref")
 
     def __init__(self, obj: object) -> None:
         self.kind = type(obj)
         self.obj: object | None = obj
         self.ref: weakref.ref | None = None
+        self.plain: dict[str, object] | None = None  # a kept object's plain attributes when it was kept
         self.by_identity = _holds_tensors(obj)
         if self.by_identity:
             with contextlib.suppress(TypeError):  # an object that takes no weak reference stays held
@@ -132,6 +137,32 @@ class _Held:
     def target(self) -> object | None:
         """The object, or None once a weakly held one was freed."""
         return self.ref() if self.ref is not None else self.obj
+
+    def kept(self) -> _Held:
+        """This entry as a verdict's key keeps it: the object as it is now, so that a setting changed in
+        place afterwards (``loss.scale = 2.0`` on the very object a verdict was about) is not the object
+        the verdict was about. A deep copy of an object held by value (where the copy is equal to it:
+        else the object itself, as before); the plain attributes (numbers, strings, flags) of one held by
+        identity, which the object must still have to be equal."""
+        obj = self.target()
+        if obj is None or isinstance(obj, KernelSpec):  # a frozen dataclass: compared as it is (cheaper)
+            return self
+        held = copy.copy(self)
+        if self.by_identity:
+            held.plain = _plain_attributes(obj)
+            return held
+        try:
+            copied = copy.deepcopy(obj)
+        except Exception:  # an object deepcopy cannot copy: held as it is (its changes unseen)
+            return self
+        if type(copied) is type(obj) and _same_state(copied, obj):
+            held.obj = copied
+            return held
+        return self
+
+    def _plain_now(self) -> dict[str, object] | None:
+        target = self.target()
+        return self.plain if self.plain is not None or target is None else _plain_attributes(target)
 
     def __hash__(self) -> int:
         return hash(self.kind)
@@ -143,10 +174,26 @@ class _Held:
         if mine is None or theirs is None:
             return other is self
         if mine is theirs:
-            return True
+            return (self.plain is None and other.plain is None) or self._plain_now() == other._plain_now()
         return not (self.by_identity or other.by_identity) and (
             type(mine) is type(theirs) and _same_state(mine, theirs)
         )
+
+
+def _plain_attributes(obj: object) -> dict[str, object]:
+    """The attributes (``vars``) of ``obj`` that are numbers, strings, flags or None."""
+    return {
+        key: value for key, value in getattr(obj, "__dict__", {}).items() if type(value) in _PLAIN_SCALARS
+    }
+
+
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _kept_key(key: tuple) -> tuple:
+    """A verdict's (or deferral count's) ``key`` as the table keeps it: its plugin objects as they are
+    now (:meth:`_Held.kept`)."""
+    return tuple(part.kept() if isinstance(part, _Held) else part for part in key)
 
 
 def _holds_tensors(obj: object) -> bool:
@@ -646,7 +693,7 @@ def _record(
             tested = "such data" if weak else f"{untested}, which"
             verdict = f"{said}: it matched, but {tested} tests too little; on seeded random data of the same shapes: {on_random}"
     _drop_freed()
-    _VERDICTS[key] = verdict
+    _VERDICTS[_kept_key(key)] = verdict
     _DEFERRALS.pop(key, None)
     return verdict
 
@@ -688,7 +735,9 @@ def _deferred(key: tuple, kernel: KernelSpec, reason: str) -> Deferred:
     warns that the torch path keeps running these blocks (every block so far was degenerate, e.g. a head
     dim of 2 with the inner LayerNorm, where a wrong kernel would be deferred for ever)."""
     _drop_freed()
-    count = _DEFERRALS[key] = _DEFERRALS.get(key, 0) + 1
+    count = _DEFERRALS.get(key, 0) + 1
+    _DEFERRALS.pop(key, None)  # kept anew: an equal key already there would stay the table's
+    _DEFERRALS[_kept_key(key)] = count
     if count == DEFERRALS_BEFORE_WARNING:
         warnings.warn(
             f"{kernel.name}: its first-use check was deferred on {count} blocks in a row, each too degenerate "

@@ -209,3 +209,63 @@ def test_a_setting_changed_in_place_after_a_kernels_verdict_is_checked_again(
         _scaled_layer_output(loss, "s54c_default_scale")
     loss.scale = 1.0  # as it was verified: the kernel runs again, unchecked
     assert _scaled_layer_output(loss, "auto")[1][0][0] == "s54c_default_scale"
+
+
+def _gate_layers() -> list[TTTLayer]:
+    """A layer of each built-in class that may forget, with test-time training on and off."""
+    from innerloop.core.family_layers import (
+        DeltaNetLayer,
+        GatedDeltaNetLayer,
+        LinearAttentionLayer,
+        TitansLayer,
+    )
+
+    return [
+        cls(hidden_size=8, num_heads=2, base_lr=base_lr)
+        for cls in (TTTLayer, LinearAttentionLayer, DeltaNetLayer, GatedDeltaNetLayer, TitansLayer)
+        for base_lr in (0.0, 1.0)
+    ]
+
+
+def _run_gates(layer: TTTLayer) -> tuple[bool, bool]:
+    with torch.no_grad():
+        decay, momentum, decay_log = layer.scan_gates(torch.zeros(1, 1, layer.hidden_size))
+    return decay is not None or decay_log is not None, momentum is not None
+
+
+@pytest.mark.slow  # ten layers built: 0.3 s
+def test_declared_gates_are_the_gates_the_layers_compute() -> None:
+    """Which gates a layer has is told by its class and settings, without running its modules, and is
+    what running them gives (the built-in classes, test-time training on and off)."""
+    layers = _gate_layers()
+    told = [(type(layer).__name__, layer.base_lr, layer.declared_gates()) for layer in layers]
+    ran = [(type(layer).__name__, layer.base_lr, _run_gates(layer)) for layer in layers]
+    assert told == ran
+    assert ("TitansLayer", 1.0, (True, True)) in told and ("GatedDeltaNetLayer", 1.0, (True, False)) in told
+
+
+class _RandomGateLayer(TTTLayer):
+    """A user's layer whose forgetting gate draws (a dropout-like random gate): only running it tells."""
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        decay = torch.sigmoid(self.q_proj(x)[..., : self.num_heads]).transpose(1, 2)
+        return decay * torch.rand_like(decay), None
+
+
+def test_asking_a_layer_its_gates_fires_no_hook_and_draws_nothing() -> None:
+    """refused_named_kernels asked each layer naming a kernel for its gates by running its gate
+    projections on a token of zeros: a user's forward hook on them fired, and a random gate moved the
+    global random number generator (a run's draws then depended on whether a kernel was named)."""
+    from innerloop.core.family_layers import GatedDeltaNetLayer
+    from innerloop.kernels.dispatch import layer_gates
+
+    calls: list[str] = []
+    gated, random_gate = GatedDeltaNetLayer(hidden_size=16, num_heads=2), _RandomGateLayer(16, 2)
+    gated.a_proj.register_forward_hook(lambda *args: calls.append("a_proj"))
+    random_gate.q_proj.register_forward_hook(lambda *args: calls.append("q_proj"))
+    random_gate.register_forward_pre_hook(lambda *args: calls.append("layer"))
+    drawn = torch.get_rng_state()
+    assert (layer_gates(gated), layer_gates(random_gate)) == ((True, False), (True, False))
+    assert calls == [] and torch.equal(torch.get_rng_state(), drawn)
+    random_gate.forgetting(torch.zeros(1, 1, 16))  # the hooks are there again
+    assert calls == ["q_proj"]

@@ -43,7 +43,7 @@ from innerloop.core.functional import (
     is_flag,
     overflow_safe_rows,
 )
-from innerloop.core.layer import TTTLayer, is_built_in, is_real, plugin_label
+from innerloop.core.layer import TTTLayer, gates_declared_by, is_built_in, is_real, plugin_label
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
 
@@ -625,6 +625,12 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         views = Views(views.query, views.key, views.value / a[..., None])
         return views, a * beta_lr, tau, conv_history
 
+    def declared_gates(self) -> tuple[bool, bool] | None:
+        """A forgetting gate while test-time training is on (:meth:`log_forgetting`), no momentum."""
+        if gates_declared_by(self, GatedDeltaNetLayer):
+            return self.base_lr != 0, False
+        return super().declared_gates()
+
     def log_forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor, None] | None:
         """``(log a, None)``: the forgetting gate as its log (:meth:`log_decay_factor`), which the scan takes
         (``decay_log``; ``1 - decay`` of a float32 decay near 1 holds a small ``a`` only to ``eps / a``
@@ -691,6 +697,12 @@ class TitansLayer(FamilyLayer):
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr = base_lr * sigmoid(theta_proj(x))`` ``[B, H, T]`` in :attr:`scan_dtype`, and ``tau [K] = 1``."""
         return self.base_lr * gate_sigmoid(self._head_gate(x, self.theta_proj)), self.token_scale
+
+    def declared_gates(self) -> tuple[bool, bool] | None:
+        """Forgetting and momentum, with test-time training on or off (then frozen: zeros, not none)."""
+        if gates_declared_by(self, TitansLayer):
+            return True, True
+        return super().declared_gates()
 
     def log_forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(log(1 - alpha), eta)`` ``[B, H, T]``: the forgetting gate as its log (:meth:`log_decay_factor`),

@@ -771,6 +771,20 @@ def _log_forgetting_reaches_layers_scan(layer: nn.Module) -> bool:
     return _log_forgetting_reaches_scan(type(layer))
 
 
+GATE_HOOKS = ("forgetting", "log_forgetting", "scan_gates")
+"""The methods that give a layer's gates to its scan (:meth:`TTTLayer.scan_gates`)."""
+
+
+def gates_declared_by(layer: nn.Module, cls: type) -> bool:
+    """Whether ``layer``'s gates are those the class ``cls`` computes: none of :data:`GATE_HOOKS` is
+    overridden below ``cls`` or set on the layer itself, so ``cls`` can tell which gates it has from its
+    settings (:meth:`TTTLayer.declared_gates`) without running them."""
+    return all(
+        getattr(type(layer), name) is getattr(cls, name) and not _hook_set_on(layer, name)
+        for name in GATE_HOOKS
+    )
+
+
 def _hook_set_on(layer: nn.Module, name: str) -> bool:
     """Whether the attribute ``name`` of ``layer`` itself (not its class's) is a hook of its own: not
     the class's method bound to the layer (which ``monkeypatch`` puts back on undoing ``setattr``)."""
@@ -1435,6 +1449,14 @@ class TTTLayer(nn.Module):
             return None, None
         log_retention, momentum = gates
         return (None if log_retention is None else decay_from_log(log_retention)), momentum
+
+    def declared_gates(self) -> tuple[bool, bool] | None:
+        """``(decay, momentum)``: whether :meth:`scan_gates` gives this layer's blocks a forgetting gate
+        and the momentum rule's state, told from its class and settings without running any of its
+        modules (whose forward hooks would fire, and whose random gates would draw); None where a gate
+        hook is overridden below the class that declares it, or set on the layer (its own code: only
+        running it tells). This layer has neither gate."""
+        return (False, False) if gates_declared_by(self, TTTLayer) else None
 
     def scan_gates(
         self, x: torch.Tensor

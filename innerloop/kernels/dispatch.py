@@ -8,7 +8,8 @@ inputs, and otherwise runs the pure-torch ``fallback``. Every decision is report
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -228,16 +229,58 @@ def refused_named_kernels(
 
 def layer_gates(layer: TTTLayer) -> tuple[bool, bool]:
     """``(decay, momentum)``: whether ``layer``'s blocks carry a forgetting gate and the momentum rule's
-    state (a Gated DeltaNet layer's forget; a Titans layer's also have momentum), asked of the layer's own
-    gates (:meth:`~innerloop.core.layer.TTTLayer.scan_gates`) on one token of zeros, as its blocks report
-    them to ``verify`` (:func:`kernel_inputs`)."""
+    state (a Gated DeltaNet layer's forget; a Titans layer's also have momentum), as its blocks report
+    them to ``verify`` (:func:`kernel_inputs`). Told by the layer's class and settings
+    (:meth:`~innerloop.core.layer.TTTLayer.declared_gates`), running nothing; a layer whose gates are its
+    own code is asked (:meth:`~innerloop.core.layer.TTTLayer.scan_gates`) on one token of zeros, with its
+    modules' forward hooks silenced and the random number generators as they were (a random gate's
+    draws are undone), so that asking leaves no trace."""
+    declared = layer.declared_gates()
+    if declared is not None:
+        return declared
     weight = next(layer.parameters(), None)
     device, dtype = (None, None) if weight is None else (weight.device, weight.dtype)
-    with torch.no_grad():
+    cuda = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), forward_hooks_silenced(layer), torch.no_grad():
         decay, momentum, decay_log = layer.scan_gates(
             torch.zeros(1, 1, layer.hidden_size, device=device, dtype=dtype)
         )
     return decay is not None or decay_log is not None, momentum is not None
+
+
+_FORWARD_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+"""The tables of forward hooks torch keeps on each module, and (``_global`` before each) for all modules."""
+
+
+@contextlib.contextmanager
+def forward_hooks_silenced(module: torch.nn.Module) -> Iterator[None]:
+    """No forward hook of ``module`` or its submodules, nor any global one, fires inside (each table
+    emptied, and put back as it was on leaving)."""
+    from torch.nn.modules import module as torch_module
+
+    tables = [
+        table
+        for owner in (*module.modules(), torch_module)
+        for name in _FORWARD_HOOK_TABLES
+        if isinstance(
+            table := getattr(owner, name if owner is not torch_module else "_global" + name, None), dict
+        )
+    ]
+    saved = [dict(table) for table in tables]
+    for table in tables:
+        table.clear()
+    try:
+        yield
+    finally:
+        for table, kept in zip(tables, saved, strict=True):
+            table.clear()
+            table.update(kept)
 
 
 def checked_choice(

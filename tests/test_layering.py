@@ -87,6 +87,9 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("innerloop.kernels.dispatch", "innerloop.registry"): (
         "dispatch asks the registry which kernels are registered for a (model, loss, rule), at call time"
     ),
+    ("innerloop.kernels.first_use", "innerloop.registry.settings"): (
+        "a first-use verdict is kept with the plugins' settings (what a checkpoint records), read when it is kept and looked up: a setting changed in place is probed again"
+    ),
     ("innerloop.registry.manager", "innerloop.plugins"): (
         "the registry loads the built-in plugins on first use, exactly as it loads entry-point plugins"
     ),

@@ -14,7 +14,7 @@ import torch
 import innerloop
 from innerloop import HalfSquaredError, LossPairs
 from innerloop.core.layer import TTTLayer
-from innerloop.kernels import fused_torch
+from innerloop.kernels import first_use, fused_torch
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.kernels.first_use import KernelCheckWarning
 from innerloop.plugins.models.linear import LinearModel
@@ -199,6 +199,7 @@ def test_a_setting_changed_in_place_after_a_kernels_verdict_is_checked_again(
         "s54c_default_scale",
         "kernel 's54c_default_scale' verified",
     )
+    verdicts = len(first_use._VERDICTS)
     loss.scale = 2.0  # the very object registered (this test's own registry)
     expected, _ = _scaled_layer_output(loss, "torch")
     with pytest.warns(KernelCheckWarning, match="s54c_default_scale: failed its first-use check"):
@@ -209,6 +210,7 @@ def test_a_setting_changed_in_place_after_a_kernels_verdict_is_checked_again(
         _scaled_layer_output(loss, "s54c_default_scale")
     loss.scale = 1.0  # as it was verified: the kernel runs again, unchecked
     assert _scaled_layer_output(loss, "auto")[1][0][0] == "s54c_default_scale"
+    assert len(first_use._VERDICTS) == verdicts  # one verdict per object and kind of block: none piles up
 
 
 def _gate_layers() -> list[TTTLayer]:

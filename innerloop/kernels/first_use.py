@@ -16,9 +16,9 @@ graph. The relative RMS error must stay under :data:`TOLERANCES` for the dtype. 
 for the process, for those very objects or copies of them (not by name: a loss of another class
 registered under the name of one that was removed, or an instance configured differently, is checked
 again; a deep copy of a layer is not, unless a plugin of it holds tensors: such an object's verdicts
-are its own, and are forgotten when it is freed). It is about the objects as they were when it was
-kept (a copy of each, or the plain attributes of one holding tensors): a setting changed in place
-afterwards (``loss.scale = 2.0`` on the very object) is checked again, since a kernel registered for
+are its own, and are forgotten when it is freed). It is about the objects with the settings they had when it was
+kept (:func:`~innerloop.registry.settings.plugin_settings`, what a checkpoint records): a setting
+changed in place afterwards (``loss.scale = 2.0`` on the very object) is checked again, since a kernel registered for
 a plugin's name may compute its default settings only:
 
 - a kernel that passes runs from then on without further checks;
@@ -61,6 +61,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -128,7 +129,7 @@ class _Held:
         self.kind = type(obj)
         self.obj: object | None = obj
         self.ref: weakref.ref | None = None
-        self.plain: dict[str, object] | None = None  # a kept object's plain attributes when it was kept
+        self.plain: str | None = None  # a kept object's settings when it was kept (:meth:`kept`)
         self.by_identity = _holds_tensors(obj)
         if self.by_identity:
             with contextlib.suppress(TypeError):  # an object that takes no weak reference stays held
@@ -139,30 +140,20 @@ class _Held:
         return self.ref() if self.ref is not None else self.obj
 
     def kept(self) -> _Held:
-        """This entry as a verdict's key keeps it: the object as it is now, so that a setting changed in
-        place afterwards (``loss.scale = 2.0`` on the very object a verdict was about) is not the object
-        the verdict was about. A deep copy of an object held by value (where the copy is equal to it:
-        else the object itself, as before); the plain attributes (numbers, strings, flags) of one held by
-        identity, which the object must still have to be equal."""
+        """This entry as a verdict's key keeps it: with the object's settings as they are now
+        (:func:`~innerloop.registry.settings.plugin_settings`, what a checkpoint records), so that a
+        setting changed in place afterwards (``loss.scale = 2.0`` on the very object a verdict was about)
+        is not what the verdict was about. A kernel spec (a frozen dataclass) is kept as it is."""
         obj = self.target()
-        if obj is None or isinstance(obj, KernelSpec):  # a frozen dataclass: compared as it is (cheaper)
+        if obj is None or isinstance(obj, KernelSpec):
             return self
         held = copy.copy(self)
-        if self.by_identity:
-            held.plain = _plain_attributes(obj)
-            return held
-        try:
-            copied = copy.deepcopy(obj)
-        except Exception:  # an object deepcopy cannot copy: held as it is (its changes unseen)
-            return self
-        if type(copied) is type(obj) and _same_state(copied, obj):
-            held.obj = copied
-            return held
-        return self
+        held.plain = _settings_of(obj)
+        return held
 
-    def _plain_now(self) -> dict[str, object] | None:
+    def _settings_now(self) -> str | None:
         target = self.target()
-        return self.plain if self.plain is not None or target is None else _plain_attributes(target)
+        return self.plain if self.plain is not None or target is None else _settings_of(target)
 
     def __hash__(self) -> int:
         return hash(self.kind)
@@ -174,26 +165,43 @@ class _Held:
         if mine is None or theirs is None:
             return other is self
         if mine is theirs:
-            return (self.plain is None and other.plain is None) or self._plain_now() == other._plain_now()
+            return (
+                self.plain is None and other.plain is None
+            ) or self._settings_now() == other._settings_now()
         return not (self.by_identity or other.by_identity) and (
             type(mine) is type(theirs) and _same_state(mine, theirs)
         )
 
 
-def _plain_attributes(obj: object) -> dict[str, object]:
-    """The attributes (``vars``) of ``obj`` that are numbers, strings, flags or None."""
-    return {
-        key: value for key, value in getattr(obj, "__dict__", {}).items() if type(value) in _PLAIN_SCALARS
-    }
+def _settings_of(obj: object) -> str:
+    """The settings of the plugin object ``obj`` (:func:`~innerloop.registry.settings.plugin_settings`)
+    as one comparable str; its public plain attributes where its ``settings()`` is broken."""
+    from innerloop.registry.settings import plugin_settings
 
-
-_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+    try:
+        return repr(sorted(plugin_settings(obj).items()))
+    except Exception:  # a broken settings(): registration refuses it; its attributes stand in
+        return repr(sorted((k, v) for k, v in vars(obj).items() if type(v) in _PLAIN_TYPES))
 
 
 def _kept_key(key: tuple) -> tuple:
     """A verdict's (or deferral count's) ``key`` as the table keeps it: its plugin objects as they are
     now (:meth:`_Held.kept`)."""
     return tuple(part.kept() if isinstance(part, _Held) else part for part in key)
+
+
+def _forget_other_settings(table: dict[tuple, Any], key: tuple) -> None:
+    """Drop ``table``'s entries about the very objects of ``key`` under other settings than theirs now:
+    one verdict per object and kind of block, so that a plugin whose settings change at every call (a
+    public counter of an object that declares no settings) does not fill the table (each change is
+    probed again)."""
+    for kept in [k for k in list(table) if len(k) == len(key)]:
+        same_objects = all(
+            (a.target() is b.target()) if isinstance(a, _Held) and isinstance(b, _Held) else a == b
+            for a, b in zip(kept, key, strict=True)
+        )
+        if same_objects and kept != key:
+            table.pop(kept, None)
 
 
 def _holds_tensors(obj: object) -> bool:
@@ -693,6 +701,7 @@ def _record(
             tested = "such data" if weak else f"{untested}, which"
             verdict = f"{said}: it matched, but {tested} tests too little; on seeded random data of the same shapes: {on_random}"
     _drop_freed()
+    _forget_other_settings(_VERDICTS, key)
     _VERDICTS[_kept_key(key)] = verdict
     _DEFERRALS.pop(key, None)
     return verdict

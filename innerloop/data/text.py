@@ -8,6 +8,7 @@ Used by the run config's checks (:mod:`innerloop.config`) and by the text DataMo
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -90,6 +91,11 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     if path.is_file():
         return [(path, os.path.realpath(path))]
     if path.is_symlink() and not path.exists():
+        if _is_link_loop(path):
+            raise DataError(
+                f"data.paths entry {pattern!r} is a link to {os.readlink(path)!r} in a loop of links (each "
+                "leads to the next, never to a file); give the file itself"
+            )
         raise DataError(
             f"data.paths entry {pattern!r} is a link to {os.readlink(path)!r}, which does not exist (moved or "
             "deleted, or on a disk not mounted); restore its target, or give the file itself"
@@ -235,11 +241,34 @@ def _warn_unreadable(walk: _Walk, pattern: str) -> None:
         )  # fmt: skip
     if walk.broken:  # glob.glob listed them (their read then failed); the walk alone would say nothing
         others = _and_more(len(walk.broken) - 1)
+        why = (
+            "it is in a loop of links"
+            if _is_link_loop(walk.broken[0])
+            else "its target was moved or deleted, or is on a disk not mounted"
+        )
         log.warning(
-            "data.paths entry %r: the link %r%s leads to no file (its target was moved or deleted, or is on a "
-            "disk not mounted), so it is left out of the data; restore its target, or remove the link",
-            pattern, str(walk.broken[0]), others,
+            "data.paths entry %r: the link %r%s leads to no file or folder (%s), so it is left out of the "
+            "data; restore its target, or remove the link",
+            pattern, str(walk.broken[0]), others, why,
         )  # fmt: skip
+
+
+def _kind(entry: os.DirEntry[str]) -> tuple[bool, bool]:
+    """Whether ``entry`` is a folder, and whether a file (links followed); neither for a link in a loop of
+    links, on which ``is_dir`` raises (ELOOP) where it gives False for a link to nothing."""
+    try:
+        return entry.is_dir(), entry.is_file()
+    except OSError:
+        return False, False
+
+
+def _is_link_loop(path: Path) -> bool:
+    """Whether resolving the link ``path`` goes round a loop of links (``a -> b -> a``)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
 
 
 class _Walk:
@@ -317,6 +346,13 @@ class _Walk:
                     return True
         return False
 
+    def _could_read_through(self, places: frozenset[int], after: frozenset[int], name: str) -> bool:
+        """Whether an entry ``name`` in a folder at ``places`` (``after``: the place below it) that leads
+        nowhere (a link whose target is gone) is where the walk would read files: as a file it takes, or
+        as a folder whose files the glob goes on to match (a link to a shard folder on a disk not mounted,
+        read by ``data/**/*.txt``)."""
+        return self.takes_file(places, name) or self.pattern is None or bool(after - {len(self.pattern)})
+
     def accepts(self, places: frozenset[int] | None, parts: Sequence[str]) -> bool:
         """Whether a file at ``parts`` below a folder at ``places`` is one the walk gives."""
         for name in parts[:-1]:
@@ -368,14 +404,19 @@ class _Walk:
             if after is None:
                 continue
             links = _links_resolved(os.path.join(real, entry.name)) if entry.is_symlink() else 0
-            if entry.is_dir():
+            is_dir, is_file = _kind(entry)
+            if is_dir:
                 if self.pattern is None or after - {len(self.pattern)}:
                     subfolders.append((Path(folder, entry.name), after, links))
-            elif entry.is_file() and self.takes_file(places, entry.name):
+            elif is_file and self.takes_file(places, entry.name):
                 found = Path(folder, entry.name)
                 resolved = os.path.realpath(found) if links else os.path.join(real, entry.name)
                 self.files.append((hops + links, found, resolved))
-            elif links and not os.path.exists(entry.path) and self.takes_file(places, entry.name):
+            elif (
+                links
+                and not os.path.exists(entry.path)
+                and self._could_read_through(places, after, entry.name)
+            ):
                 self.broken.append(Path(folder, entry.name))
         return subfolders
 

@@ -1,0 +1,82 @@
+"""Review s54j: the data walk's links to nothing (s54e) and its siblings. A link whose target is gone is
+left out of the data; the walk now says so wherever the link stands where the entry could find files:
+a link named like the glob's files, and a link where the glob would go on below a folder (a folder of
+links to shards on a disk not mounted, read by ``data/**/*.txt``). A link loop is called one, not a
+link to something deleted."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from innerloop.data.text import DataError, resolve_files
+
+
+def _warnings(caplog, entry: str) -> list[str]:  # noqa: ANN001
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="innerloop.data.text"):
+        resolve_files([entry])
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_a_link_to_a_gone_folder_below_a_glob_is_warned_of(tmp_path: Path, caplog) -> None:
+    """``data/**/*.txt`` over a folder of links to shard folders on a disk not mounted: the links named
+    ``shard1``, ``shard2`` match no ``*.txt`` as files, but the glob would have read the files below
+    them; they were left out without a word (a data folder given as the entry warned of the same
+    links). Now one warning names the first and counts the others."""
+    data = tmp_path / "data"
+    (data / "here").mkdir(parents=True)
+    (data / "here" / "a.txt").write_text("text " * 20)
+    (data / "shard1").symlink_to(tmp_path / "mnt" / "shard1")
+    (data / "shard2").symlink_to(tmp_path / "mnt" / "shard2")
+    for entry in (str(data / "**" / "*.txt"), str(data / "*" / "*.txt"), str(data)):
+        (message,) = _warnings(caplog, entry)
+        assert f"data.paths entry {entry!r}: the link {str(data / 'shard1')!r} (and 1 more)" in message
+        assert "is left out of the data" in message
+
+
+def test_a_link_to_nothing_the_glob_cannot_reach_is_not_warned_of(tmp_path: Path, caplog) -> None:
+    """The warning stays for links the entry would read: ``*.txt`` of a folder (no ``/``: nothing below
+    its folders) does not warn of a gone link ``shard1``, nor ``*/*.txt`` of a gone link ``notes.md``
+    beside the folders it reads."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("text " * 20)
+    (tmp_path / "sub" / "b.txt").write_text("text " * 20)
+    (tmp_path / "shard1").symlink_to(tmp_path / "mnt" / "shard1")
+    (tmp_path / "sub" / "notes.md").symlink_to(tmp_path / "mnt" / "notes.md")
+    assert _warnings(caplog, str(tmp_path / "*.txt")) == []
+    (tmp_path / "shard1").unlink()  # which */*.txt would enter
+    assert _warnings(caplog, str(tmp_path / "*" / "*.txt")) == []
+
+
+def test_a_link_loop_is_called_one(tmp_path: Path, caplog) -> None:
+    """Links ``a.txt -> b.txt -> a.txt`` lead nowhere because they loop, not because a target was
+    deleted: the error for the entry naming one, and the warning for a folder holding them, say so."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "ok.txt").write_text("text " * 20)
+    (tmp_path / "data" / "a.txt").symlink_to(tmp_path / "data" / "b.txt")
+    (tmp_path / "data" / "b.txt").symlink_to(tmp_path / "data" / "a.txt")
+    with pytest.raises(DataError) as raised:
+        resolve_files([str(tmp_path / "data" / "a.txt")])
+    assert "which does not exist" not in str(raised.value)
+    assert "a loop of links" in str(raised.value)
+    for entry in (str(tmp_path / "data"), str(tmp_path / "**" / "*.txt")):  # an OSError (ELOOP) before
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="innerloop.data.text"):
+            assert resolve_files([entry]) == [tmp_path / "data" / "ok.txt"]
+        (message,) = [r.getMessage() for r in caplog.records]
+        assert "the link" in message and "(and 1 more)" in message and "a loop of links" in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_or_a_link_to_one_in_a_data_folder_is_not_read(tmp_path: Path, caplog) -> None:
+    """A FIFO (and a link to one) in a data folder is not a file of text: the walk passes it, never
+    opening it (an open would wait for a writer for ever), and the files beside it are read."""
+    (tmp_path / "ok.txt").write_text("text " * 20)
+    os.mkfifo(tmp_path / "pipe.txt")
+    (tmp_path / "to_pipe.txt").symlink_to(tmp_path / "pipe.txt")
+    assert resolve_files([str(tmp_path)]) == [tmp_path / "ok.txt"]
+    assert resolve_files([str(tmp_path / "*.txt")]) == [tmp_path / "ok.txt"]

@@ -329,7 +329,6 @@ def export_model(
     _set_special_tokens(wrapped, special_tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    holds_users_files = False
     try:
         wrapped.save_pretrained(staging)
         if loaded is not None:
@@ -337,13 +336,21 @@ def export_model(
         _write_manifest(staging)
         _sync_files(staging)
         _move_into_place(staging, out)
-    except _UsersFilesInStaging:
-        holds_users_files = True
-        raise
     finally:
-        if staging.exists() and not holds_users_files:
-            shutil.rmtree(staging)
+        if os.path.lexists(staging):  # the new export is not in place
+            _undo_staging(staging, out)
     return user_path(out_dir)
+
+
+def _undo_staging(staging: Path, out: Path) -> None:
+    """Settle the staging folder of an export that failed or was stopped before it was in place, by its
+    record as a later export settles one (:func:`_settle_staging`): what the export wrote is deleted, the
+    user's files that ``--overwrite`` had moved in go back into ``out``, whichever of them the failure
+    (a second Ctrl-C among them) left there. A file that cannot go back keeps the folder; a warning
+    names it."""
+    done = _settle_staging(staging, out)
+    if os.path.lexists(staging):
+        log.warning("the export to %s did not replace it: %s", out, done)
 
 
 def _in_one_dtype(wrapped: InnerloopForCausalLM) -> InnerloopForCausalLM:
@@ -473,10 +480,6 @@ def _sync_files(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-class _UsersFilesInStaging(ExportError):
-    """Files of the user's could not be moved back out of the staging folder: it must not be deleted."""
-
-
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename ``staging`` to ``out`` (an empty or missing folder, or an earlier export that
     :func:`check_target` accepted). An earlier export's entries that it did not write are first moved
@@ -490,37 +493,20 @@ def _move_into_place(staging: Path, out: Path) -> None:
     plan = _plan_replacement(out, staging)  # checked now: files may have been added during the export
     aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
     aside.rmdir()
-    moved: list[str] = []
     try:
+        # the staging folder's record names what the export wrote: anything else in it is the user's,
+        # moved in here, which a failure puts back from it whatever was moved (_undo_staging)
         for name in plan.kept:
-            # recorded first: a Ctrl-C during the rename is raised when it returns, the file moved
-            moved.append(name)
             os.rename(out / name, staging / name)
         os.replace(out, aside)
         os.replace(staging, out)
     except BaseException:
-        if os.path.lexists(staging):  # the new export is not in place: the earlier one goes back as it was
-            # set aside already where a Ctrl-C landed as that rename returned
-            if not os.path.lexists(out) and os.path.lexists(aside):
-                os.replace(aside, out)
-            _move_back(moved, staging, out)
+        # the new export not in place: the earlier one goes back as it was (set aside already where a Ctrl-C
+        # landed as that rename returned); the user's files go back from staging (export_model's _undo_staging)
+        if os.path.lexists(staging) and not os.path.lexists(out) and os.path.lexists(aside):
+            os.replace(aside, out)
         raise
     _delete_earlier_export(aside, plan.owned, out)
-
-
-def _move_back(names: list[str], staging: Path, out: Path) -> None:
-    """Return the user's entries ``names`` from ``staging`` to ``out`` after a failed replacement (the
-    last name may not have been moved yet: interrupted before its rename, it is still in ``out``)."""
-    for name in names:
-        if not os.path.lexists(staging / name):
-            continue
-        try:
-            os.rename(staging / name, out / name)
-        except OSError as err:
-            raise _UsersFilesInStaging(
-                f"OUT_DIR {str(out)!r} could not be replaced, and {_shown(names)} could not be moved back "
-                f"into it from {str(staging)!r} ({' '.join(str(err).split())}): they are kept there"
-            ) from None
 
 
 def _delete_earlier_export(aside: Path, owned: set[str], out: Path) -> None:

@@ -206,6 +206,39 @@ def test_ctrl_c_just_after_the_earlier_export_is_set_aside_puts_it_back(
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+@pytest.mark.parametrize("second_after", [1, 2])
+def test_a_second_ctrl_c_while_the_users_files_go_back_loses_none(
+    model, tmp_path: Path, monkeypatch, second_after: int
+) -> None:
+    """Review s54j: ``export --overwrite`` stopped by a Ctrl-C as it moves the user's files into the new export, and a
+    second one as the ``second_after``-th of them is moved back (each raised as its rename returns): the
+    files not yet moved back were in the staging folder, which the export then deleted whole (the user's
+    tokenizer files lost). The staging folder is now emptied by its record, as a later export settles
+    one (the export's own files deleted, the user's moved back into OUT_DIR), so what the second Ctrl-C
+    left in it goes back at the next export's settling."""
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    copied = {f"tokenizer_{i}.json": f"the user's file {i}".encode() for i in range(3)}
+    for name, data in copied.items():
+        (out / name).write_bytes(data)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename, renamed = os.rename, []
+
+    def interrupted_on_return(source, target):  # noqa: ANN001, ANN202
+        rename(source, target)
+        renamed.append(Path(target).parent)
+        back = [folder for folder in renamed if folder == out]
+        if len(renamed) == 3 or len(back) == second_after:  # the 3rd file in; then the move back
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.os, "rename", interrupted_on_return)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, out, overwrite=True, tokenizer=None)
+    monkeypatch.undo()
+    export.settle_interrupted_export(out)  # as the next export does: the rest of the move back
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
 # -- targets: links, folders where a file belongs -----------------------------------------------------
 
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from innerloop.data.text import DataError, resolve_files
+from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+from innerloop.hf import modeling as hf_modeling
 
 
 def _warnings(caplog, entry: str) -> list[str]:  # noqa: ANN001
@@ -80,3 +84,60 @@ def test_a_fifo_or_a_link_to_one_in_a_data_folder_is_not_read(tmp_path: Path, ca
     (tmp_path / "to_pipe.txt").symlink_to(tmp_path / "pipe.txt")
     assert resolve_files([str(tmp_path)]) == [tmp_path / "ok.txt"]
     assert resolve_files([str(tmp_path / "*.txt")]) == [tmp_path / "ok.txt"]
+
+
+def _tiny_hf_model(seed: int) -> InnerloopForCausalLM:
+    torch.manual_seed(seed)
+    tiny = {
+        "hidden_size": 32,
+        "num_heads": 2,
+        "num_layers": 2,
+        "intermediate_size": 48,
+        "mixer": "swa",
+        "window": 8,
+    }
+    return InnerloopForCausalLM(InnerloopConfig(model=tiny)).eval()
+
+
+@pytest.mark.slow  # four sharded saves of a tiny model and a load: about 2 s
+def test_a_sharded_save_over_a_sharded_one_stopped_between_shards_never_loads_a_mix(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A sharded save over an earlier sharded one (the same shard names, as a re-save of the model after
+    more training writes) moves its shards in one by one. Stopped after the first (a Ctrl-C as that
+    rename returns), the folder held the new first shard beside the earlier save's others, its index and
+    config: it loaded a mix of the two saves' weights, without a word. Now the earlier index goes
+    before the first new shard comes in: stopped anywhere, the folder loads one save's weights whole, or
+    refuses to load (no index yet), never a mix."""
+    old, new = _tiny_hf_model(seed=0), _tiny_hf_model(seed=1)
+    replace = os.replace
+    old.save_pretrained(tmp_path / "old", max_shard_size="20KB")
+    for stop_after in (1, 4, 6):  # of 5 shards, then the index: mixes before, the new weights at 6
+        folder = tmp_path / f"saved{stop_after}"
+        shutil.copytree(tmp_path / "old", folder)
+
+        def interrupted(source, target, moved=[], stop_after=stop_after):  # noqa: ANN001, ANN202, B006
+            replace(source, target)
+            moved.append(Path(target).name)
+            if sum(name.startswith("model") for name in moved) == stop_after:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(hf_modeling.os, "replace", interrupted)
+        try:
+            new.save_pretrained(folder, max_shard_size="20KB")
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        try:
+            loaded = InnerloopForCausalLM.from_pretrained(folder).state_dict()
+        except OSError:  # no weights to load: said, not a mix
+            continue
+        sources = {
+            "new"
+            if torch.equal(loaded[k], v)
+            else "old"
+            if torch.equal(loaded[k], old.state_dict()[k])
+            else "?"
+            for k, v in new.state_dict().items()
+        }
+        assert len(sources) == 1 and "?" not in sources, (stop_after, sources)

@@ -1448,17 +1448,23 @@ def local_folder(given: Any, subfolder: Any = None) -> Path | None:
 
 _WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _CONFIG_FILE = "config.json"
+_SHARD_INDEX = "model.safetensors.index.json"
 
 
 def _move_saved_files(staging: Path, folder: Path) -> None:
     """Move the files ``save_pretrained`` wrote into ``staging`` into ``folder``, each by an atomic
-    rename, ``config.json`` last; before it, remove the earlier save's weight shards and shard index that
+    rename, ``config.json`` last. A sharded save first removes the earlier shard index: its shards take
+    the earlier save's shard names one by one, and stopped between two (a Ctrl-C, a kill) the earlier
+    index would load a mix of the two saves' weights; without one the folder refuses to load until saved
+    again. Before ``config.json``, remove the earlier save's weight shards and shard index that
     this save did not write (as transformers does when it saves in place), so that once the new
     ``config.json`` is in (a save stopped right after it, by a Ctrl-C) the folder loads this save's
     weights: an earlier unsharded ``model.safetensors`` left beside new shards is what transformers
     loads. A file that replaces one keeps that file's permissions (a private ``chmod 600`` config stays
     private); a new one has the writer's."""
     names = sorted(p.name for p in staging.iterdir())
+    if _SHARD_INDEX in names:  # shards whose names the earlier save's have: never loaded beside those
+        (folder / _SHARD_INDEX).unlink(missing_ok=True)
     for name in names:
         if name != _CONFIG_FILE:
             _move_in(staging / name, folder / name)
@@ -1478,7 +1484,7 @@ def _remove_stale_weights(folder: Path, names: list[str]) -> None:
     """Remove from ``folder`` the weight files of an earlier save that a save writing ``names`` does not
     replace: shards and a shard index it did not write, an unsharded ``model.safetensors`` where it
     wrote shards."""
-    index, single = "model.safetensors.index.json", "model.safetensors"
+    index, single = _SHARD_INDEX, "model.safetensors"
     stale = [p for p in folder.iterdir() if _WEIGHT_SHARD.fullmatch(p.name) and p.name not in names]
     if index not in names and (folder / index).is_file():
         stale.append(folder / index)

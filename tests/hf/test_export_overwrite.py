@@ -239,6 +239,38 @@ def test_a_second_ctrl_c_while_the_users_files_go_back_loses_none(
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+@pytest.mark.parametrize("stopped_after", [1, 2, 3, 4, 5])
+def test_a_ctrl_c_after_any_rename_of_an_overwrite_loses_nothing(
+    model, tmp_path: Path, monkeypatch, stopped_after: int
+) -> None:
+    """Review s54j, every rename of ``export --overwrite`` (3 user's files in, the earlier export aside,
+    the new one in place): a Ctrl-C raised as the ``stopped_after``-th returns, then the next export's
+    settling, leaves OUT_DIR an export (the earlier or the new) holding every file of the user's, and
+    nothing beside it."""
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    _copy_in(out, COPIED)
+    rename, replace, calls = os.rename, os.replace, []
+
+    def stopped(real):  # noqa: ANN001, ANN202
+        def call(source, target):  # noqa: ANN001, ANN202
+            real(source, target)
+            calls.append(target)
+            if len(calls) == stopped_after:
+                raise KeyboardInterrupt
+
+        return call
+
+    monkeypatch.setattr(export.os, "rename", stopped(rename))
+    monkeypatch.setattr(export.os, "replace", stopped(replace))
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, out, overwrite=True, tokenizer=None)
+    monkeypatch.undo()
+    export.settle_interrupted_export(out)
+    assert {name: (out / name).read_bytes() for name in COPIED} == COPIED
+    assert {p.name for p in out.iterdir()} == MODEL_FILES | set(COPIED)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
 # -- targets: links, folders where a file belongs -----------------------------------------------------
 
 

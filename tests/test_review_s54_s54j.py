@@ -167,3 +167,24 @@ def test_a_state_from_before_the_validation_digest_resumes_without_its_warning(
             resumed.setup()
         said = [r.getMessage() for r in caplog.records if "validation text differs" in r.getMessage()]
         assert bool(said) == warned
+
+
+@pytest.mark.slow  # three saves of a tiny model: about 0.6 s
+def test_a_resave_keeps_the_users_own_files_and_leaves_no_stale_weights(tmp_path: Path) -> None:
+    """save_pretrained over an earlier save, sharded over unsharded and back: the user's own files in
+    the folder (a README, a tokenizer copied in) stay; the earlier save's weight files that the new one
+    does not write go (no shard index or shards beside a new model.safetensors, and the reverse)."""
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / "README.md").write_text("my notes")
+    (folder / "tokenizer.json").write_text("{}")
+    model = _tiny_hf_model(seed=0)
+    model.save_pretrained(folder, max_shard_size="20KB")
+    model.save_pretrained(folder)  # unsharded over sharded
+    names = {p.name for p in folder.iterdir()}
+    assert {"README.md", "tokenizer.json", "model.safetensors"} <= names
+    assert not [n for n in names if n.startswith("model-") or n.endswith(".index.json")]
+    model.save_pretrained(folder, max_shard_size="20KB")  # sharded over unsharded
+    names = {p.name for p in folder.iterdir()}
+    assert {"README.md", "tokenizer.json", "model.safetensors.index.json"} <= names
+    assert "model.safetensors" not in names

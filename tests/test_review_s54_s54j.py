@@ -188,3 +188,15 @@ def test_a_resave_keeps_the_users_own_files_and_leaves_no_stale_weights(tmp_path
     names = {p.name for p in folder.iterdir()}
     assert {"README.md", "tokenizer.json", "model.safetensors.index.json"} <= names
     assert "model.safetensors" not in names
+
+
+def test_a_relative_link_to_nothing_names_where_it_leads(tmp_path: Path, monkeypatch) -> None:
+    """A data.paths entry that is a relative link (``corpus.txt -> ../mnt/corpus.txt``) whose target is
+    gone: the error gave the link's text alone, read from the folder the run starts in, not the link's;
+    it now names the path it leads to as well."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "corpus.txt").symlink_to(Path("..") / "mnt" / "corpus.txt")
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(DataError) as raised:
+        resolve_files(["corpus.txt"])
+    assert f"is a link to '../mnt/corpus.txt' ({str(tmp_path / 'mnt' / 'corpus.txt')!r})" in str(raised.value)

@@ -93,11 +93,11 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     if path.is_symlink() and not path.exists():
         if _is_link_loop(path):
             raise DataError(
-                f"data.paths entry {pattern!r} is a link to {os.readlink(path)!r} in a loop of links (each "
+                f"data.paths entry {pattern!r} is a link to {_link_target(path)} in a loop of links (each "
                 "leads to the next, never to a file); give the file itself"
             )
         raise DataError(
-            f"data.paths entry {pattern!r} is a link to {os.readlink(path)!r}, which does not exist (moved or "
+            f"data.paths entry {pattern!r} is a link to {_link_target(path)}, which does not exist (moved or "
             "deleted, or on a disk not mounted); restore its target, or give the file itself"
         )
     if path.exists() and not path.is_dir():
@@ -260,6 +260,16 @@ def _kind(entry: os.DirEntry[str]) -> tuple[bool, bool]:
         return entry.is_dir(), entry.is_file()
     except OSError:
         return False, False
+
+
+def _link_target(link: Path) -> str:
+    """The target of ``link`` as written in it, quoted, and where it leads when that is relative (from
+    the link's folder, not the current one): ``'../mnt/a.txt' ('/data/mnt/a.txt')``."""
+    target = os.readlink(link)
+    if os.path.isabs(target):
+        return repr(target)
+    leads = os.path.normpath(os.path.join(os.path.realpath(os.path.dirname(link) or "."), target))
+    return f"{target!r} ({leads!r})"
 
 
 def _is_link_loop(path: Path) -> bool:

@@ -828,9 +828,32 @@ def _merged_config(
         checked.append((override, where))
         sources.update(dict.fromkeys(keys, where))
     merged = _merge_in_order(base, checked)
+    _replace_whole_lightning_values(merged, overrides, checked)
     for key, where in sources.items():
         check_interpolated_kinds(merged, [key], where)
     return copy.deepcopy(read.container), copy.deepcopy(read.routed), merged
+
+
+def _replace_whole_lightning_values(
+    merged: DictConfig, overrides: Sequence[str], checked: Sequence[tuple[DictConfig, str]]
+) -> None:
+    """Give each Lightning argument an override gives a mapping (``trainer.max_time={minutes: 30}``) that
+    mapping whole, in ``merged``: it is one value, but OmegaConf merged it into the earlier one (the
+    config file's, an earlier override's), so ``{hours: 1}`` then ``{minutes: 30}`` was a limit of 1 h
+    30 min, and a resumed run's ``{days: 0, seconds: 3600, microseconds: 0}`` given ``{hours: 2}`` 3 h.
+    A dotted key below the argument (``trainer.max_time.minutes=30``) still sets that part alone."""
+    parts = [part for part, _ in checked[len(checked) - len(overrides) :]]  # after the earlier options
+    last: dict[str, tuple[str, Any]] = {}  # each argument's last override: its key, the value it gives
+    for item, part in zip(overrides, parts, strict=True):
+        given = OmegaConf.select(part, "trainer.lightning")
+        if isinstance(given, DictConfig):
+            last.update(
+                {str(name): (item.partition("=")[0].strip(), given._get_node(name)) for name in given}
+            )
+    for name, (key, value) in last.items():
+        whole = key in ("trainer", "trainer.lightning", f"trainer.{name}", f"trainer.lightning.{name}")
+        if whole and isinstance(value, DictConfig):
+            merged.trainer.lightning[name] = copy.deepcopy(value)
 
 
 def _earlier_model_options(routed: Any) -> dict[str, Any]:

@@ -1,0 +1,47 @@
+"""Review s54i: a mapping ``trainer.max_time`` given again replaces the earlier one (it was merged into
+it); ``model.init_std`` draws finite weights at every valid value; a stopped run's ``trainer.max_time``
+advice without Lightning's private Timer attributes."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from innerloop.config.load import load_config, save_config
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "limit"),
+    [
+        ("{hours: 1}", "trainer.max_time={minutes: 30}", timedelta(minutes=30)),  # was 1 h 30 min
+        ("{hours: 1}", "trainer.lightning.max_time={minutes: 30}", timedelta(minutes=30)),
+        ("{hours: 1}", "trainer.lightning={max_time: {minutes: 30}}", timedelta(minutes=30)),
+        ("00:01:00:00", "trainer.max_time={minutes: 30}", timedelta(minutes=30)),
+        ("{hours: 1}", "trainer.max_time=00:00:30:00", "00:00:30:00"),
+    ],
+)
+def test_a_max_time_mapping_given_again_replaces_the_earlier_one(first, again, limit) -> None:
+    run, _ = load_config("tiny", [f"trainer.max_time={first}", again])
+    given = run.trainer.lightning["max_time"]
+    assert (given if isinstance(given, str) else timedelta(**given)) == limit, given
+
+
+def test_a_resumed_runs_max_time_mapping_is_replaced_not_added_to(tmp_path) -> None:
+    from dataclasses import replace
+
+    from innerloop.config.load import validate_run_config
+
+    # a Python caller's timedelta, kept in config.yaml as {days, seconds, microseconds} (s54a)
+    run, _ = load_config("tiny", [f"out_dir={tmp_path / 'out'}"])
+    run = replace(run, trainer=replace(run.trainer, lightning={"max_time": timedelta(hours=1)}))
+    validate_run_config(run)
+    save_config(run, tmp_path / "config.yaml")
+    resumed, _ = load_config(str(tmp_path / "config.yaml"), ["trainer.max_time={hours: 2}"])
+    # was {days: 0, seconds: 3600, microseconds: 0, hours: 2}: 3 hours
+    assert timedelta(**resumed.trainer.lightning["max_time"]) == timedelta(hours=2)
+
+
+def test_one_part_of_a_max_time_mapping_can_still_be_set_by_its_dotted_key() -> None:
+    run, _ = load_config("tiny", ["trainer.max_time={hours: 1}", "trainer.max_time.minutes=30"])
+    assert timedelta(**run.trainer.lightning["max_time"]) == timedelta(hours=1, minutes=30)

@@ -45,3 +45,34 @@ def test_a_resumed_runs_max_time_mapping_is_replaced_not_added_to(tmp_path) -> N
 def test_one_part_of_a_max_time_mapping_can_still_be_set_by_its_dotted_key() -> None:
     run, _ = load_config("tiny", ["trainer.max_time={hours: 1}", "trainer.max_time.minutes=30"])
     assert timedelta(**run.trainer.lightning["max_time"]) == timedelta(hours=1, minutes=30)
+
+
+def _timer_without_private_attributes(limit: float, elapsed: float):
+    """A Lightning Timer whose public API (time_elapsed, time_remaining) answers as Lightning's does, but
+    without the private ``_duration`` and ``_offset`` innerloop read: another Lightning version's names."""
+    from lightning.pytorch.callbacks import Timer
+
+    class DriftedTimer(Timer):
+        def __init__(self) -> None:
+            super().__init__(duration=timedelta(seconds=limit))
+            del self._duration, self._offset
+
+        def time_elapsed(self, stage: str = "train") -> float:
+            return elapsed
+
+        def time_remaining(self, stage: str = "train") -> float:
+            return limit - elapsed
+
+    return DriftedTimer()
+
+
+def test_a_max_time_stop_is_told_without_lightnings_private_timer_attributes() -> None:
+    from types import SimpleNamespace
+
+    from innerloop.train import run as run_module
+
+    trainer = SimpleNamespace(callbacks=[_timer_without_private_attributes(60, 61)])
+    # was: AttributeError ('DriftedTimer' object has no attribute '_duration'), after the run had stopped
+    assert "trainer.max_time" in run_module._stop_reason(trainer)
+    said = run_module._continuing(SimpleNamespace(out_dir="runs/x"), trainer)
+    assert "trainer.max_time=00:00:02:01" in said, said  # 61 s spent + the whole limit: never stops at once

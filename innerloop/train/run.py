@@ -839,8 +839,8 @@ def _time_budget(trainer: L.Trainer) -> float | None:
     """``trainer.max_time`` in seconds when its time is spent (Lightning's Timer counts the time of every
     launch of a run: the checkpoint keeps it), else None."""
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    duration = None if timer is None else timer._duration
-    return duration if duration is not None and timer.time_elapsed() >= duration else None
+    remaining = None if timer is None else timer.time_remaining()  # public: Timer._duration less the time spent
+    return None if remaining is None or remaining > 0 else remaining + timer.time_elapsed()
 
 
 def _plugin_modules_comment() -> str:
@@ -918,7 +918,11 @@ def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
     if budget is None:
         return continuing_call(run.out_dir)
     timer = next(c for c in trainer.callbacks if isinstance(c, Timer))  # _time_budget found it
-    given = budget - timer._offset  # the time spent when this launch started: Timer.load_state_dict's
+    # the time spent when this launch started, Timer.load_state_dict's: private, so another Lightning may
+    # not have it (then the whole limit is added: a longer limit, never one that stops at once)
+    at_start = getattr(timer, "_offset", None)
+    known = type(at_start) in (int, float) and math.isfinite(at_start)
+    given = budget - at_start if known else budget
     seconds = math.ceil(timer.time_elapsed() + (given if given > 0 else budget))
     longer = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
     resume = continuing_call(run.out_dir, f" trainer.max_time={longer}")

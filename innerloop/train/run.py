@@ -839,7 +839,7 @@ def _time_budget(trainer: L.Trainer) -> float | None:
     """``trainer.max_time`` in seconds when its time is spent (Lightning's Timer counts the time of every
     launch of a run: the checkpoint keeps it), else None."""
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    remaining = None if timer is None else timer.time_remaining()  # public: Timer._duration less the time spent
+    remaining = None if timer is None else timer.time_remaining()  # public: the limit less the time spent
     return None if remaining is None or remaining > 0 else remaining + timer.time_elapsed()
 
 

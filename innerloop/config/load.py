@@ -845,8 +845,9 @@ def _replace_whole_lightning_values(
     parts = [part for part, _ in checked[len(checked) - len(overrides) :]]  # after the earlier options
     last: dict[str, tuple[str, Any]] = {}  # each argument's last override: its key, the value it gives
     for item, part in zip(overrides, parts, strict=True):
-        given = OmegaConf.select(part, "trainer.lightning")
-        if isinstance(given, DictConfig):
+        trainer = part._get_node("trainer")  # nodes, not values: an interpolation is not resolved here
+        given = trainer._get_node("lightning") if isinstance(trainer, DictConfig) else None
+        if isinstance(given, DictConfig) and not given._is_interpolation():
             last.update(
                 {str(name): (item.partition("=")[0].strip(), given._get_node(name)) for name in given}
             )

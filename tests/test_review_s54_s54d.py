@@ -9,6 +9,7 @@ weights; an inner lr refused only by the layer's first forward, after the data l
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -18,7 +19,6 @@ from innerloop.core.functional import MAX_ROPE_THETA, rope_inverse_frequencies
 from innerloop.core.layer import TTTLayer
 from innerloop.models import ModelConfig, build_model
 from innerloop.models.attention import CausalSelfAttention
-from innerloop.models.config import FLOAT32_MAX
 
 # the preset each key is read under (its mixer or dataset reads it); the rest: tiny (TTT-Linear)
 _PRESET_OF = {"model.e2e.": "e2e-tiny", "model.family.": "titans-tiny", "model.window": "tiny-swa"}
@@ -107,24 +107,28 @@ def test_a_number_past_float32_is_refused_by_the_config(key: str, bad: str) -> N
     overrides = [f"{key}={bad}", "optim.weight_decay=0"]
     message = _refusal(_FLOAT32_KEYS[key], overrides)
     assert f"{key}={float(bad)!r}" in message, message
-    assert repr(FLOAT32_MAX) in message, message  # what is valid
+    assert repr(FIELD_BOUNDS[key].high) in message, (
+        message
+    )  # what is valid (init_std: FLOAT32_MAX / 16, s54i)
 
 
 @pytest.mark.parametrize("key", sorted(_FLOAT32_KEYS))
 def test_float32_largest_number_is_still_taken(key: str) -> None:
-    overrides = [f"{key}={FLOAT32_MAX!r}", "optim.weight_decay=0"]
+    largest = FIELD_BOUNDS[key].high  # FLOAT32_MAX; init_std's FLOAT32_MAX / 16 (s54i: 3e38 drew inf weights)
+    overrides = [f"{key}={largest!r}", "optim.weight_decay=0"]
     if key == "optim.ttt_base_lr_init":
         overrides.append("optim.ttt_base_lr_warmup=10")
     run, _ = load_config(_FLOAT32_KEYS[key], overrides, model_only=True)
     node = run
     for part in key.split("."):
         node = getattr(node, part)
-    assert node == FLOAT32_MAX
+    assert node == largest
 
 
 @pytest.mark.parametrize("field", ["rope_theta", "init_std"])
 def test_the_python_api_refuses_them_too(field: str) -> None:
-    with pytest.raises(ValueError, match=rf"model\.{field}=1e\+39 .*3\.4028234663852886e\+38"):
+    largest = re.escape(repr(FIELD_BOUNDS[f"model.{field}"].high))
+    with pytest.raises(ValueError, match=rf"model\.{field}=1e\+39 .*{largest}"):
         build_model(ModelConfig(**{field: 1e39}))
     with pytest.raises(ValueError, match=r"optim\.lr=1e\+39"):
         from innerloop.config.load import validate_run_config

@@ -76,3 +76,28 @@ def test_a_max_time_stop_is_told_without_lightnings_private_timer_attributes() -
     assert "trainer.max_time" in run_module._stop_reason(trainer)
     said = run_module._continuing(SimpleNamespace(out_dir="runs/x"), trainer)
     assert "trainer.max_time=00:00:02:01" in said, said  # 61 s spent + the whole limit: never stops at once
+
+
+@pytest.mark.parametrize("std", [3.0e38, 1.0e38])  # ~26% and ~0.07% of float32 normal draws were inf
+def test_an_init_std_whose_draws_overflow_float32_is_refused_by_the_config(std) -> None:
+    from innerloop.models import ModelConfig, build_model
+
+    config = ModelConfig(
+        vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8, init_std=std
+    )
+    # was: taken (the bound was float32's largest number itself), the model built with inf weights
+    with pytest.raises(ValueError, match=r"model\.init_std") as err:
+        build_model(config)
+    assert "\n" not in str(err.value) and repr(std) in str(err.value), err.value
+
+
+def test_the_largest_valid_init_std_draws_finite_weights() -> None:
+    import torch
+
+    from innerloop.models.config import MODEL_FIELD_BOUNDS
+
+    largest = MODEL_FIELD_BOUNDS["model.init_std"].high
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        weights = torch.empty(2**20, dtype=dtype).normal_(std=largest)
+        assert bool(torch.isfinite(weights).all()), dtype

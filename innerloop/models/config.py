@@ -377,7 +377,8 @@ class Bounds:
     def describe(self) -> str:
         """E.g. ``>= 1``, ``> 0``, ``in [0, 1)``."""
         low, high = _number(self.low), _number(self.high)
-        if self.low is not None and self.high == FLOAT32_MAX:  # a number's range, and float32's limit on it
+        overflow = isinstance(self.high, float) and self.high > 2**53  # float32: no range, a limit
+        if self.low is not None and overflow:
             return f"{'>' if self.low_open else '>='} {low} and {'<' if self.high_open else '<='} {high}"
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
@@ -438,6 +439,11 @@ AT_LEAST_0_IN_FLOAT32 = Bounds(0, FLOAT32_MAX, why=_IN_FLOAT32)
 of 1e39 was taken by the config and refused only by the layer's first forward (after the data loaded);
 an outer one made AdamW's first step write inf into every weight."""
 
+LARGEST_INIT_STD = FLOAT32_MAX / 16
+"""The largest ``model.init_std`` (2.1e37): a normal draw lies within 5.8 std in float32 (Box-Muller of
+24-bit uniforms), 8.6 std at most from 53-bit ones; a std of float32's largest number itself drew 26% of
+the weights as inf (1e38: 0.07%), with no error."""
+
 SEQ_LEN_BOUNDS = Bounds(1, 2**30, why="a window of tokens held in memory")
 """``data.seq_len`` and the data modules' ``seq_len``."""
 
@@ -491,9 +497,9 @@ MODEL_FIELD_BOUNDS: dict[str, Bounds] = {
     ),
     "model.init_std": Bounds(
         _SMALLEST_NORMAL_EPS,
-        FLOAT32_MAX,
+        LARGEST_INIT_STD,
         why="the std of the weights' normal init; one below float32's smallest normal number draws "
-        "subnormals or zeros (1e-320 built all-zero weights), one above its largest draws inf",
+        "subnormals or zeros (1e-320 built all-zero weights), one above float32's largest / 16 draws inf",
     ),
     "model.ttt.mini_batch_size": _MINI_BATCH,
     "model.ttt.base_lr": AT_LEAST_0_IN_FLOAT32,

@@ -7,8 +7,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import torch
 
 from innerloop.config.load import load_config, save_config
+from innerloop.train.module import LanguageModelModule, TrainingDivergedError
 
 
 @pytest.mark.parametrize(
@@ -92,12 +94,42 @@ def test_an_init_std_whose_draws_overflow_float32_is_refused_by_the_config(std) 
 
 
 def test_the_largest_valid_init_std_draws_finite_weights() -> None:
-    import torch
-
     from innerloop.models.config import MODEL_FIELD_BOUNDS
 
     largest = MODEL_FIELD_BOUNDS["model.init_std"].high
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        weights = torch.empty(2**20, dtype=dtype).normal_(std=largest)
+        weights = torch.empty(2**16, dtype=dtype).normal_(std=largest)
         assert bool(torch.isfinite(weights).all()), dtype
+
+
+_SMALL = {"vocab_size": 32, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 16}
+
+
+@pytest.mark.slow  # ~0.5 s each: a module built and one training step
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        # TTT-E2E's inner steps overflow (fast weights ~1e30): logits inf, the loss NaN at the first step
+        (
+            {
+                **_SMALL,
+                "mixer": "e2e",
+                "window": 8,
+                "e2e": {"chunk_size": 4, "inner_lr": 1e30, "inner_lr_start": 1e30},
+            },
+            "model.e2e.inner_lr",
+        ),
+        ({**_SMALL, "mixer": "attention", "init_std": 1e15}, "model.init_std"),  # weights finite, logits inf
+    ],
+)
+def test_a_loss_non_finite_before_any_optimizer_step_does_not_blame_the_outer_lr(model, named) -> None:
+    torch.manual_seed(0)
+    module = LanguageModelModule(model=model, max_steps=10, warmup_steps=1)
+    ids = torch.randint(0, 32, (1, 13))
+    with pytest.raises(TrainingDivergedError) as err:
+        module.training_step((ids[:, :-1], ids[:, 1:]), 0)
+    text = str(err.value)
+    # was: "try a lower optim.lr (now 0.003 ...), gradient clipping ... or a longer warm-up": none has acted
+    assert "try a lower optim.lr" not in text, text
+    assert "no optimizer step" in text and named in text, text

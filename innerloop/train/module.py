@@ -77,6 +77,7 @@ from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import (
     AT_LEAST_0,
+    E2E,
     FAMILY_MIXERS,
     FRACTION,
     SEQ_LEN_BOUNDS,
@@ -237,6 +238,24 @@ def _first_non_finite_output(calls: list[LayerCall]) -> tuple[str, float] | None
             return name, largest_input
         return None
     return None
+
+
+def inner_lr_key(config: Any) -> str | None:
+    """The config key of the inner learning rate of a model of ``config`` (a :class:`ModelConfig`):
+    ``model.ttt.base_lr``, ``model.family.base_lr`` for the family's mixers, ``model.e2e.inner_lr``;
+    None for a mixer without one (attention)."""
+    mixer = getattr(config, "mixer", None)
+    if mixer in FAMILY_MIXERS:
+        return "model.family.base_lr"
+    return {"ttt": "model.ttt.base_lr", E2E: "model.e2e.inner_lr"}.get(mixer)
+
+
+def _config_value(config: Any, key: str) -> Any:
+    """The value of ``key`` (``model.ttt.base_lr``) in the model config ``config``."""
+    node = config
+    for part in key.split(".")[1:]:
+        node = getattr(node, part)
+    return node
 
 
 def _per_item(values: torch.Tensor) -> torch.Tensor:
@@ -570,7 +589,11 @@ class LanguageModelModule(L.LightningModule):
         return f"finite here ({value:.4f}) but not on another process" if math.isfinite(value) else str(value)
 
     def diverged(self, what: str) -> TrainingDivergedError:
-        """The error for a run that diverged: ``what`` happened, the last finite loss, what to try."""
+        """The error for a run that diverged: ``what`` happened, the last finite loss, what to try. Before
+        any optimizer step the outer optimizer has not acted, so the model as built (or loaded) is named
+        instead (:meth:`_before_any_step`)."""
+        if self.global_step == 0 and self._last_finite_loss is None:
+            return TrainingDivergedError(f"training diverged: {what}; {self._before_any_step()}")
         if self._last_finite_loss is None:
             last = "no finite training loss before"
         else:
@@ -582,6 +605,27 @@ class LanguageModelModule(L.LightningModule):
             f"{self.hparams.lr:g}; optim.min_lr may not exceed it), "
             f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
             f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
+        )
+
+    def _before_any_step(self) -> str:
+        """Why a loss is NaN or inf before the first optimizer step, in words: not optim.lr, its warm-up
+        or gradient clipping (none has acted yet; "try a lower optim.lr" was said), but the weights as
+        built (``model.init_std``) or loaded, or the model's inner learning rate (its config key)."""
+        config = self.model.config
+        inner = inner_lr_key(config)
+        inner_now = (
+            ""
+            if inner is None
+            else f", or its inner learning rate {inner} (now {_config_value(config, inner):g})"
+        )
+        if inner == "model.e2e.inner_lr":
+            inner_now += (
+                f" and its warm-up's start model.e2e.inner_lr_start (now {config.e2e.inner_lr_start:g})"
+            )
+        return (
+            "no optimizer step has run, so optim.lr, its warm-up and gradient clipping have not acted: the "
+            f"model as built (or loaded) gave it in its first forward; check model.init_std (now "
+            f"{config.init_std:g}, the std of the weights as built){inner_now}"
         )
 
     def _float16_cause(self) -> str:
@@ -625,8 +669,7 @@ class LanguageModelModule(L.LightningModule):
                 f"; if the training loss was rising before (last finite {float(loss):.4f}, after {step} "
                 f"steps), the run may be diverging instead: then try a lower optim.lr (now {self.hparams.lr:g})"
             )
-        family = getattr(self.model.config, "mixer", None) in FAMILY_MIXERS
-        base_lr = "model.family.base_lr" if family else "model.ttt.base_lr"
+        base_lr = inner_lr_key(self.model.config) or "model.ttt.base_lr"  # a TTT layer's: ttt or family
         return NonFiniteLayerOutputError(  # the layer's own diagnosis of this case: one text for both
             f"{what}: the NaN or inf first appeared in the output of the TTT layer {name!r} "
             f"({type(layer).__name__}), from finite input of moderate size (largest |input| "

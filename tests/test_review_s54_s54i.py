@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 import torch
 
+from innerloop import InnerLoss, LossPairs
 from innerloop.config.load import load_config, save_config
 from innerloop.train.module import LanguageModelModule, TrainingDivergedError
 
@@ -133,3 +134,45 @@ def test_a_loss_non_finite_before_any_optimizer_step_does_not_blame_the_outer_lr
     # was: "try a lower optim.lr (now 0.003 ...), gradient clipping ... or a longer warm-up": none has acted
     assert "try a lower optim.lr" not in text, text
     assert "no optimizer step" in text and named in text, text
+
+
+class _NaNGradientLoss(InnerLoss):
+    """An inner loss whose gradient is NaN once ``armed`` (after registration, which checks it): a plugin
+    fault, from finite input of moderate size."""
+
+    name = "review_s54i_nan_gradient"
+    armed = False
+
+    def pairs(self, views, carry):
+        return LossPairs(views.key, views.value)
+
+    def token_loss(self, prediction, target):
+        return 0.5 * (prediction - target).pow(2).sum(-1)
+
+    def token_loss_grad(self, prediction, target):
+        return (prediction - target) * (float("nan") if self.armed else 1.0)
+
+
+@pytest.mark.slow  # ~0.9 s: a module built and one training step
+def test_a_plugins_nan_in_a_layer_without_the_diagnosis_method_is_still_told(
+    fresh_global_registry, monkeypatch
+) -> None:
+    """A TTT layer kind without ``plugin_nan_diagnosis`` (another layer class of a checked kind, an older
+    subclass): training's NonFiniteLayerOutputError was an AttributeError raised while it was built."""
+    import innerloop
+    from innerloop.core.layer import TTTLayer
+    from innerloop.models import ModelConfig, TTTConfig
+    from innerloop.train.module import NonFiniteLayerOutputError
+
+    innerloop.register_inner_loss(_NaNGradientLoss())
+    monkeypatch.setattr(_NaNGradientLoss, "armed", True)
+    monkeypatch.delattr(TTTLayer, "plugin_nan_diagnosis")
+    torch.manual_seed(0)
+    ttt = TTTConfig(mini_batch_size=8, inner_loss=_NaNGradientLoss.name)
+    config = ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, ttt=ttt)
+    module = LanguageModelModule(config, max_steps=2, warmup_steps=0)
+    ids = torch.randint(0, 64, (2, 17))
+    with pytest.raises(NonFiniteLayerOutputError) as err:  # was: AttributeError 'plugin_nan_diagnosis'
+        module.training_step((ids[:, :-1], ids[:, 1:]), 0)
+    text = str(err.value)
+    assert _NaNGradientLoss.name in text and "model.ttt.base_lr" in text, text

@@ -670,10 +670,17 @@ class LanguageModelModule(L.LightningModule):
                 f"steps), the run may be diverging instead: then try a lower optim.lr (now {self.hparams.lr:g})"
             )
         base_lr = inner_lr_key(self.model.config) or "model.ttt.base_lr"  # a TTT layer's: ttt or family
+        diagnose = getattr(layer, "plugin_nan_diagnosis", None)  # the layer's own words (TTTLayer's)
+        diagnosis = (
+            diagnose(base_lr)
+            if callable(diagnose)
+            else f"the likely source is a NaN or inf computed by the layer's plugins not built in ({plugins}); "
+            f"unless the step (inner learning rate times gradient) was too large: lower {base_lr}"
+        )
         return NonFiniteLayerOutputError(  # the layer's own diagnosis of this case: one text for both
             f"{what}: the NaN or inf first appeared in the output of the TTT layer {name!r} "
             f"({type(layer).__name__}), from finite input of moderate size (largest |input| "
-            f"{largest_input:.1e}), with finite weights: {layer.plugin_nan_diagnosis(base_lr)}{earlier}"
+            f"{largest_input:.1e}), with finite weights: {diagnosis}{earlier}"
         )
 
     def on_train_start(self) -> None:

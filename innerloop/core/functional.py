@@ -221,7 +221,11 @@ def layer_norm_backward(
     )
 
 
-MAX_ROPE_THETA = torch.finfo(torch.float32).max
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""The largest float32 number (3.4e38): a model computes in float32, where a larger one is inf. The one
+definition: the config's bounds (:mod:`innerloop.models.config`) and :data:`MAX_ROPE_THETA` read it."""
+
+MAX_ROPE_THETA = FLOAT32_MAX
 """The largest RoPE base (3.4e38): :func:`rope_inverse_frequencies` computes ``theta**(2i/head_dim)`` in
 float32, where a larger base is inf and every frequency but the first 0 (1e39's are 1.3e-5, ... for
 head_dim 16), with no error."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.family_layers import FAMILY_LAYERS
-from innerloop.core.functional import as_integer
+from innerloop.core.functional import FLOAT32_MAX, as_integer
 from innerloop.core.layer import (
     DEFAULT_CONV_KERNEL,
     MAX_CONV_KERNEL,
@@ -354,8 +354,7 @@ def require_model_config(config: Any) -> ModelConfig:
 # -- the range of every numeric field ---------------------------------------------------------------------
 
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
-"""The largest float32 number (3.4e38): a model computes in float32, where a larger one is inf."""
+# FLOAT32_MAX (3.4e38): imported from innerloop.core.functional, its one definition, and re-exported here
 
 
 @dataclass(frozen=True)

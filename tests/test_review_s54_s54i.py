@@ -176,3 +176,29 @@ def test_a_plugins_nan_in_a_layer_without_the_diagnosis_method_is_still_told(
         module.training_step((ids[:, :-1], ids[:, 1:]), 0)
     text = str(err.value)
     assert _NaNGradientLoss.name in text and "model.ttt.base_lr" in text, text
+
+
+@pytest.mark.parametrize(
+    ("limit", "at_launch", "elapsed", "suggested"),
+    [
+        (30, 61, 61.2, "00:00:01:32"),  # resumed with a SMALLER limit than spent: stops at once, + 30 s
+        (182, 61, 183, "00:00:05:04"),  # leg 3 resumed from leg 1's checkpoint (61 s): given 121 s, + 121
+    ],
+)
+def test_a_max_time_stop_after_a_smaller_limit_or_an_earlier_checkpoint(
+    limit, at_launch, elapsed, suggested
+) -> None:
+    """Holds (s54i, not a defect): the rule of s54a's _continuing on the legs it did not pin."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from innerloop.train import run as run_module
+
+    timer = Timer(duration=timedelta(seconds=limit))
+    timer.load_state_dict({"time_elapsed": {RunningStage.TRAINING.value: at_launch}})
+    timer._start_time[RunningStage.TRAINING] = 100.0
+    timer._end_time[RunningStage.TRAINING] = 100.0 + elapsed - at_launch
+    said = run_module._continuing(SimpleNamespace(out_dir="runs/x"), SimpleNamespace(callbacks=[timer]))
+    assert f"trainer.max_time={suggested}" in said, said

@@ -100,7 +100,7 @@ def test_the_largest_valid_init_std_draws_finite_weights() -> None:
     largest = MODEL_FIELD_BOUNDS["model.init_std"].high
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        weights = torch.empty(2**16, dtype=dtype).normal_(std=largest)
+        weights = torch.empty(2**12, dtype=dtype).normal_(std=largest)
         assert bool(torch.isfinite(weights).all()), dtype
 
 

@@ -1380,9 +1380,16 @@ class E2ELM(nn.Module):
             h, caches[i] = block(h, caches[i], None, chunk)
         logits = _at_least_float32(self.lm_head(self.norm(h)))  # [B, T, V]
         position = input_ids.shape[1] + (0 if state is None else state.position)
-        empty = h[:, :0]
+        # nothing pending: empty tensors of their own, not views of the call's hidden states and ids (a
+        # state kept after a long prefill held them, and with gradients the call's graph, alive)
+        batch = input_ids.shape[0]
         return logits, E2EState(
-            tuple(caches), {}, empty, input_ids[:, :0], position, self.config.e2e.chunk_size
+            tuple(caches),
+            {},
+            h.new_zeros((batch, 0, h.shape[-1])),
+            input_ids.new_zeros((batch, 0)),
+            position,
+            self.config.e2e.chunk_size,
         )
 
     # ---- streaming -------------------------------------------------------------------------------

@@ -837,10 +837,14 @@ class E2ELM(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> E2ELM:
         """``nn.Module``'s (``.to``, ``.bfloat16()``, ``.cuda()``, ...), keeping ``outer_progress`` in
-        float64 on the new device: a cast to bfloat16 would round the inner lr's warm-up (0.3 to 0.3008)."""
+        float64 on the new device: a cast to bfloat16 would round the inner lr's warm-up (0.3 to 0.3008).
+        From the meta device (``to_empty`` of a model built under ``torch.device("meta")``, which leaves
+        every buffer uninitialised) it is made again as built: 1, the full ``inner_lr``."""
         progress = self.outer_progress
         super()._apply(fn, recurse)
-        if self.outer_progress.dtype != torch.float64:
+        if progress.is_meta and not self.outer_progress.is_meta:  # no value to keep: garbage, not 1
+            self.outer_progress = torch.ones((), dtype=torch.float64, device=self.outer_progress.device)
+        elif self.outer_progress.dtype != torch.float64:
             self.outer_progress = progress.to(device=self.outer_progress.device, copy=True)
         return self
 

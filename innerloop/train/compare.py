@@ -48,8 +48,10 @@ from innerloop.config.load import (
     ConfigError,
     argument_name,
     arguments_of_the_caller,
+    decay_steps,
     given_argument,
     other_model_folder_problem,
+    warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag, user_path
@@ -856,41 +858,62 @@ TTT_OPTIM_KEYS = ("ttt_base_lr_init", "ttt_base_lr_warmup")
 """The ``optim.*`` keys that act on test-time training alone (compared where both models have it)."""
 
 
-def _optimizer_settings(model: ComparedModel) -> dict[str, Any] | None:
-    """The settings that decide ``model``'s learning rate at every step: its run's ``optim.*`` and
-    ``trainer.max_steps`` (the schedule's length); None where its run is unknown."""
+def _optimizer_run(model: ComparedModel) -> RunConfig | None:
+    """The run whose ``optim.*`` and ``trainer.max_steps`` trained ``model``; None where it is unknown."""
     try:
-        run = run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
+        return run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
     except ConfigError:
         return None
-    if run is None:
-        return None
+
+
+def _optimizer_settings(run: RunConfig) -> dict[str, Any]:
+    """The settings that decide a run's learning rates at every step: its ``optim.*`` (every key of
+    :class:`~innerloop.config.schema.OptimConfig`) and ``trainer.max_steps`` (the schedule's length)."""
     settings = {f"optim.{key}": value for key, value in asdict(run.optim).items()}
     return {**settings, "trainer.max_steps": run.trainer.max_steps}
 
 
+def _settings_acting_on_neither(runs: tuple[RunConfig, RunConfig], both_learn: bool, e2e: bool) -> set[str]:
+    """The settings of :func:`_optimizer_settings` that give the same learning rate at every step of
+    both ``runs`` whatever their values: the warm-up's and wsd decay's fractions where they make as many
+    whole steps (:func:`~innerloop.config.load.warmup_steps`, :func:`~innerloop.config.load.decay_steps`:
+    0 for another schedule), ``min_lr`` and ``trainer.max_steps`` where both schedules stay constant
+    after the warm-up (``max_steps`` still sets an E2E model's inner warm-up), the inner lr's warm-up
+    where not both learn at test time and its start where neither warms it up."""
+    ignored = set()
+    if warmup_steps(runs[0]) == warmup_steps(runs[1]):
+        ignored.add("optim.warmup_fraction")
+    if decay_steps(runs[0]) == decay_steps(runs[1]):
+        ignored.add("optim.decay_fraction")
+    if all(run.optim.schedule == "constant" for run in runs):
+        ignored |= {"optim.min_lr"} | (set() if e2e else {"trainer.max_steps"})
+    if not both_learn:
+        ignored |= {f"optim.{key}" for key in TTT_OPTIM_KEYS}
+    elif all(run.optim.ttt_base_lr_warmup == 0 for run in runs):
+        ignored.add("optim.ttt_base_lr_init")
+    return ignored
+
+
 def optimizer_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     """A line for each model whose run trained with other optimizer settings than the baseline's (both
-    runs known): another ``optim.*`` (the ``wsd`` schedule's ``decay_fraction`` only where a schedule is
-    ``wsd``; the inner learning rate's warm-up only where both learn at test time) or
-    ``trainer.max_steps``, so another learning rate at some step."""
-    settings = [_optimizer_settings(model) for model in models]
-    baseline, notes = settings[base], []
-    for index, (model, ours) in enumerate(zip(models, settings, strict=True)):
-        if index == base or ours is None or baseline is None:
+    runs known): another ``optim.*`` or ``trainer.max_steps``, so another learning rate at some step; a
+    setting acting on neither run is not named (:func:`_settings_acting_on_neither`: e.g. ``min_lr``
+    where both schedules are constant, ``decay_fraction`` where neither is ``wsd``)."""
+    runs = [_optimizer_run(model) for model in models]
+    baseline, notes = runs[base], []
+    for index, (model, run) in enumerate(zip(models, runs, strict=True)):
+        if index == base or run is None or baseline is None:
             continue
-        ignored = (
-            set()
-            if "wsd" in (ours["optim.schedule"], baseline["optim.schedule"])
-            else {"optim.decay_fraction"}
-        )
-        both_learn = all(modules_learning_at_test_time(m.module.model) for m in (model, models[base]))
-        ignored |= set() if both_learn else {f"optim.{key}" for key in TTT_OPTIM_KEYS}
-        differ = [key for key in ours if key not in ignored and ours[key] != baseline[key]]
+        pair = (model, models[base])
+        both_learn = all(modules_learning_at_test_time(m.module.model) for m in pair)
+        e2e = any(hasattr(m.module.model, "set_outer_progress") for m in pair)
+        ignored = _settings_acting_on_neither((run, baseline), both_learn, e2e)
+        ours, theirs = _optimizer_settings(run), _optimizer_settings(baseline)
+        differ = [key for key in ours if key not in ignored and ours[key] != theirs[key]]
         if differ:
             notes.append(
                 f"{model.name} trained with {', '.join(f'{key}={ours[key]!r}' for key in differ)}, the baseline "
-                f"{models[base].name} with {', '.join(repr(baseline[key]) for key in differ)}: its difference "
+                f"{models[base].name} with {', '.join(repr(theirs[key]) for key in differ)}: its difference "
                 "is also one of training"
             )
     return notes

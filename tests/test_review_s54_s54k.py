@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from torch import nn
 
 
@@ -53,3 +54,34 @@ def test_compare_optimizer_notes_name_no_setting_that_acts_on_neither_run(monkey
     ]
     wsd = {"schedule": "wsd", "max_steps": 4}  # decay over max(1, 0.2 * 4) = 1 step, and 0.25 * 4 = 1
     assert _optimizer_notes(monkeypatch, {"a": wsd, "b": {**wsd, "decay_fraction": 0.25}}) == []
+
+
+# review s54k (MED, unclear error): a config.json whose dtype (or torch_dtype) is "auto" -- what
+# from_pretrained's dtype="auto" means: the weights' own dtype -- or a name torch has no dtype for
+# ("float23") failed in transformers' config with "module 'torch' has no attribute 'auto'", naming neither
+# the field nor the file. "auto" now means that (the folder loads in its weights' dtype, as one recording
+# none does); another name is refused naming the field, the value and the dtypes it may be
+@pytest.mark.slow  # a save and five loads: about 1.6 s on a loaded CPU
+def test_hf_config_dtype_auto_is_the_weights_dtype_and_another_name_is_refused_clearly(tmp_path) -> None:
+    import json
+
+    import torch
+
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    model = {"hidden_size": 8, "num_heads": 2, "num_layers": 1, "intermediate_size": 16, "vocab_size": 20}
+    torch.manual_seed(0)
+    InnerloopForCausalLM(InnerloopConfig(model=model)).double().save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    for field in ("dtype", "torch_dtype"):
+        config_path.write_text(
+            json.dumps({**{k: v for k, v in saved.items() if k != "dtype"}, field: "auto"})
+        )
+        loaded = InnerloopForCausalLM.from_pretrained(tmp_path)
+        assert loaded.dtype == torch.float64  # as stored, not rounded
+    config_path.write_text(json.dumps({**saved, "dtype": "float23"}))
+    with pytest.raises(ValueError, match=r"dtype='float23'.*'float32', 'bfloat16'"):
+        InnerloopForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"torch_dtype='int8'"):
+        InnerloopConfig(model=model, torch_dtype="int8")

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from transformers import PreTrainedConfig
 
 from innerloop.checkpoints import (
@@ -132,6 +133,29 @@ def _as_mapping(model: Any) -> dict[str, Any]:
     return model if isinstance(model, dict) else {}
 
 
+WEIGHTS_DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+"""The names config.json's ``dtype`` (``torch_dtype``) may give the weights' dtype by."""
+
+
+def recorded_weights_dtype(field_name: str, value: Any) -> Any:
+    """config.json's ``dtype`` (or ``torch_dtype``, ``field_name``) as transformers' config reads it:
+    ``"auto"`` -- ``from_pretrained``'s word for the weights' own dtype -- is None, a config recording
+    none (transformers then loads the weights as stored); another name must be one of a floating torch
+    dtype (``ValueError`` naming the field, the value and :data:`WEIGHTS_DTYPE_NAMES`: transformers' own
+    ``getattr(torch, name)`` said only "module 'torch' has no attribute ..."). A ``torch.dtype``, a
+    mapping (transformers' per-module dtypes) and None pass as they are."""
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        dtype = getattr(torch, value, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(
+                f"InnerloopConfig: {field_name}={value!r} (config.json's) names no floating torch dtype; "
+                f"the weights' dtype is one of {list(WEIGHTS_DTYPE_NAMES)}, 'auto' (the weights' own) or null"
+            )
+    return value
+
+
 class InnerloopConfig(PreTrainedConfig):
     """The configuration of :class:`~innerloop.hf.modeling.InnerloopForCausalLM`.
 
@@ -187,6 +211,9 @@ class InnerloopConfig(PreTrainedConfig):
                 f"(model.tie_embeddings={config.tie_embeddings!r}, mixer={config.mixer!r}); set "
                 "model.tie_embeddings instead"
             )
+        self.dtype = recorded_weights_dtype("dtype", self.dtype)
+        if "torch_dtype" in kwargs:  # transformers' older name: it takes it where dtype is None
+            kwargs["torch_dtype"] = recorded_weights_dtype("torch_dtype", kwargs["torch_dtype"])
         super().__post_init__(**kwargs)
         self.check_special_token_ids()
         check_token_index_record(

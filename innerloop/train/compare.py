@@ -858,12 +858,39 @@ TTT_OPTIM_KEYS = ("ttt_base_lr_init", "ttt_base_lr_warmup")
 """The ``optim.*`` keys that act on test-time training alone (compared where both models have it)."""
 
 
-def _optimizer_run(model: ComparedModel) -> RunConfig | None:
-    """The run whose ``optim.*`` and ``trainer.max_steps`` trained ``model``; None where it is unknown."""
+def _optimizer_run(model: ComparedModel) -> tuple[RunConfig | None, list[str]]:
+    """The run whose ``optim.*`` and ``trainer.max_steps`` trained ``model`` (None where it is unknown),
+    and where the run found for it disagrees with the schedule its checkpoint recorded training with
+    (:func:`_schedule_disagreements`: then None and those disagreements)."""
     try:
-        return run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
+        run = run_of_checkpoint(model.checkpoint, model.module.hparams["model"])
     except ConfigError:
-        return None
+        return None, []
+    disagreements = [] if run is None else _schedule_disagreements(model, run)
+    return (None, disagreements) if disagreements else (run, [])
+
+
+def _schedule_disagreements(model: ComparedModel, run: RunConfig) -> list[str]:
+    """The learning-rate settings in which ``run`` (its config.yaml, matched to the checkpoint on model,
+    data and seed only) differs from what ``model``'s checkpoint recorded training with (its module's
+    hyperparameters, :func:`~innerloop.train.run.build_module`'s arguments): a config.yaml of another
+    run with the same model, data and seed, or of a resume that changed them after this checkpoint."""
+    recorded = model.module.hparams
+    from_run = {
+        "lr": run.optim.lr,
+        "weight_decay": run.optim.weight_decay,
+        "betas": (run.optim.beta1, run.optim.beta2),
+        "warmup_steps": warmup_steps(run),
+        "max_steps": run.trainer.max_steps,
+        "min_lr": run.optim.min_lr,
+        "schedule": run.optim.schedule,
+        "decay_steps": decay_steps(run),
+    }
+    return [
+        f"{key} {recorded[key]!r} != {value!r}"
+        for key, value in from_run.items()
+        if key in recorded and (tuple(recorded[key]) if key == "betas" else recorded[key]) != value
+    ]
 
 
 def _optimizer_settings(run: RunConfig) -> dict[str, Any]:
@@ -899,8 +926,16 @@ def optimizer_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
     runs known): another ``optim.*`` or ``trainer.max_steps``, so another learning rate at some step; a
     setting acting on neither run is not named (:func:`_settings_acting_on_neither`: e.g. ``min_lr``
     where both schedules are constant, ``decay_fraction`` where neither is ``wsd``)."""
-    runs = [_optimizer_run(model) for model in models]
+    found = [_optimizer_run(model) for model in models]
+    runs = [run for run, _ in found]
     baseline, notes = runs[base], []
+    for model, (_, disagreements) in zip(models, found, strict=True):
+        if disagreements:
+            notes.append(
+                f"{model.name}: the config.yaml beside {str(model.checkpoint)!r} gives other learning-rate "
+                f"settings than its checkpoint trained with ({', '.join(disagreements)}): another run's, so "
+                "its optimizer settings are not compared"
+            )
     for index, (model, run) in enumerate(zip(models, runs, strict=True)):
         if index == base or run is None or baseline is None:
             continue

@@ -985,11 +985,12 @@ def _generate_bytes(args: argparse.Namespace, model: CausalLM | E2ELM) -> int:
     # Bytes are decoded as they come (a character may span several tokens); invalid UTF-8 shows as �.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(decoder.decode(prompt))
-    for token, _state in generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator):
-        token_id = int(token[0])  # a model with more than 256 tokens may sample one that is no byte
-        sys.stdout.write(decoder.decode(bytes([token_id])) if token_id < 256 else f"[token {token_id}]")
-        sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    sampled = generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator)
+    with _written_at_exit(lambda: decoder.decode(b"", final=True) + "\n"):  # an incomplete character too
+        for token, _state in sampled:
+            token_id = int(token[0])  # a model with more than 256 tokens may sample one that is no byte
+            sys.stdout.write(decoder.decode(bytes([token_id])) if token_id < 256 else f"[token {token_id}]")
+            sys.stdout.flush()
     return 0
 
 
@@ -1007,6 +1008,17 @@ def _text_prompt(prompt: str, tokenizer: Tokenizer) -> str:
         ) from None
 
 
+def _byte_fallback_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids of ``tokenizer`` that stand for one byte in a byte-fallback run (sentencepiece's
+    ``<0x00>``..``<0xFF>``, where its decoder has ``ByteFallback``): empty for any other tokenizer."""
+    from innerloop.data.tokenizer import HFTokenizer
+
+    if not isinstance(tokenizer, HFTokenizer) or '"ByteFallback"' not in tokenizer.tokenizer_json:
+        return frozenset()
+    vocabulary = tokenizer.backend.get_vocab(with_added_tokens=False)
+    return frozenset(i for token, i in vocabulary.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token))
+
+
 class _TextWindow:
     """The text of ids decoded as they come, over a window of a few ids: the last ids printed (context for
     the tokenizer, e.g. a leading space) and those not printed yet. Decoding every id so far at each token
@@ -1015,17 +1027,22 @@ class _TextWindow:
     The text is printed up to the last id whose text is settled: it does not end in an incomplete
     character (U+FFFD), or :attr:`SETTLED_AFTER` ids came after it and left it unchanged (an invalid byte,
     printed as U+FFFD as the byte path prints it: a UTF-8 character has at most 4 bytes, so no later id
-    can complete it). Only the ids after it are held back; a text that later ids keep changing is printed
-    once :attr:`HELD` ids are held."""
+    can complete it), and it does not end inside a run of byte-fallback ids (a sentencepiece decoder
+    decodes a run together: one invalid byte makes every byte of it U+FFFD, its ASCII ones too). Only the
+    ids after it are held back; a text that later ids keep changing is printed once :attr:`HELD` ids are
+    held (:attr:`MAX_BYTE_RUN` while they end in a byte-fallback run)."""
 
     CONTEXT = 4
     HELD = 4
     SETTLED_AFTER = 3
+    MAX_BYTE_RUN = 64
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
+        self._byte_ids = _byte_fallback_ids(tokenizer)
         self._ids: list[int] = []
         self._printed = 0  # the ids of the window whose text has been returned
+        self._before_break = 0  # the ids of the window before a break (see flush)
 
     def add(self, ids: Sequence[int]) -> str:
         """The text that ``ids`` add to the text so far, once it is settled ("" while held back)."""
@@ -1033,22 +1050,35 @@ class _TextWindow:
         return self._new_text(final=False)
 
     def flush(self) -> str:
-        """The text not returned yet, complete or not; the window then starts anew."""
+        """The text not returned yet, complete or not: at the end of the text, or at a break in it (an id
+        the tokenizer has no text for, printed apart). The ids printed stay as context for the text after
+        a break (a sentencepiece piece's leading space is then kept), unless it would change their text
+        (a character completed, or a byte-fallback run extended, across the break): then it is read alone."""
         text = self._new_text(final=True)
-        self._ids, self._printed = [], 0
+        self._before_break = len(self._ids)
         return text
 
     def _new_text(self, final: bool) -> str:
         before = self._tokenizer.decode(self._ids[: self._printed])
         after = self._tokenizer.decode(self._ids)
+        if self._before_break and not after.startswith(before):  # the text before a break would change
+            self._ids, self._printed = self._ids[self._before_break :], self._printed - self._before_break
+            self._before_break = 0
+            before, after = "", self._tokenizer.decode(self._ids)
         end, text = self._settled(before, after)
-        if end is None and (final or len(self._ids) - self._printed >= self.HELD):
+        if end is None and (final or self._held_too_long()):
             end, text = len(self._ids), after[len(os.path.commonprefix([before, after])) :]
         if end is None:
             return ""
         start = self._context_start(end, before + text)
         self._ids, self._printed = self._ids[start:], end - start
+        self._before_break = max(0, self._before_break - start)
         return text
+
+    def _held_too_long(self) -> bool:
+        held = len(self._ids) - self._printed
+        run = next((n for n, i in enumerate(reversed(self._ids)) if i not in self._byte_ids), len(self._ids))
+        return held >= self.HELD and (run == 0 or run >= self.MAX_BYTE_RUN)
 
     def _context_start(self, end: int, printed: str) -> int:
         """Where the context kept of the printed ids ``[:end]`` (whose text is ``printed``) starts: at most
@@ -1063,18 +1093,27 @@ class _TextWindow:
     def _settled(self, before: str, after: str) -> tuple[int | None, str]:
         """The last id whose text is settled and extends ``before``, and the text it adds (None, "": none)."""
         for end in range(len(self._ids), self._printed, -1):
+            if self._inside_a_byte_run(end):
+                continue
             text = after if end == len(self._ids) else self._tokenizer.decode(self._ids[:end])
             complete = not text.endswith("\ufffd") or len(self._ids) - end >= self.SETTLED_AFTER
             if complete and text.startswith(before) and after.startswith(text):
                 return end, text[len(before) :]
         return None, ""
 
+    def _inside_a_byte_run(self, end: int) -> bool:
+        """Whether ids ``[:end]`` end in a byte-fallback run that may go on (the next id, or a later one
+        while ``end`` is the last, is a byte too), whose text a later byte may change."""
+        ids = self._ids
+        return ids[end - 1] in self._byte_ids and (end == len(ids) or ids[end] in self._byte_ids)
+
 
 def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenizer: Tokenizer) -> int:
     """``innerloop generate`` of a model trained with a Hugging Face tokenizer: the prompt encoded by
     it; the text printed as it grows (held back while it ends in an incomplete character). An id past the
     tokenizer's vocabulary (a model whose ``model.vocab_size`` was set larger) is printed as
-    ``[token N]``, as the byte-level path prints an id that is no byte."""
+    ``[token N]``, as the byte-level path prints an id that is no byte. The text held back is printed
+    when generation stops early too (Ctrl-C, SIGTERM, an error)."""
     import torch
 
     from innerloop.models import generate
@@ -1095,18 +1134,33 @@ def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenize
         model, prompt_ids, args.tokens, args.temperature, args.top_k, generator, eos_token_id=eos
     )
     text = _TextWindow(tokenizer)
-    sys.stdout.write(text.add(prompt))
-    for token, _state in sampled:
-        token_id = int(token[0])
-        if token_id == eos:
-            break  # the end of the text: not printed
-        if token_id >= tokenizer.vocab_size:  # a model.vocab_size set above the tokenizer's (padded)
-            sys.stdout.write(text.flush() + f"[token {token_id}]")  # an id the tokenizer has no text for
-            continue
-        sys.stdout.write(text.add([token_id]))
-        sys.stdout.flush()
-    sys.stdout.write(text.flush() + "\n")
+    with _written_at_exit(lambda: text.flush() + "\n"):
+        sys.stdout.write(text.add(prompt))
+        for token, _state in sampled:
+            token_id = int(token[0])
+            if token_id == eos:
+                break  # the end of the text: not printed
+            if token_id >= tokenizer.vocab_size:  # a model.vocab_size set above the tokenizer's (padded)
+                sys.stdout.write(text.flush() + f"[token {token_id}]")  # an id the tokenizer has no text for
+                continue
+            sys.stdout.write(text.add([token_id]))
+            sys.stdout.flush()
     return 0
+
+
+@contextlib.contextmanager
+def _written_at_exit(rest: Callable[[], str]) -> Iterator[None]:
+    """Write ``rest()`` to stdout when the block ends: at its end, and at Ctrl-C, SIGTERM or an error in
+    it, so that text held back is not lost (not when stdout's reader went away: nothing can be written)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except BaseException:
+        sys.stdout.write(rest())
+        sys.stdout.flush()
+        raise
+    sys.stdout.write(rest())
 
 
 def _add_tokenizer(commands: argparse._SubParsersAction) -> None:

@@ -85,11 +85,12 @@ class _Words:
 
 def test_cli_generate_text_of_a_tokenizer_that_reads_context_is_the_whole_decode(monkeypatch, capsys) -> None:
     """The window keeps the last ids printed as context: each word after the first is printed with its
-    space, as decoding the whole text gives it (an id past the vocabulary printed as ``[token N]``)."""
+    space, as decoding the whole text gives it (an id past the vocabulary printed as ``[token N]``; the
+    words after it keep theirs too, s54m: the window restarted without context there, dropping it)."""
     sampled = [3, 4, 0, 0, 1, 2, 3, 4] * 5 + [9, 2, 3]
     _run_cli_tokens(monkeypatch, _Words(), sampled)
     whole = " ".join(_Words.words[i] for i in [1, 2, *sampled[:40]])
-    assert capsys.readouterr().out == whole + "[token 9]two three\n"
+    assert capsys.readouterr().out == whole + "[token 9] two three\n"
 
 
 @pytest.mark.parametrize(

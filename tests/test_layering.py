@@ -1,8 +1,9 @@
 """The package's import layering, as written in docs/architecture.md ("Layers"), checked on the source.
 
 Every module of ``innerloop/`` is parsed (no import is run) and each ``import`` of an innerloop module
-(and each ``importlib.import_module`` / ``__import__`` of one named by a string literal) is checked
-against three rules:
+(and each ``importlib.import_module`` / ``__import__`` of one named by a string literal; one of a name
+computed at run time is declared in :data:`DYNAMIC_IMPORTS` with the package its names lie under, and
+an undeclared one is reported) is checked against three rules:
 
 1. Layers: a unit (a subpackage such as ``core``, or a top-level module such as ``cli``) imports only
    units below it in :data:`LAYERS`; ``core``, at the bottom, imports no other innerloop unit.
@@ -98,6 +99,11 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
         "with every built-in model it accepts and the built-in reconstruction and next-token losses when "
         "it is registered"
     ),
+    ("innerloop.kernels.triton.common", "innerloop.kernels.triton"): (
+        "the Triton kernels (`_kernels.py`, which import triton) are imported on the first launch, by the name "
+        "their host module gives HostChecks: triton is an optional extra, and it decides when a kernel is "
+        "decorated whether it runs compiled or under its CPU interpreter (`TRITON_INTERPRET=1`)"
+    ),
     ("innerloop.testing.checks", "innerloop.registry"): (
         "check_inner_model / check_inner_loss / check_update_rule default to the registered built-ins "
         "and run every registered rule; the registry itself uses this module's checks, so testing "
@@ -109,6 +115,25 @@ LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ),
 }
 """Function-level imports that are deliberate: (importing module, imported module or package) -> why."""
+
+DYNAMIC_IMPORTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "innerloop.kernels.triton.common": (
+        ("innerloop.kernels.triton.ttt_linear._kernels", "innerloop.kernels.triton.ttt_mlp._kernels"),
+        "HostChecks.kernels() imports a Triton kernel's ``_kernels`` module, named by its host module",
+    ),
+    "innerloop.registry.manager": (
+        ("innerloop.plugins",),
+        "the built-in plugin modules, named in innerloop.plugins.DEFAULT_PLUGINS",
+    ),
+    "innerloop.registry.modules": ((), "a plugin module named by `innerloop -p` or INNERLOOP_PLUGIN_MODULES"),
+}
+"""Modules that call ``importlib.import_module`` / ``__import__`` on a computed name: importing module ->
+(the innerloop modules or packages its computed names can be, none for modules outside innerloop; why).
+Such an import is checked as an import of each of them; one in a module not listed here is reported,
+since the checker cannot see what it imports."""
+
+COMPUTED = "<computed>"
+"""The target of a dynamic import of a computed name in a module :data:`DYNAMIC_IMPORTS` does not list."""
 
 
 @dataclass(frozen=True)
@@ -143,18 +168,19 @@ def module_files(root: Path) -> dict[str, Path]:
 
 
 def _dynamic_import(node: ast.AST) -> bool:
-    """Whether ``node`` is ``importlib.import_module("...")``, ``import_module("...")`` or
-    ``__import__("...")`` of a string literal (an import the ``import`` statements do not show)."""
+    """Whether ``node`` is a call of ``importlib.import_module``, ``import_module`` or ``__import__``
+    (an import the ``import`` statements do not show), of a string literal or of a computed name."""
     if not isinstance(node, ast.Call) or not node.args:
         return False
     func = node.func
     name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-    first = node.args[0]
-    return (
-        name in ("import_module", "__import__")
-        and isinstance(first, ast.Constant)
-        and isinstance(first.value, str)
-    )
+    return name in ("import_module", "__import__")
+
+
+def _literal_name(call: ast.Call) -> str | None:
+    """The module a dynamic import names by a string literal, or None where the name is computed."""
+    first = call.args[0]
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
 
 
 def _statements(tree: ast.Module) -> Iterator[tuple[ast.stmt | ast.Call, bool]]:
@@ -173,8 +199,14 @@ def _statements(tree: ast.Module) -> Iterator[tuple[ast.stmt | ast.Call, bool]]:
 
 def _targets(node: ast.stmt | ast.Call, module: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
     """The innerloop modules an import statement loads (``from pkg import submodule`` names the submodule)."""
-    if isinstance(node, ast.Call):  # a literal dynamic import: the module it names
-        return [node.args[0].value]
+    if isinstance(node, ast.Call):  # a dynamic import: the module it names, or what DYNAMIC_IMPORTS declares
+        literal = _literal_name(node)
+        if literal is not None:
+            return [literal]
+        declared = DYNAMIC_IMPORTS.get(module)
+        if declared is None:
+            return [COMPUTED]
+        return list(declared[0])
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     assert isinstance(node, ast.ImportFrom)
@@ -196,7 +228,7 @@ def collect_imports(root: Path) -> list[Import]:
         relative = path.relative_to(root).as_posix()
         for node, lazy in _statements(tree):
             for target in _targets(node, module, path.name == "__init__.py", modules):
-                if target == PACKAGE or target.startswith(PACKAGE + "."):
+                if target in (PACKAGE, COMPUTED) or target.startswith(PACKAGE + "."):
                     found.append(Import(module, target, relative, node.lineno, lazy))
     return found
 
@@ -212,6 +244,13 @@ def layer_violations(imports: list[Import]) -> list[str]:
     """Rule 1 (layers) and rule 3 (lazy imports only where listed)."""
     problems = []
     for item in imports:
+        if item.target == COMPUTED:
+            problems.append(
+                f"{item.where()}: {item.module} imports a module named by a computed string, which this "
+                "check cannot see: name it by a literal, or declare the package its names lie under in "
+                "DYNAMIC_IMPORTS (and the import in LAZY_IMPORTS and docs/architecture.md where it is lazy)"
+            )
+            continue
         importer, target = unit_of(item.module), unit_of(item.target)
         for unit in (importer, target):
             if unit not in LAYERS:
@@ -302,6 +341,22 @@ def test_every_listed_lazy_import_exists() -> None:
     assert not unused, f"LAZY_IMPORTS lists imports that no longer happen: {unused}"
 
 
+def test_every_declared_dynamic_import_exists() -> None:
+    """A module in DYNAMIC_IMPORTS still imports a computed name (else the declaration is removed)."""
+    modules = module_files(REPO)
+    calling = {
+        module
+        for module, path in modules.items()
+        for node, _ in _statements(parse_file(path))
+        if isinstance(node, ast.Call) and _literal_name(node) is None
+    }
+    assert not set(DYNAMIC_IMPORTS) - calling, (
+        f"stale DYNAMIC_IMPORTS: {sorted(set(DYNAMIC_IMPORTS) - calling)}"
+    )
+    for targets, _ in DYNAMIC_IMPORTS.values():
+        assert all(target in modules for target in targets), targets
+
+
 def test_docs_show_the_layers_and_the_exceptions() -> None:
     """docs/architecture.md lists the same layers, in the same order, and every lazy import."""
     text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
@@ -329,6 +384,7 @@ def test_docs_show_the_layers_and_the_exceptions() -> None:
             "core imports no other innerloop unit",
         ),
         ("def f():\n    __import__('innerloop.core.state')\n", "not a listed lazy import"),
+        ("import importlib\ndef f(name):\n    importlib.import_module(name)\n", "a computed string"),
     ],
 )
 def test_a_planted_violation_is_reported(tmp_path: Path, source: str, rule: str) -> None:

@@ -18,7 +18,7 @@ resuming the run) upgrades it. A file of a newer version is refused with a reque
 Plugins: a checkpoint with a model records, under :data:`PLUGINS_KEY`, where each plugin that model
 uses came from (:func:`plugin_record`: the registry's origin and, for an entry-point plugin, its
 distribution and version, for one registered in the process, its class), and under
-:data:`PLUGIN_SOURCES_KEY` a digest of the source of each plugin registered in the process
+:data:`PLUGIN_SOURCES_KEY` a digest of the source of each plugin not built in (in-process or installed)
 (:func:`plugin_source_digest`). :func:`load_checkpoint` warns once (:class:`PluginChangedWarning`) for
 each that is registered now by another plugin (:func:`same_plugin`), or by the same class whose source
 changed since; the record also keeps each plugin object's settings (:func:`plugin_settings`), and the
@@ -459,13 +459,12 @@ not kept alive by it."""
 
 
 def _source_digest_now(kind: str, name: str) -> str | None:
-    """:func:`plugin_source_digest` of the plugin registered now under ``name``, when one registered in
-    the process (not built in, not an installed distribution's) has it, as first read in this process
+    """:func:`plugin_source_digest` of the plugin registered now under ``name``, when one not built in
+    has it (registered in the process, or by an installed distribution, whose version does not change
+    with the code of an editable install, ``pip install -e``), as first read in this process
     (:data:`_SOURCE_DIGESTS`); None otherwise."""
     entry = _registered_entry(kind, name)
     if entry is None or entry.origin.startswith(BUILTIN_PREFIX):
-        return None
-    if get_registry().distribution(entry.origin) is not None:
         return None
     if entry.obj in _SOURCE_DIGESTS:
         return _SOURCE_DIGESTS.get(entry.obj)

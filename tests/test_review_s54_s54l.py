@@ -1,0 +1,93 @@
+"""Review s54l: a newcomer's walk through writing, installing, training and property-testing a plugin.
+
+- An installed plugin (a distribution's entry point) whose code changed under the same version, as an
+  editable install (``pip install -e``, the docs' way to develop a plugin) changes it with every edit,
+  loaded a checkpoint saved with the old code silently: only plugins registered in the process had
+  their source digest recorded and compared. Now every plugin not built in has it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from innerloop.checkpoints import PLUGIN_SOURCES_KEY, PluginChangedWarning, load_checkpoint, load_model
+from innerloop.models import ModelConfig, TTTConfig, build_model
+from innerloop.registry import get_registry, reset_registry
+from innerloop.train.module import save_model_checkpoint
+
+pytestmark = pytest.mark.usefixtures("fresh_global_registry")
+
+DISTRIBUTION_MODULE = "review_s54l_cosine"
+DISTRIBUTION_SOURCE = """
+    import torch
+
+    import innerloop
+    from innerloop import InnerLoss, LossPairs
+
+
+    class Cosine(InnerLoss):
+        \"\"\"1 - cos(prediction, target), smoothed by eps.\"\"\"
+
+        name = "review_s54l_cosine"
+        eps = {eps}
+
+        def pairs(self, views, carry):
+            return LossPairs(views.key, views.value)
+
+        def token_loss(self, prediction, target):
+            dot = (prediction * target).sum(-1)
+            norms = ((prediction.pow(2).sum(-1) + self.eps) * (target.pow(2).sum(-1) + self.eps)).sqrt()
+            return 1 - dot / norms
+
+
+    @innerloop.hookimpl
+    def register_inner_losses(register):
+        register(Cosine())
+"""
+
+
+def _install(folder: Path, eps: str) -> None:
+    """The distribution ``review-s54l-cosine`` 0.1 with its entry point, its module computing with ``eps``
+    (an editable install's module: the file itself, edited in place, the version unchanged)."""
+    (folder / f"{DISTRIBUTION_MODULE}.py").write_text(textwrap.dedent(DISTRIBUTION_SOURCE.format(eps=eps)))
+    dist = folder / "review_s54l_cosine-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: review-s54l-cosine\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[innerloop]\ncosine = {DISTRIBUTION_MODULE}\n")
+    sys.modules.pop(DISTRIBUTION_MODULE, None)
+    importlib.invalidate_caches()
+    reset_registry()  # the next get_registry() loads the entry point again, as a new process would
+
+
+@pytest.mark.slow  # reason: builds the process registry with an entry point twice (~1 s)
+def test_an_installed_plugin_whose_code_changed_under_the_same_version_is_warned_of(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, DISTRIBUTION_MODULE, raising=False)
+    _install(tmp_path, "1e-6")
+    entry = next(e for e in get_registry().entries("inner_loss") if e.name == "review_s54l_cosine")
+    assert get_registry().distribution(entry.origin) is not None  # an installed plugin, not in-process
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        ttt=TTTConfig(inner_loss="review_s54l_cosine"),
+    )
+    torch.manual_seed(0)
+    path = save_model_checkpoint(build_model(config), tmp_path / "c.safetensors")
+    assert "review_s54l_cosine" in load_checkpoint(path)[PLUGIN_SOURCES_KEY].get("inner_loss", {})
+
+    _install(tmp_path, "1e-3")  # the plugin's code edited, its version the same
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, PluginChangedWarning)]
+    assert len(messages) == 1, messages
+    assert "'review_s54l_cosine'" in messages[0] and "its code changed" in messages[0]

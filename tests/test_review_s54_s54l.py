@@ -4,6 +4,10 @@
   editable install (``pip install -e``, the docs' way to develop a plugin) changes it with every edit,
   loaded a checkpoint saved with the old code silently: only plugins registered in the process had
   their source digest recorded and compared. Now every plugin not built in has it.
+- A plugin module whose function is named after a hook but not marked ``@innerloop.hookimpl``, beside
+  a marked one, was accepted and that function skipped (pluggy calls marked functions only): its
+  objects were missing, and a run asking for them failed later, far from the cause ("unknown update
+  rule"). Only a module with no marked hook at all was refused with the hint. Now it is refused too.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
+import types
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+import innerloop
+from innerloop import HalfSquaredError, LossPairs, UpdateRule
 from innerloop.checkpoints import PLUGIN_SOURCES_KEY, PluginChangedWarning, load_checkpoint, load_model
 from innerloop.models import ModelConfig, TTTConfig, build_model
-from innerloop.registry import get_registry, reset_registry
+from innerloop.registry import PluginError, get_registry, reset_registry
 from innerloop.train.module import save_model_checkpoint
 
 pytestmark = pytest.mark.usefixtures("fresh_global_registry")
@@ -91,3 +98,46 @@ def test_an_installed_plugin_whose_code_changed_under_the_same_version_is_warned
     messages = [str(w.message) for w in caught if issubclass(w.category, PluginChangedWarning)]
     assert len(messages) == 1, messages
     assert "'review_s54l_cosine'" in messages[0] and "its code changed" in messages[0]
+
+
+# -- a plugin module's function named after a hook but not marked: skipped by pluggy, silently -------------
+
+
+def _module_with_an_unmarked_hook() -> types.ModuleType:
+    """A plugin module whose loss hook is marked and whose update-rule hook (the same name exactly) is
+    not: pluggy only calls marked functions, so the rule would never be registered."""
+    module = types.ModuleType("review_s54l_unmarked")
+
+    class Rule(UpdateRule):
+        """Mini-batch gradient descent, delegated to the built-in primal form."""
+
+        name = "review_s54l_rule"
+
+        def forward(self, state, task, views, lr, tau):
+            return get_registry().update_rule("minibatch_gd").forward(state, task, views, lr, tau)
+
+    class Loss(HalfSquaredError):
+        """Reconstruct the value view from the key view."""
+
+        name = "review_s54l_loss"
+
+        def pairs(self, views, carry):
+            return LossPairs(views.key, views.value)
+
+    @innerloop.hookimpl
+    def register_inner_losses(register):
+        register(Loss())
+
+    def register_update_rules(register):  # the newcomer's slip: no @innerloop.hookimpl
+        register(Rule())
+
+    module.register_inner_losses = register_inner_losses
+    module.register_update_rules = register_update_rules
+    return module
+
+
+def test_a_function_named_after_a_hook_but_not_marked_is_refused_naming_it() -> None:
+    module = _module_with_an_unmarked_hook()
+    with pytest.raises(PluginError, match=r"register_update_rules.*@innerloop\.hookimpl"):
+        innerloop.register(module)
+    assert "review_s54l_loss" not in innerloop.available("inner_loss")  # nothing of it was registered

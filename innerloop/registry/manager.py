@@ -311,8 +311,10 @@ class Registry:
 
     def _check_hook_names(self, plugin: Any, origin: str) -> None:
         """Refuse, before touching anything, a plugin whose ``hookimpl``-marked functions are not all
-        hooks (pluggy would only notice in ``check_pending``), or that implements no hook at all (it
-        would register nothing, and asking for its names would fail far from the cause)."""
+        hooks (pluggy would only notice in ``check_pending``), that implements no hook at all (it
+        would register nothing, and asking for its names would fail far from the cause), or that has a
+        function named after a hook but not marked beside marked ones (pluggy skips it: what it
+        registers would be missing, silently)."""
         attributes = _public_names(plugin)
         marked = self._marked_hooks(plugin)
         self._check_hook_options(plugin, origin, marked)
@@ -324,6 +326,19 @@ class Registry:
             raise PluginError(
                 f"{invalid}: it marks with @innerloop.hookimpl {_with_suggestions(unknown)}, which {not_hooks}; "
                 f"valid hook names: {list(HOOK_NAMES)}. Nothing was registered"
+            )
+        unmarked = [
+            name
+            for name in attributes
+            if name in HOOK_NAMES and name not in marked and callable(getattr(plugin, name))
+        ]
+        if marked and unmarked:
+            raise PluginError(
+                f"{invalid}: its {_with_suggestions(unmarked)} named after a hook "
+                f"{'is' if len(unmarked) == 1 else 'are'} not decorated with @innerloop.hookimpl, so it would "
+                "never be called and what it registers would be missing (marked: "
+                f"{', '.join(map(repr, marked))}): decorate it with @innerloop.hookimpl. "
+                "Nothing was registered"
             )
         if not marked:
             lookalikes = [name for name in attributes if name in HOOK_NAMES or _close_hook(name)]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import innerloop
-from innerloop import HalfSquaredError, LossPairs, UpdateRule
+from innerloop import HalfSquaredError, InnerModel, LossPairs, UpdateRule
 from innerloop.checkpoints import PLUGIN_SOURCES_KEY, PluginChangedWarning, load_checkpoint, load_model
 from innerloop.models import ModelConfig, TTTConfig, build_model
 from innerloop.registry import PluginError, get_registry, reset_registry
@@ -141,3 +141,29 @@ def test_a_function_named_after_a_hook_but_not_marked_is_refused_naming_it() -> 
     with pytest.raises(PluginError, match=r"register_update_rules.*@innerloop\.hookimpl"):
         innerloop.register(module)
     assert "review_s54l_loss" not in innerloop.available("inner_loss")  # nothing of it was registered
+
+
+# -- an inner model's init_params without the generator: registered, then the kit's checks crash ----------
+
+
+class _NoGenerator(InnerModel):
+    """``x W`` whose ``init_params(H, f)`` takes no generator (docs/architecture.md's contract said so)."""
+
+    name = "review_s54l_no_generator"
+
+    def param_shapes(self, head_dim):
+        return {"W": (head_dim, head_dim)}
+
+    def init_params(self, num_heads, head_dim):
+        return {"W": torch.randn(num_heads, head_dim, head_dim) * 0.02}
+
+    def forward(self, params, x):
+        return x @ params["W"]
+
+
+def test_an_init_params_without_the_generator_is_refused_at_registration() -> None:
+    """Registration accepted it, and the kit (check_inner_model; make_problem, so check_update_rule with
+    the model) then failed with a TypeError from inside it."""
+    with pytest.raises(PluginError, match=r"init_params\(num_heads, head_dim\).*takes no generator"):
+        innerloop.register_inner_model(_NoGenerator())
+    assert _NoGenerator.name not in innerloop.available("inner_model")

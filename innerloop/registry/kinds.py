@@ -262,9 +262,31 @@ def _check_stack_names(model: Any, name: str, params: dict[str, torch.Tensor]) -
         )
 
 
+def _check_init_params_generator(model: Any, name: str, heads: int, head_dim: int) -> None:
+    """``init_params`` takes ``generator=``, as :class:`~innerloop.core.protocol.InnerModel` declares:
+    innerloop.testing's checks draw their problems' weights through it (:func:`~innerloop.testing.make_problem`),
+    so a model registered without it failed there with a TypeError from inside the checks. (Whether it
+    draws from it is left to ``check_inner_model``, which says so by name: a layer never passes one.)"""
+    try:
+        signature: inspect.Signature | None = inspect.signature(model.init_params)
+    except (TypeError, ValueError):  # no signature to read (a C function): its call below says
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(heads, head_dim, generator=None)
+        except TypeError:
+            raise PluginError(
+                f"inner model {name!r}: init_params{signature} takes no generator; the contract is "
+                "init_params(num_heads, head_dim, generator=None), drawing every random weight from it "
+                "(torch.randn(..., generator=generator)): innerloop.testing's checks draw their weights "
+                "through it, reproducibly from their seed"
+            ) from None
+
+
 def _check_inner_model(model: Any, name: str) -> None:
     params, x = _inner_model_smoke(model, name)
     heads, head_dim = x.shape[0], x.shape[-1]
+    _check_init_params_generator(model, name, heads, head_dim)
 
     def stack_and_activations() -> None:
         # float64 weights perturbed so that every term (zero-initialised biases too) matters

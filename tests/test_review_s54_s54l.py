@@ -167,3 +167,22 @@ def test_an_init_params_without_the_generator_is_refused_at_registration() -> No
     with pytest.raises(PluginError, match=r"init_params\(num_heads, head_dim\).*takes no generator"):
         innerloop.register_inner_model(_NoGenerator())
     assert _NoGenerator.name not in innerloop.available("inner_model")
+
+
+def test_a_plugin_object_in_a_config_is_told_to_give_its_registered_name() -> None:
+    """``TTTConfig(inner_loss=MyLoss())`` (a TTTLayer takes an instance; a config takes names) said only
+    'must be a string': now the message says to register the object and give its name."""
+
+    class Loss(HalfSquaredError):
+        """Reconstruct the value view from the key view."""
+
+        name = "review_s54l_object"
+
+        def pairs(self, views, carry):
+            return LossPairs(views.key, views.value)
+
+    config = ModelConfig(
+        vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, ttt=TTTConfig(inner_loss=Loss())
+    )
+    with pytest.raises(ValueError, match=r"model\.ttt\.inner_loss=.*register.*'review_s54l_object'"):
+        build_model(config)

@@ -836,7 +836,21 @@ def check_field_types(
             why = f" ({bounds[key].why})" if bounds[key].why else ""
             wanted += f" {bounds[key].describe()}{why}"
         if wanted is not None:
-            raise ValueError(f"{key}={value!r} ({type(value).__name__}) must be {wanted}")
+            raise ValueError(
+                f"{key}={value!r} ({type(value).__name__}) must be {wanted}{_plugin_object_hint(value)}"
+            )
+
+
+def _plugin_object_hint(value: Any) -> str:
+    """For a plugin object where a config takes a name (``TTTConfig(inner_loss=MyLoss())``): how to give
+    it; "" for any other value."""
+    name = getattr(value, "name", None)
+    if isinstance(value, str) or not isinstance(name, str):
+        return ""
+    return (
+        f" (a config names a registered plugin: register the object, innerloop.register_<kind>(obj), and give "
+        f"its name {name!r}; a TTTLayer built in Python takes the instance itself)"
+    )
 
 
 def _check_ranges(where: str, config: Any, schema: type) -> None:

@@ -164,13 +164,16 @@ class _Held:
         mine, theirs = self.target(), other.target()
         if mine is None or theirs is None:
             return other is self
-        if mine is theirs:
-            return (
-                self.plain is None and other.plain is None
-            ) or self._settings_now() == other._settings_now()
-        return not (self.by_identity or other.by_identity) and (
-            type(mine) is type(theirs) and _same_state(mine, theirs)
-        )
+        if mine is not theirs and (
+            self.by_identity
+            or other.by_identity
+            or type(mine) is not type(theirs)
+            or not _same_state(mine, theirs)
+        ):
+            return False
+        # a kept entry is about the settings its object had when it was kept, not those it holds now: an
+        # equal copy whose settings changed alike with the kept object's is not what the verdict was about
+        return (self.plain is None and other.plain is None) or self._settings_now() == other._settings_now()
 
 
 def _settings_of(obj: object) -> str:

@@ -1,0 +1,40 @@
+"""Review s54q: first-use verdicts kept with plugin settings, settings records, gate probes, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import innerloop
+from innerloop.kernels import fused_torch
+from innerloop.kernels.dispatch import KernelUnavailableError
+from innerloop.kernels.first_use import KernelCheckWarning
+from innerloop.plugins.models.linear import LinearModel
+from tests.test_review_s54_s54c import _scaled_layer_output, _ScaledGradient
+
+
+@pytest.mark.slow  # probes on CPU: ~1.5 s
+def test_a_verdict_about_one_object_does_not_pass_a_copy_whose_settings_changed_alike(
+    fresh_global_registry,
+) -> None:
+    """A verdict kept for ``loss`` at scale 1 is about scale 1. ``twin`` (a copy, equal by value, never
+    probed) and ``loss`` both set to scale 2: ``twin`` was compared to the kept object as it is NOW
+    (scale 2, equal), so the scale-1 pass applied and the default-scale kernel ran on scale 2, silently."""
+    loss = _ScaledGradient(1.0)
+    innerloop.register_inner_loss(loss)
+    fused = fused_torch.kernel_spec("linear", LinearModel().stack)
+    innerloop.register_kernel(
+        dataclasses.replace(fused, name="s54c_default_scale", inner_loss=loss.name, priority=10**6)
+    )
+    twin = _ScaledGradient(1.0)
+    assert _scaled_layer_output(loss, "auto")[1][0][0] == "s54c_default_scale"
+    loss.scale = twin.scale = 2.0
+    expected, _ = _scaled_layer_output(twin, "torch")
+    with pytest.warns(KernelCheckWarning, match="s54c_default_scale: failed its first-use check"):
+        got, dispatches = _scaled_layer_output(twin, "auto")
+    assert dispatches[0][0] == "torch"
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(KernelUnavailableError, match="failed its first-use check"):
+        _scaled_layer_output(twin, "s54c_default_scale")

@@ -291,9 +291,10 @@ def checked_choice(
     and the next choice); one whose probe is :class:`~innerloop.kernels.first_use.Deferred` leaves this
     block to the torch path and is probed again on the next."""
     while True:
-        kernel, reason = select_kernel(rule, task, inputs)
-        if kernel is None or first_use.checked(kernel, inputs, task, rule):
-            return kernel, reason
+        with first_use.one_lookup():  # select_kernel's and checked's questions read the settings once
+            kernel, reason = select_kernel(rule, task, inputs)
+            if kernel is None or first_use.checked(kernel, inputs, task, rule):
+                return kernel, reason
         failed = probe(kernel)
         if failed is None:
             return kernel, reason

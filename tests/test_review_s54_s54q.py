@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import innerloop
+from innerloop.core.layer import TTTLayer
 from innerloop.kernels import first_use, fused_torch
 from innerloop.kernels.dispatch import KernelUnavailableError
 from innerloop.kernels.first_use import KernelCheckWarning
@@ -64,3 +65,54 @@ def test_a_block_with_a_kept_verdict_reads_each_plugins_settings_once(
     with pytest.warns(KernelCheckWarning, match="failed its first-use check"):
         _scaled_layer_output(loss, "auto")
 
+
+class _RaisingGateLayer(TTTLayer):
+    """A user's layer whose random gate draws, then raises."""
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        torch.rand(3)
+        raise RuntimeError("s54q gate failed")
+
+
+class _HookingGateLayer(TTTLayer):
+    """A user's layer whose gate code registers hooks while it runs (as another thread may meanwhile)."""
+
+    def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        self.handles = [
+            self.q_proj.register_forward_hook(lambda *args: self.calls.append("q_proj")),
+            torch.nn.modules.module.register_module_forward_hook(lambda *args: self.calls.append("global")),
+        ]
+        return None, None
+
+
+@pytest.mark.slow  # builds a layer: 0.5 s on this shared CPU
+def test_a_gate_that_raises_while_asked_leaves_hooks_and_draws_as_they_were() -> None:
+    """An exception inside the gate code: the hook tables and the random state are put back."""
+    from innerloop.kernels.dispatch import layer_gates
+
+    layer, calls = _RaisingGateLayer(16, 2), []
+    layer.q_proj.register_forward_hook(lambda *args: calls.append("q_proj"))
+    drawn = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="s54q gate failed"):
+        layer_gates(layer)
+    assert torch.equal(torch.get_rng_state(), drawn)
+    layer.q_proj(torch.zeros(1, 16))
+    assert calls == ["q_proj"]
+
+
+@pytest.mark.slow  # builds a layer: 0.5 s on this shared CPU
+def test_hooks_registered_while_a_layer_is_asked_its_gates_are_kept() -> None:
+    """The hook tables were emptied while the gate code ran and then set back to what they held before:
+    a hook registered meanwhile (by the gate code, or another thread's code: the global tables are
+    shared) was dropped without a word, and its handle removed nothing."""
+    from innerloop.kernels.dispatch import layer_gates
+
+    layer = _HookingGateLayer(16, 2)
+    layer.calls = []
+    try:
+        assert layer_gates(layer) == (False, False)
+        layer.q_proj(torch.zeros(1, 16))
+        assert sorted(layer.calls) == ["global", "q_proj"]
+    finally:
+        for handle in layer.handles:
+            handle.remove()

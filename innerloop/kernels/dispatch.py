@@ -261,7 +261,9 @@ _FORWARD_HOOK_TABLES = (
 @contextlib.contextmanager
 def forward_hooks_silenced(module: torch.nn.Module) -> Iterator[None]:
     """No forward hook of ``module`` or its submodules, nor any global one, fires inside (each table
-    emptied, and put back as it was on leaving)."""
+    emptied, and on leaving given back what it held, then what was registered meanwhile: by the code run
+    inside, or another thread's, the global tables being shared; a hook removed meanwhile from an emptied
+    table comes back)."""
     from torch.nn.modules import module as torch_module
 
     tables = [
@@ -279,8 +281,10 @@ def forward_hooks_silenced(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for table, kept in zip(tables, saved, strict=True):
+            registered_meanwhile = {key: hook for key, hook in table.items() if key not in kept}
             table.clear()
             table.update(kept)
+            table.update(registered_meanwhile)
 
 
 def checked_choice(

@@ -116,3 +116,22 @@ def test_hooks_registered_while_a_layer_is_asked_its_gates_are_kept() -> None:
     finally:
         for handle in layer.handles:
             handle.remove()
+
+
+def test_a_zero_dim_numpy_array_setting_is_recorded_as_a_zero_dim_tensor_is() -> None:
+    """``np.asarray(0.5)`` (a 0-dim array, not a numpy scalar) was left out of a plugin's settings while a
+    0-dim tensor and ``np.float32(0.5)`` are recorded: a changed value loaded unchecked. Arrays of values,
+    complex and object arrays stay out."""
+    import numpy as np
+
+    from innerloop.registry.settings import plugin_settings
+
+    class Scaled:
+        def __init__(self) -> None:
+            self.scale = np.asarray(0.5, dtype=np.float32)
+            self.count = np.array(3)
+            self.table = np.ones(2)
+            self.phase = np.array(1j)
+            self.anything = np.array(object(), dtype=object)
+
+    assert plugin_settings(Scaled()) == {"scale": 0.5, "count": 3}

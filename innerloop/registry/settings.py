@@ -64,7 +64,7 @@ def recorded_setting(value: Any, depth: int = 0) -> Any:
     """``value`` as a checkpoint records it (JSON keeps it as it is), or :data:`NOT_RECORDED`: a bool,
     int, float, str or None as its plain type (a ``numpy.float64`` or an ``IntEnum`` member, subclasses
     of float and int, as the float or int they are); a numpy scalar (``np.float32(0.5)``,
-    ``np.int64(3)``, ``np.bool_``) or a 0-dim torch tensor that records no graph as the Python number
+    ``np.int64(3)``, ``np.bool_``), a 0-dim numpy array or a 0-dim torch tensor that records no graph as the Python number
     it holds (its exact value: ``np.float32(0.1)`` is 0.10000000149011612); another enum member as
     ``"Class.MEMBER"``; a path as its str; a list or tuple of these as a list. Anything else (an array
     or a tensor of more than one value, a module, a callable) is no setting."""
@@ -88,11 +88,14 @@ def recorded_setting(value: Any, depth: int = 0) -> Any:
 
 
 def _is_scalar(value: Any) -> bool:
-    """A numpy scalar (``np.float32``, ``np.int64``, ``np.bool_``; numpy imported by whoever made it) or a
-    0-dim torch tensor of a number that records no graph (a learned value is a weight, not a setting)."""
+    """A numpy scalar (``np.float32``, ``np.int64``, ``np.bool_``; numpy imported by whoever made it), a
+    0-dim numpy array of a real number or flag (``np.asarray(0.5)``), or a 0-dim torch tensor of a number
+    that records no graph (a learned value is a weight, not a setting)."""
     if isinstance(value, torch.Tensor):
         return value.dim() == 0 and not value.requires_grad and not value.is_complex()
     numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        return value.ndim == 0 and value.dtype.kind in "biuf"
     return (
         numpy is not None
         and isinstance(value, numpy.generic)

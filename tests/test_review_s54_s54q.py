@@ -57,7 +57,9 @@ def test_a_block_with_a_kept_verdict_reads_each_plugins_settings_once(
     assert _scaled_layer_output(loss, "auto")[1][0][0] == "s54c_default_scale"  # probed: verdict kept
     reads = []
     settings_of = first_use._settings_of
-    monkeypatch.setattr(first_use, "_settings_of", lambda obj: reads.append(obj) or settings_of(obj))
+    monkeypatch.setattr(
+        first_use, "_settings_of", lambda obj, *pinned: reads.append(obj) or settings_of(obj, *pinned)
+    )
     _, dispatches = _scaled_layer_output(loss, "auto")
     assert [path for path, _ in dispatches] == ["s54c_default_scale"]
     assert len(reads) == 3, [type(obj).__name__ for obj in reads]
@@ -135,3 +137,29 @@ def test_a_zero_dim_numpy_array_setting_is_recorded_as_a_zero_dim_tensor_is() ->
             self.anything = np.array(object(), dtype=object)
 
     assert plugin_settings(Scaled()) == {"scale": 0.5, "count": 3}
+
+
+class _Leveled:
+    """A plugin whose setting is a 0-dim tensor (on a GPU, in use)."""
+
+    def __init__(self) -> None:
+        self.level = torch.tensor(2.0)
+
+
+def test_a_verdicts_lookup_reads_no_tensor_value_yet_sees_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Since 2a79136 a 0-dim tensor is a setting, read as ``tensor.item()``; a first-use lookup reads
+    the plugins' settings at every dispatch, so a plugin holding a 0-dim GPU tensor waited for the GPU
+    at each layer's every call. The lookup reads a stamp instead (id and in-place version): a value
+    changed in place, or a tensor replaced, is still another setting (probed again)."""
+    plugin = _Leveled()
+    kept = first_use._Held(plugin).kept()
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda tensor: reads.append(tensor) or item(tensor))
+    assert first_use._Held(plugin) == kept
+    assert reads == []
+    plugin.level.fill_(3.0)
+    assert first_use._Held(plugin) != kept
+    plugin.level = torch.tensor(2.0)
+    assert first_use._Held(plugin) != kept
+    assert reads == []

@@ -124,7 +124,7 @@ class _Held:
     device at every dispatch, and holding it would keep them in memory for the whole process. Its
     verdicts are forgotten when it is freed (a copy of it is checked anew). Any other object is held."""
 
-    __slots__ = ("by_identity", "kind", "now", "obj", "plain", "ref")
+    __slots__ = ("by_identity", "kind", "now", "obj", "pinned", "plain", "ref")
 
     def __init__(self, obj: object) -> None:
         self.kind = type(obj)
@@ -132,6 +132,7 @@ class _Held:
         self.ref: weakref.ref | None = None
         self.plain: str | None = None  # a kept object's settings when it was kept (:meth:`kept`)
         self.now: str | None = None  # a looked-up object's settings, read once per lookup key
+        self.pinned: list[torch.Tensor] = []  # the 0-dim tensors ``plain`` names: their ids stay theirs
         self.by_identity = _holds_tensors(obj)
         if self.by_identity:
             with contextlib.suppress(TypeError):  # an object that takes no weak reference stays held
@@ -150,7 +151,8 @@ class _Held:
         if obj is None or isinstance(obj, KernelSpec):
             return self
         held = copy.copy(self)
-        held.plain = _settings_of(obj)
+        held.pinned = []
+        held.plain = _settings_of(obj, held.pinned)
         return held
 
     def _settings_now(self) -> str | None:
@@ -184,13 +186,23 @@ class _Held:
         return (self.plain is None and other.plain is None) or self._settings_now() == other._settings_now()
 
 
-def _settings_of(obj: object) -> str:
+def _settings_of(obj: object, pinned: list[torch.Tensor] | None = None) -> str:
     """The settings of the plugin object ``obj`` (:func:`~innerloop.registry.settings.plugin_settings`)
-    as one comparable str; its public plain attributes where its ``settings()`` is broken."""
-    from innerloop.registry.settings import plugin_settings
+    as one comparable str; its public plain attributes where its ``settings()`` is broken. A 0-dim
+    tensor setting is read as a stamp (its id and in-place version counter), not its value: reading a
+    GPU tensor's value waits for its device, at every dispatch; a tensor changed in place or replaced is
+    another stamp (probed again). ``pinned``: where a kept key holds the tensors its stamps name, so that
+    no other tensor takes one's id meanwhile."""
+    from innerloop.registry.settings import plugin_settings, tensors_read_as
+
+    def stamp(tensor: torch.Tensor) -> str:
+        if pinned is not None:
+            pinned.append(tensor)
+        return f"tensor {id(tensor):#x} version {tensor._version}"
 
     try:
-        return repr(sorted(plugin_settings(obj).items()))
+        with tensors_read_as(stamp):
+            return repr(sorted(plugin_settings(obj).items()))
     except Exception:  # a broken settings(): registration refuses it; its attributes stand in
         return repr(sorted((k, v) for k, v in vars(obj).items() if type(v) in _PLAIN_TYPES))
 

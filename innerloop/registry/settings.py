@@ -9,12 +9,14 @@ finished training run saves) and checkpoints read the same rule.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
 import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -60,6 +62,23 @@ _AS_PLAIN: dict[type, Any] = {int: int.__index__, float: float.__float__, str: s
 ``(str, Enum)`` member would give ``"Class.MEMBER"``, not its value, which a checkpoint recorded before)."""
 
 
+_TENSOR_READER: contextvars.ContextVar[Callable[[torch.Tensor], Any] | None] = contextvars.ContextVar(
+    "innerloop_settings_tensor_reader", default=None
+)
+
+
+@contextlib.contextmanager
+def tensors_read_as(reader: Callable[[torch.Tensor], Any]) -> Iterator[None]:
+    """Inside (this thread or task), :func:`recorded_setting` gives ``reader(tensor)`` for a 0-dim torch
+    tensor instead of the number it holds (``tensor.item()``, which waits for a GPU tensor's device):
+    what a first-use verdict's lookup, run at every dispatch, reads instead (a stamp of the tensor)."""
+    token = _TENSOR_READER.set(reader)
+    try:
+        yield
+    finally:
+        _TENSOR_READER.reset(token)
+
+
 def recorded_setting(value: Any, depth: int = 0) -> Any:
     """``value`` as a checkpoint records it (JSON keeps it as it is), or :data:`NOT_RECORDED`: a bool,
     int, float, str or None as its plain type (a ``numpy.float64`` or an ``IntEnum`` member, subclasses
@@ -83,7 +102,8 @@ def recorded_setting(value: Any, depth: int = 0) -> Any:
         )
         return NOT_RECORDED if any(item is NOT_RECORDED for item in items) else items
     if _is_scalar(value):
-        return recorded_setting(value.item(), depth)
+        reader = _TENSOR_READER.get() if isinstance(value, torch.Tensor) else None
+        return recorded_setting(value.item(), depth) if reader is None else reader(value)
     return NOT_RECORDED
 
 

@@ -58,7 +58,7 @@ def test_a_block_with_a_kept_verdict_reads_each_plugins_settings_once(
     reads = []
     settings_of = first_use._settings_of
     monkeypatch.setattr(
-        first_use, "_settings_of", lambda obj, *pinned: reads.append(obj) or settings_of(obj, *pinned)
+        first_use, "_settings_of", lambda obj, *args, **kw: reads.append(obj) or settings_of(obj, *args, **kw)
     )
     _, dispatches = _scaled_layer_output(loss, "auto")
     assert [path for path, _ in dispatches] == ["s54c_default_scale"]
@@ -140,26 +140,24 @@ def test_a_zero_dim_numpy_array_setting_is_recorded_as_a_zero_dim_tensor_is() ->
 
 
 class _Leveled:
-    """A plugin whose setting is a 0-dim tensor (on a GPU, in use)."""
+    """A plugin whose setting is a 0-dim tensor off the CPU (meta here, a GPU's in use: reading its value
+    waits for the device; a meta tensor's value cannot be read at all)."""
 
     def __init__(self) -> None:
-        self.level = torch.tensor(2.0)
+        self.level = torch.tensor(2.0, device="meta")
 
 
-def test_a_verdicts_lookup_reads_no_tensor_value_yet_sees_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_verdicts_lookup_reads_no_device_tensor_value_yet_sees_it_changed() -> None:
     """Since 2a79136 a 0-dim tensor is a setting, read as ``tensor.item()``; a first-use lookup reads
     the plugins' settings at every dispatch, so a plugin holding a 0-dim GPU tensor waited for the GPU
-    at each layer's every call. The lookup reads a stamp instead (id and in-place version): a value
-    changed in place, or a tensor replaced, is still another setting (probed again)."""
+    at each layer's every call (and one whose value cannot be read fell back to its plain attributes,
+    where a replaced tensor went unseen). The lookup reads a stamp of a tensor off the CPU (its id and
+    in-place version): a value changed in place, or a tensor replaced, is another setting (probed again)."""
     plugin = _Leveled()
     kept = first_use._Held(plugin).kept()
-    reads = []
-    item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda tensor: reads.append(tensor) or item(tensor))
     assert first_use._Held(plugin) == kept
-    assert reads == []
     plugin.level.fill_(3.0)
     assert first_use._Held(plugin) != kept
-    plugin.level = torch.tensor(2.0)
+    kept = first_use._Held(plugin).kept()
+    plugin.level = torch.tensor(3.0, device="meta")
     assert first_use._Held(plugin) != kept
-    assert reads == []

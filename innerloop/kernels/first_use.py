@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import threading
 import types
 import warnings
@@ -152,7 +153,7 @@ class _Held:
             return self
         held = copy.copy(self)
         held.pinned = []
-        held.plain = _settings_of(obj, held.pinned)
+        held.plain = _settings_of(obj, held.pinned, stamps=self.by_identity)
         return held
 
     def _settings_now(self) -> str | None:
@@ -162,7 +163,7 @@ class _Held:
         if self.plain is not None or target is None:
             return self.plain
         if self.now is None:
-            self.now = _settings_of(target)
+            self.now = _settings_of(target, stamps=self.by_identity)
         return self.now
 
     def __hash__(self) -> int:
@@ -186,25 +187,34 @@ class _Held:
         return (self.plain is None and other.plain is None) or self._settings_now() == other._settings_now()
 
 
-def _settings_of(obj: object, pinned: list[torch.Tensor] | None = None) -> str:
+def _settings_of(obj: object, pinned: list[torch.Tensor] | None = None, *, stamps: bool = False) -> str:
     """The settings of the plugin object ``obj`` (:func:`~innerloop.registry.settings.plugin_settings`)
-    as one comparable str; its public plain attributes where its ``settings()`` is broken. A 0-dim
-    tensor setting is read as a stamp (its id and in-place version counter), not its value: reading a
-    GPU tensor's value waits for its device, at every dispatch; a tensor changed in place or replaced is
-    another stamp (probed again). ``pinned``: where a kept key holds the tensors its stamps name, so that
-    no other tensor takes one's id meanwhile."""
-    from innerloop.registry.settings import plugin_settings, tensors_read_as
-
-    def stamp(tensor: torch.Tensor) -> str:
-        if pinned is not None:
-            pinned.append(tensor)
-        return f"tensor {id(tensor):#x} version {tensor._version}"
+    as one comparable str; its public plain attributes where its ``settings()`` is broken. With
+    ``stamps`` (an object holding tensors), a 0-dim tensor setting off the CPU is read as a stamp (its id
+    and in-place version counter), not its value: reading a GPU tensor's value waits for its device, at
+    every dispatch; a tensor changed in place or replaced is another stamp (probed again). ``pinned``:
+    where a kept key holds the tensors its stamps name, so that no other tensor takes one's id meanwhile."""
+    from innerloop.registry import settings
 
     try:
-        with tensors_read_as(stamp):
-            return repr(sorted(plugin_settings(obj).items()))
+        if not stamps:
+            return repr(sorted(settings.plugin_settings(obj).items()))
+        with settings.tensors_read_as(functools.partial(_tensor_stamp, pinned)):
+            return repr(sorted(settings.plugin_settings(obj).items()))
     except Exception:  # a broken settings(): registration refuses it; its attributes stand in
         return repr(sorted((k, v) for k, v in vars(obj).items() if type(v) in _PLAIN_TYPES))
+
+
+def _tensor_stamp(pinned: list[torch.Tensor] | None, tensor: torch.Tensor) -> object:
+    """A 0-dim tensor setting as :func:`_settings_of` reads it: its value on the CPU, else its id and
+    in-place version counter (``pinned``: where the tensor is held, or None)."""
+    if tensor.device.type == "cpu":  # no device to wait for
+        from innerloop.registry.settings import recorded_setting
+
+        return recorded_setting(tensor.item())
+    if pinned is not None:
+        pinned.append(tensor)
+    return f"tensor {id(tensor):#x} version {tensor._version}"
 
 
 def _kept_key(key: tuple) -> tuple:

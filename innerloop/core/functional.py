@@ -104,6 +104,25 @@ def decay_from_log(log_gate: torch.Tensor) -> torch.Tensor:
     return plain + (-torch.expm1(log_gate) - plain).detach()
 
 
+def log_segment_sums(logs: torch.Tensor) -> torch.Tensor:
+    """``sums[..., i, j] = sum_{r = j+1..i} logs[..., r]`` ``[..., N, N]`` for ``logs [..., N]``: the log of
+    the decay from token ``j`` to token ``i`` (0 on the diagonal and above it, where it means nothing).
+
+    Each entry sums its own terms only (a cumulative sum down each column of a table), in ``logs``' dtype.
+    ``G_i - G_j`` with ``G = cumsum(logs)`` is the same number but carries the rounding of the whole
+    sum ``|G| eps``: a segment of strong gates, or one full reset (a log clamped to -800), put that
+    absolute error into every later factor (float64: 2e-12 relative after a few resets, where a
+    product of the factors is 2e-16). Differentiable to every order; ``-inf`` gives ``-inf`` (no NaN).
+    """
+    size = logs.shape[-1]
+    strictly_below = torch.ones(size, size, dtype=torch.bool, device=logs.device).tril(-1)
+    # row i holds logs_i in the columns j < i; the cumulative sum down column j adds r = j+1..i
+    table = torch.where(
+        strictly_below, logs[..., :, None], torch.zeros((), dtype=logs.dtype, device=logs.device)
+    )
+    return table.cumsum(dim=-2)
+
+
 def gate_sigmoid(logits: torch.Tensor) -> torch.Tensor:
     """``sigmoid(logits)``, its value exactly torch's, its derivatives those of ``exp(logsigmoid(logits))``.
 
@@ -683,6 +702,7 @@ __all__ = [
     "check_flag",
     "is_flag",
     "loss_precision",
+    "log_segment_sums",
     "check_positive_int",
     "decay_from_log",
     "first_non_finite",

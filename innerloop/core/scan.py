@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from innerloop.core.functional import decay_from_log
+from innerloop.core.functional import decay_from_log, log_segment_sums
 from innerloop.core.protocol import InnerModel, InnerTask, LossPairs, Params, UpdateRule, Views
 from innerloop.core.state import TTTState
 
@@ -230,18 +230,22 @@ def log_running_products(logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     taken in log space as FLA takes its gates: ``within[i, j] = exp(G_i - G_j)`` for ``j <= i`` and
     ``cumulative[i] = exp(G_i)`` with ``G = cumsum(logs)``.
 
-    The logs are cumulated and subtracted in float64 (float32 on MPS; then the factors cast to ``logs``' dtype): each
-    product is then within float32's rounding of itself however long the segment or strong the gates,
-    where a product of rounded factors (or float32 differences of long sums, ``|G| eps``) is not, and a
+    The logs are summed in float64 (float32 on MPS; then the factors cast to ``logs``' dtype), each
+    ``G_i - G_j`` over its own terms (:func:`~innerloop.core.functional.log_segment_sums`): each product is
+    then within float64's rounding of itself however long the segment, strong the gates or many the resets,
+    where a product of rounded factors (or differences of long sums, ``|G| eps``: 2e-12 in float64 after
+    a few resets, 1e-4 in float32 under strong gates) is not, and a
     factor given as ``1 - decay`` holds a small ``a`` only to ``eps / a`` relative. Its gradient w.r.t. ``logs``
     is exact too (no division by a factor). ``-inf`` (a full reset) is clamped to
     :data:`LOG_GATE_FLOOR`. Differentiable to every order."""
     num_tokens = logs.shape[-1]
     wide = torch.float32 if logs.device.type == "mps" else torch.float64  # MPS has no float64
-    cumulated = logs.to(wide).clamp_min(LOG_GATE_FLOOR).cumsum(dim=-1)  # G [B, H, N]
+    clamped = logs.to(wide).clamp_min(LOG_GATE_FLOOR)
+    cumulated = clamped.cumsum(dim=-1)  # G [B, H, N]
     lower = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=logs.device).tril()
+    # G_i - G_j summed over its own terms (log_segment_sums), not as a difference of two long sums;
     # masked before exp (to -inf: exp 0, gradient 0), so the backward never meets inf * 0
-    exponents = torch.where(lower, cumulated[..., :, None] - cumulated[..., None, :], -torch.inf)
+    exponents = torch.where(lower, log_segment_sums(clamped), -torch.inf)
     return exponents.exp().to(logs.dtype), cumulated.exp().to(logs.dtype)
 
 

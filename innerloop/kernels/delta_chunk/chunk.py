@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from innerloop.core.functional import check_flag, log_segment_sums
 from innerloop.kernels.delta_chunk.inputs import check_chunk_size, check_delta_inputs, compute_dtype
 
 # Gate factors below tiny ** 0.75 (3e-29 in float32, 1e-231 in float64) are taken as 0: a term they scale
@@ -54,27 +55,28 @@ def _gate_exp(exponent: torch.Tensor, keep: torch.Tensor | None = None) -> torch
 def _gates(decay_log: torch.Tensor, decay_first: bool) -> _Gates:
     """Decay factors from ``decay_log [B, H, N, C]`` (README: "Inside a chunk").
 
-    The logs are cumulated and subtracted in float64, then cast: in float32, the difference of two long
-    sums of logs would lose ``|G| * eps`` (1e-4 for a chunk of strong gates) of every factor.
+    The logs are summed in float64, then cast, and each ``G_t - G_s`` over its own terms
+    (:func:`~innerloop.core.functional.log_segment_sums`), never as a difference of two cumulated sums:
+    that difference carries ``|G| eps`` of rounding, which in float32 lost 1e-4 of every factor under
+    strong gates and in float64 2e-12 after a few full resets (each a log of -800).
     """
     dtype, size = decay_log.dtype, decay_log.shape[-1]
     lower = torch.ones(size, size, dtype=torch.bool, device=decay_log.device).tril()
     logs = decay_log.to(torch.float64)
     cumulative = logs.cumsum(-1)  # G
-    read = cumulative if decay_first else cumulative - logs  # R: G_t, or G_{t-1}
-
-    def exponents(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        return (rows[..., :, None] - columns[..., None, :]).to(dtype)  # [B, H, N, C, C]
-
-    output = _gate_exp(exponents(cumulative, cumulative), lower)
-    # R = G: the error's factors are the strictly lower part of the output's
-    error = output if decay_first else _gate_exp(exponents(read, cumulative), lower.tril(-1))
+    between = log_segment_sums(logs)  # [B, H, N, C, C]: G_t - G_s, for s <= t
+    output = _gate_exp(between.to(dtype), lower)
+    if decay_first:  # R = G: the error's factors are the strictly lower part of the output's
+        error, read = output, cumulative
+    else:  # R_t = G_{t-1}: row t of the error's exponents is row t - 1 of `between`
+        error = _gate_exp(F.pad(between[..., :-1, :], (0, 0, 1, 0)).to(dtype), lower.tril(-1))
+        read = F.pad(cumulative[..., :-1], (1, 0))
     return _Gates(
         output=output,
         error=error,
         error_start=_gate_exp(read.to(dtype)),
         query_start=_gate_exp(cumulative.to(dtype)),
-        to_end=_gate_exp((cumulative[..., -1:] - cumulative).to(dtype)),
+        to_end=_gate_exp(between[..., -1, :].to(dtype)),  # G_{C-1} - G_s
         whole=_gate_exp(cumulative[..., -1].to(dtype)),
     )
 
@@ -164,6 +166,7 @@ def chunk_delta_rule(
     float32). ``decay_log`` may be ``-inf`` (a full reset); it is meant to be ``<= 0``.
     """
     check_delta_inputs(q, k, v, beta, decay_log, initial_state)
+    check_flag("decay_first", decay_first)  # a string or None would pick an order silently
     chunk_size = check_chunk_size(chunk_size)
     input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     batch, heads, tokens, key_dim = q.shape

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from innerloop.core.functional import check_flag
 from innerloop.kernels.delta_chunk.inputs import check_delta_inputs, compute_dtype
 
 
@@ -37,6 +38,7 @@ def delta_rule_loop(
     float32 otherwise) and equals ``initial_state`` (or zeros) when ``T = 0``.
     """
     check_delta_inputs(q, k, v, beta, decay_log, initial_state, gate=gate)
+    check_flag("decay_first", decay_first)  # a string or None would pick an order silently
     input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     batch, heads, tokens, key_dim = q.shape
     value_dim = v.shape[-1]

@@ -72,3 +72,30 @@ def test_decay_first_must_be_a_bool(function, flag):
     q = torch.randn(1, 1, 3, 2)
     with pytest.raises(TypeError, match="decay_first"):
         function(q, q, q, torch.rand(1, 1, 3), decay_first=flag)
+
+
+@pytest.mark.parametrize("function", [chunk_delta_rule, delta_rule_loop])
+@pytest.mark.parametrize("name", ["beta", "decay_log", "initial_state"])
+def test_a_float64_gate_or_state_with_float32_q_is_refused_by_name(function, name):
+    """The chunked delta rule computes in float32 for float32 q: a float64 step, gate or start state
+    was rounded to float32 silently (the final state came back float32). scan refuses the same."""
+    q, beta, logs, start = (
+        torch.randn(1, 1, 3, 2),
+        torch.rand(1, 1, 3),
+        -torch.rand(1, 1, 3),
+        torch.zeros(1, 1, 2, 2),
+    )
+    arguments = {"beta": beta, "decay_log": logs, "initial_state": start}
+    arguments[name] = arguments[name].to(FLOAT64)
+    with pytest.raises(TypeError, match=rf"{name} .*float64.*float32"):
+        function(q, q, q, arguments.pop("beta"), **arguments)
+
+
+@pytest.mark.parametrize("function", [chunk_delta_rule, delta_rule_loop])
+def test_float32_gates_and_state_with_bfloat16_q_are_taken(function):
+    """The compute dtype of half-precision q is float32: gates and states in it are what a caller has."""
+    q = torch.randn(1, 1, 3, 2, dtype=torch.bfloat16)
+    out, final = function(
+        q, q, q, torch.rand(1, 1, 3), decay_log=-torch.rand(1, 1, 3), initial_state=torch.zeros(1, 1, 2, 2)
+    )
+    assert out.dtype == torch.bfloat16 and final.dtype == torch.float32

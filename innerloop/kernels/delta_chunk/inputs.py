@@ -38,6 +38,18 @@ def _require_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], l
         raise ValueError(f"{name} must have shape {layout} = {wanted} (from q and v), got {_shape(tensor)}")
 
 
+def _require_readable_dtypes(dtype: torch.dtype, named: dict[str, torch.Tensor | None]) -> None:
+    """A TypeError naming the first step, gate or state whose dtype is neither ``dtype`` (q's) nor the
+    compute dtype: a float64 one with float32 q would be rounded to float32 silently."""
+    valid = sorted({str(dtype).removeprefix("torch."), str(compute_dtype(dtype)).removeprefix("torch.")})
+    for name, tensor in named.items():
+        if tensor is not None and tensor.dtype not in (dtype, compute_dtype(dtype)):
+            raise TypeError(
+                f"{name} is {tensor.dtype} but q is {dtype}: it must be {' or '.join(valid)} (q's dtype "
+                f"or the compute dtype); cast it, or cast q, k and v to {tensor.dtype}"
+            )
+
+
 def check_delta_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,7 +63,8 @@ def check_delta_inputs(
     """Raise a clear error unless the arguments describe one delta-rule problem (see module docstring).
 
     ``q, k [B, H, T, d_k]``, ``v [B, H, T, d_v]``, ``beta``, ``decay_log`` and ``gate`` (the token loop's
-    alternative to ``decay_log``: ``a_t`` itself; not both) ``[B, H, T]``, ``initial_state [B, H, d_k, d_v]``; ``q, k, v`` share a dtype; everything is on one device.
+    alternative to ``decay_log``: ``a_t`` itself; not both) ``[B, H, T]``, ``initial_state [B, H, d_k, d_v]``; ``q, k, v`` share a dtype, and the others have it or the compute
+    dtype (float32 gates and state with half-precision q); everything is on one device.
     """
     q = _require_tensor("q", q)
     if q.ndim != 4:
@@ -76,6 +89,7 @@ def check_delta_inputs(
     if initial_state is not None:
         state = _require_tensor("initial_state", initial_state)
         _require_shape("initial_state", state, (batch, heads, key_dim, value_dim), "[B, H, d_k, d_v]")
+    _require_readable_dtypes(q.dtype, {"beta": beta, **optional})
     for name, tensor in {"k": k, "v": v, "beta": beta, **optional}.items():
         if tensor is not None and tensor.device != q.device:
             raise ValueError(

@@ -414,7 +414,7 @@ def scan(
         momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
         decay_log: ``[B, H, T]`` the gate as ``log a_t <= 0`` instead of ``decay`` (not both; ``-inf`` is a
             full reset), FLA's ``g``: the decay products are then taken in log space (``exp`` of
-            differences of cumulated logs, in float64), which keeps a small ``a_t`` that a float32
+            the sums of the logs between two tokens, in float64), which keeps a small ``a_t`` that a float32
             ``decay = 1 - a_t`` near 1 rounds to ``eps / a_t`` of itself, and the gradient w.r.t. ``log a_t``.
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
             plus ``"momentum.<name>"`` (``S``) for the momentum rule, read through ``momentum`` (refused

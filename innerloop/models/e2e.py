@@ -79,6 +79,7 @@ from innerloop.models.config import (
     validate_model_config,
 )
 from innerloop.models.lm import (
+    MaterialisableLM,
     _tensors,
     check_same_device,
     check_token_ids,
@@ -708,7 +709,7 @@ def _check_piece_rows(piece: torch.Tensor, index: int, state: E2EState | None) -
         )
 
 
-class E2ELM(nn.Module):
+class E2ELM(MaterialisableLM):
     """The TTT-E2E language model (see the module docstring).
 
     Args:

@@ -371,7 +371,81 @@ def _call_options_pinned(block: nn.Module) -> Callable[..., Any]:
     return forward_as_then
 
 
-class CausalLM(nn.Module):
+def tie_head_to_embedding(model: nn.Module, loaded: bool = False) -> None:
+    """Make ``model.lm_head.weight`` the embedding's Parameter again where ``model.config.tie_embeddings``
+    asks for the tie and something made them two: ``to_empty`` off the meta device (``nn.Module._apply``
+    gives each module its own new Parameter) or ``load_state_dict(..., assign=True)`` (each key its own).
+    Two Parameters would read as tied values once, then train apart (the embedding's gradient without
+    the head's share). Of a real and a meta one the real one is kept; after a load (``loaded``) two real
+    ones holding different values are refused, naming both keys, rather than one silently dropped."""
+    if not model.config.tie_embeddings:
+        return
+    embed, head = model.embed.weight, model.lm_head.weight
+    if head is embed:
+        return
+    if loaded and not embed.is_meta and not head.is_meta and not torch.equal(embed, head):
+        raise ValueError(
+            "model.tie_embeddings is true (the LM head is the embedding), but the state dict loaded gives "
+            "embed.weight and lm_head.weight different values; load it into a model built with "
+            "tie_embeddings=False, or give one tensor for both"
+        )
+    kept = head if embed.is_meta and not head.is_meta else embed
+    model.embed.weight = kept
+    model.lm_head.weight = kept
+
+
+def remake_meta_derived_buffers(model: nn.Module) -> None:
+    """Make again, on their module's device, the layers' derived buffers (``derived_buffers``: token
+    index, RoPE frequencies, tau) still on the meta device once the module's parameters are real, as
+    after ``load_state_dict(..., assign=True)`` into a model built under ``torch.device("meta")``: no
+    state dict holds them (non-persistent), and a meta table fails the first forward far from its
+    cause. Made as :meth:`TTTLayer._apply` makes them off the meta device (in torch's default dtype), cast
+    to the buffer's dtype, at least float32."""
+    with torch.no_grad():
+        for module in model.modules():
+            derived = getattr(module, "derived_buffers", None)
+            device = next((p.device for p in module.parameters() if not p.is_meta), None)
+            if not callable(derived) or device is None:
+                continue
+            for name in list(module._buffers):
+                current = module._buffers[name]
+                tables = derived()  # as _apply makes them from the meta device: torch's default dtype
+                if current is not None and current.is_meta and name in tables:
+                    wide = torch.promote_types(current.dtype, torch.float32)
+                    table = tables[name].to(device=device, dtype=wide)
+                    module.register_buffer(name, table, persistent=False)
+
+
+def _after_load(model: nn.Module, incompatible_keys: Any) -> None:
+    """The post-load hook of every innerloop language model (:class:`MaterialisableLM`)."""
+    tie_head_to_embedding(model, loaded=True)
+    remake_meta_derived_buffers(model)
+
+
+class MaterialisableLM(nn.Module):
+    """The base of innerloop's language models (:class:`CausalLM`, :class:`~innerloop.models.E2ELM`):
+    one built under ``torch.device("meta")`` and made real by ``to_empty`` (then a load) or by
+    ``load_state_dict(..., assign=True)`` is the model built normally: the LM head stays tied to the
+    embedding (one Parameter, both gradients in it) and the derived buffers no state dict holds are
+    made again. Subclasses set ``config``, ``embed`` and ``lm_head``."""
+
+    config: ModelConfig
+    embed: nn.Embedding
+    lm_head: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MaterialisableLM:
+        """``nn.Module``'s (``.to``, ``to_empty``, ...), then the head tied to the embedding again."""
+        super()._apply(fn, recurse)
+        if "config" in self.__dict__ and "lm_head" in self._modules:
+            tie_head_to_embedding(self)
+        return self
+
+
+class CausalLM(MaterialisableLM):
     """Decoder-only language model whose blocks use the mixer named in ``config``.
 
     Activation (gradient) checkpointing: :meth:`gradient_checkpointing_enable` (``trainer.

@@ -794,6 +794,26 @@ def _hook_set_on(layer: nn.Module, name: str) -> bool:
     return getattr(hook, "__self__", None) is not layer or hook.__func__ is not getattr(type(layer), name)
 
 
+def remake_meta_derived_buffers(layer: TTTLayer, incompatible_keys: Any = None) -> None:
+    """The load post-hook of every :class:`TTTLayer`: its derived buffers (:meth:`TTTLayer.derived_buffers`:
+    token index, RoPE frequencies, tau) still on the meta device once its parameters are real, as after
+    ``load_state_dict(..., assign=True)`` into a layer or model built under ``torch.device("meta")``,
+    are made again on the parameters' device: no state dict holds them (non-persistent), and a meta
+    table failed the first forward far from its cause ("Tensor on device cpu is not on the expected
+    device meta!"). Made as :meth:`TTTLayer._apply` makes them off the meta device (in torch's default
+    dtype), cast to the buffer's dtype, at least float32."""
+    device = next((p.device for p in layer.parameters() if not p.is_meta), None)
+    if device is None:  # nothing real yet (a load with assign=False, or of no weights)
+        return
+    tables = layer.derived_buffers()
+    with torch.no_grad():
+        for name, table in tables.items():
+            current = layer._buffers.get(name)
+            if current is not None and current.is_meta:
+                wide = torch.promote_types(current.dtype, torch.float32)
+                layer.register_buffer(name, table.to(device=device, dtype=wide), persistent=False)
+
+
 class TTTLayer(nn.Module):
     """A TTT sequence layer (TTT-Linear, TTT-MLP, or any registered inner model / loss / rule).
 
@@ -901,6 +921,7 @@ class TTTLayer(nn.Module):
         inference_chunk_size: int | None = 2048,
     ) -> None:
         super().__init__()
+        self.register_load_state_dict_post_hook(remake_meta_derived_buffers)
         # every argument, by name
         _check_arguments(locals(), rotary=self.uses_rope, conv_needs_share_qk=self.conv_kernel_needs_share_qk)
         head_dim = int(hidden_size) // int(num_heads)

@@ -394,32 +394,10 @@ def tie_head_to_embedding(model: nn.Module, loaded: bool = False) -> None:
     model.lm_head.weight = kept
 
 
-def remake_meta_derived_buffers(model: nn.Module) -> None:
-    """Make again, on their module's device, the layers' derived buffers (``derived_buffers``: token
-    index, RoPE frequencies, tau) still on the meta device once the module's parameters are real, as
-    after ``load_state_dict(..., assign=True)`` into a model built under ``torch.device("meta")``: no
-    state dict holds them (non-persistent), and a meta table fails the first forward far from its
-    cause. Made as :meth:`TTTLayer._apply` makes them off the meta device (in torch's default dtype), cast
-    to the buffer's dtype, at least float32."""
-    with torch.no_grad():
-        for module in model.modules():
-            derived = getattr(module, "derived_buffers", None)
-            device = next((p.device for p in module.parameters() if not p.is_meta), None)
-            if not callable(derived) or device is None:
-                continue
-            for name in list(module._buffers):
-                current = module._buffers[name]
-                tables = derived()  # as _apply makes them from the meta device: torch's default dtype
-                if current is not None and current.is_meta and name in tables:
-                    wide = torch.promote_types(current.dtype, torch.float32)
-                    table = tables[name].to(device=device, dtype=wide)
-                    module.register_buffer(name, table, persistent=False)
-
-
 def _after_load(model: nn.Module, incompatible_keys: Any) -> None:
-    """The post-load hook of every innerloop language model (:class:`MaterialisableLM`)."""
+    """The post-load hook of every innerloop language model (:class:`MaterialisableLM`); the layers remake
+    their own derived buffers (:func:`~innerloop.core.layer.remake_meta_derived_buffers`)."""
     tie_head_to_embedding(model, loaded=True)
-    remake_meta_derived_buffers(model)
 
 
 class MaterialisableLM(nn.Module):
@@ -427,7 +405,7 @@ class MaterialisableLM(nn.Module):
     one built under ``torch.device("meta")`` and made real by ``to_empty`` (then a load) or by
     ``load_state_dict(..., assign=True)`` is the model built normally: the LM head stays tied to the
     embedding (one Parameter, both gradients in it) and the derived buffers no state dict holds are
-    made again. Subclasses set ``config``, ``embed`` and ``lm_head``."""
+    made again (by the layers' own load hook). Subclasses set ``config``, ``embed`` and ``lm_head``."""
 
     config: ModelConfig
     embed: nn.Embedding

@@ -123,3 +123,13 @@ def test_a_bare_layer_assign_loaded_from_meta_remakes_its_derived_buffers(
         assert buffer.dtype == wanted.dtype and torch.equal(buffer, wanted), name
     x = torch.randn(1, 6, 8, dtype=torch.float64)
     assert torch.equal(layer(x)[0], normal(x)[0])
+
+
+def test_a_cast_that_makes_new_parameters_keeps_the_tie(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen failing: with ``torch.__future__.set_overwrite_module_params_on_conversion(True)`` every cast
+    (``.double()``, ``.to()``) gives each module its own new Parameter, as ``to_empty`` does: the tie broke."""
+    wanted = sum(p.numel() for p in _built(_config("attention")).parameters())
+    monkeypatch.setattr(torch.__future__, "_overwrite_module_params_on_conversion", True)
+    model = _built(_config("attention"))
+    assert model.lm_head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == wanted

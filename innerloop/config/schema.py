@@ -204,7 +204,14 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "data.recall.gap": RECALL_GAP_BOUNDS,
     # optim
     "optim.lr": Bounds(
-        0, FLOAT32_MAX, low_open=True, why="a larger one is inf in float32, the weights' dtype"
+        0,
+        FLOAT32_MAX,
+        low_open=True,
+        why=(
+            "a larger one is inf in float32, the weights' or the optimizer state's dtype in every "
+            "trainer.precision but 64-true; one cap for every precision, so that a config valid in one "
+            "is valid in all (no rate near it trains)"
+        ),
     ),
     "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": FRACTION,

@@ -1699,14 +1699,20 @@ class TTTLayer(nn.Module):
         # a plugin's NaN gradient is the likelier cause: not called an overflow, which it may not be
         return f"{broke}: {self.plugin_nan_diagnosis()}"
 
-    def plugin_nan_diagnosis(self, base_lr_name: str = "base_lr") -> str:
+    def plugin_nan_diagnosis(self, base_lr_name: str = "base_lr", configured: float | None = None) -> str:
         """The diagnosis of a NaN or inf from moderate input and weights of a layer whose plugins are not
         all built in, in words: the plugins not built in as the likely source, unless one inner step
         (learning rate times gradient) was too large, with its remedy (``base_lr_name``: how the caller
         names ``base_lr``, ``model.ttt.base_lr`` in a run's config). The one text of that diagnosis:
         the layer's own error and training's :class:`~innerloop.train.module.NonFiniteLayerOutputError`
-        both say it."""
-        remedy = f"lower {base_lr_name} (now {self.base_lr:g}) or {self._lr_gate_advice()}"
+        both say it. ``configured``: the rate the caller's config sets, said beside the current ``base_lr``
+        where they differ (a warm-up's current value, ``optim.ttt_base_lr_warmup``, is not what to lower)."""
+        now = (
+            f"now {self.base_lr:g}"
+            if configured is None or configured == self.base_lr
+            else f"configured {configured:g}; {self.base_lr:g} now, in its warm-up"
+        )
+        remedy = f"lower {base_lr_name} ({now}) or {self._lr_gate_advice()}"
         return f"{self._plugin_suspects()}; unless the step (inner learning rate times gradient) was too large: {remedy}"
 
     def _lr_gate_advice(self) -> str:

@@ -70,6 +70,7 @@ from innerloop.models.blocks import SwiGLU
 from innerloop.models.config import (
     E2E,
     E2E_CHECKPOINTING_REFUSED,
+    E2EConfig,
     ModelConfig,
     changed_built_field,
     check_fits_in_memory,
@@ -626,9 +627,100 @@ def _step_sums(
     overflow only keeps a plugin from being blamed. One reduction per tensor, no read-back: a few ops a step."""
     wide = torch.float64 if logits.device.type != "mps" else torch.float32  # MPS has no float64
     with torch.no_grad():
-        taken = [t.detach().sum(dtype=torch.float32) for t in (*before.values(), logits)]
-        returned = [t.detach().sum(dtype=wide) for t in (losses, *after.values())]
+        names = sorted(before)  # one order for every step (a rule may return its weights in another)
+        taken = [t.detach().sum(dtype=torch.float32) for t in (*(before[n] for n in names), logits)]
+        returned = [t.detach().sum(dtype=wide) for t in (losses, *(after[n] for n in names))]
         return torch.cat((torch.stack(taken).to(wide), torch.stack(returned)))
+
+
+def _step_scales(h_chunk: torch.Tensor, before: FastWeights) -> torch.Tensor:
+    """The largest magnitudes of one inner step's input hidden states and of each fast weight given,
+    ``[1 + len(before)]``, not read back (for :func:`_raise_if_the_inner_loop_went_non_finite`): a
+    maximum is finite iff every element is and never overflows, so it tells how far the inner steps grew
+    the fast weights. One reduction per tensor (an E2E forward, T=2048: see the commit measuring it)."""
+    wide = torch.float64 if h_chunk.device.type != "mps" else torch.float32
+    with torch.no_grad():
+        tensors = (h_chunk, *(before[name] for name in sorted(before)))
+        return torch.stack([t.detach().abs().amax().to(wide) for t in tensors])
+
+
+#: How many times its magnitude at a call's start a fast weight must have grown through the inner steps
+#: for non-finite logits from finite hidden states to be blamed on the inner learning rate (as
+#: :data:`~innerloop.core.layer.LARGE_INPUT`: the built-in rule with its default clip moves a fast weight
+#: by at most ``inner_lr`` a step, far less than this at any sane rate).
+INNER_GROWTH_BLAMED = 1e4
+
+
+def _inner_rate_advice(config: E2EConfig, inner_lr: float) -> str:
+    """Which settings to lower when the inner update overflowed: model.e2e.inner_lr (the configured value,
+    and the warm-up's current one where it differs) and its clip."""
+    now = "" if inner_lr == config.inner_lr else f"; {inner_lr:g} now, in its warm-up"
+    clip = config.inner_grad_clip
+    clipped = (
+        f"model.e2e.inner_grad_clip (now {clip:g})"
+        if clip > 0
+        else "set model.e2e.inner_grad_clip (now 0: off)"
+    )
+    return f"lower model.e2e.inner_lr (configured {config.inner_lr:g}{now}) or {clipped}"
+
+
+def _non_finite_logits_cause(largest: torch.Tensor, step: int, names: list[str], advice: str) -> str:
+    """Why inner step ``step``'s logits are NaN or inf from finite hidden states and fast weights
+    (``largest``: the :func:`_step_scales` of the call's steps): the inner rate if the inner steps grew a
+    fast weight :data:`INNER_GROWTH_BLAMED` times or more since the call's start, else the model's weights."""
+    growth = largest[step, 1:] / largest[0, 1:].clamp_min(torch.finfo(torch.float32).tiny)
+    grown = int(growth.argmax())
+    size = (
+        f"largest |w| {float(largest[step, 1 + grown]):.3g} in {names[grown]}, "
+        f"{float(growth[grown]):.3g} x its size at this call's start"
+    )
+    if float(growth[grown]) >= INNER_GROWTH_BLAMED:
+        return (
+            f"its logits are NaN or inf from finite hidden states and the fast weights the inner steps grew "
+            f"({size}): the inner learning rate is likely too large: {advice}"
+        )
+    return (
+        f"its logits are NaN or inf from finite hidden states and fast weights the inner steps did not grow "
+        f"much ({size}): the model's own weights likely diverged (lower optim.lr), not model.e2e.inner_lr"
+    )
+
+
+def _raise_if_the_inner_loop_went_non_finite(
+    config: E2EConfig, inner_lr: float, names: list[str], sums: list[torch.Tensor], scales: list[torch.Tensor]
+) -> None:
+    """Raise a :class:`NonFiniteInnerStepError` at the first chunk trained on in this call whose hidden
+    states, fast weights, logits or updated fast weights (``sums``: :func:`_step_sums`, ``scales``:
+    :func:`_step_scales`, one each per chunk, of the fast weights ``names``) hold NaN or inf, saying which
+    chunk and what is likely the cause: the hidden states entering the suffix (the model's weights or its
+    input: not the inner rate), the inner update (``model.e2e.inner_lr`` or its clip), or the model's
+    weights. Called after :func:`_raise_if_a_plugin_went_non_finite` (a plugin's own NaN)."""
+    if not sums:
+        return
+    table, largest = torch.stack(sums).cpu(), torch.stack(scales).cpu()  # the call's one read-back
+    count = len(names)
+    broken = ~torch.isfinite(table).all(1) | ~torch.isfinite(largest).all(1)
+    if not bool(broken.any()):
+        return
+    step = int(broken.nonzero()[0])
+    where = f"TTT-E2E inner step {step + 1} of this call (chunk {step + 1} trained on in it)"
+    advice = _inner_rate_advice(config, inner_lr)
+    if not math.isfinite(float(largest[step, 0])):
+        cause = (
+            "the hidden states entering the suffix blocks are NaN or inf: they come from the embedding and "
+            "the prefix blocks, so the model's weights or its input diverged (lower the outer learning rate, "
+            "optim.lr), not the inner update's model.e2e.inner_lr"
+        )
+    elif not bool(torch.isfinite(largest[step, 1:]).all()):
+        cause = "the fast weights it was given (carried in the state from an earlier call) are NaN or inf"
+    elif math.isfinite(float(table[step, count])):  # finite logits: the losses or the update went
+        returned = ~torch.isfinite(table[step, count + 2 :])
+        first = names[int(returned.nonzero()[0])] if bool(returned.any()) else "(none: the losses)"
+        cause = f"the inner update made fast weight {first} NaN or inf from finite ones: {advice}"
+    else:
+        cause = _non_finite_logits_cause(largest, step, names, advice)
+    raise NonFiniteInnerStepError(
+        f"{where}: {cause}; model.e2e.non_finite='ignore' lets NaN and inf propagate"
+    )
 
 
 class NonFiniteInnerStepError(ValueError):
@@ -719,7 +811,14 @@ class E2ELM(MaterialisableLM):
     ``model(input_ids, state)`` returns ``(logits [B, T, V], state)``; each chunk's logits are those
     of the fast weights *before* training on it, so the usual next-token cross-entropy of the logits
     is the outer loss (the mean of the chunks' pre-update losses).
+
+    ``diagnoses_its_inner_loop``: with ``model.e2e.non_finite="raise"``, whether a call raises
+    :class:`NonFiniteInnerStepError` where its inner loop went NaN or inf without a plugin's fault (naming
+    the chunk and the likely cause, :func:`_raise_if_the_inner_loop_went_non_finite`). Training turns it
+    off while fitting: there the loss check, agreed by every process, says it.
     """
+
+    diagnoses_its_inner_loop: bool = True
 
     def __init__(self, config: ModelConfig | Mapping[str, Any]) -> None:
         super().__init__()
@@ -1191,7 +1290,7 @@ class E2ELM(MaterialisableLM):
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(
             h, ids, caches, fast, done, checks
         )
-        _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, checks or [])
+        self._raise_if_an_inner_step_went_non_finite(fast, checks or [])
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
             tuple(caches),
@@ -1204,6 +1303,20 @@ class E2ELM(MaterialisableLM):
             self.config.e2e.chunk_targets,
         )
         return logits[:, -length:] if length else logits[:, :0], new_state
+
+    def _raise_if_an_inner_step_went_non_finite(self, fast: FastWeights, checks: list[torch.Tensor]) -> None:
+        """The checks of this call's inner steps (``checks``: :func:`_step_sums` then :func:`_step_scales`
+        each, of fast weights like ``fast``): a plugin's own NaN, then where and why else the inner loop
+        went non-finite; one read-back per call, none per chunk."""
+        if not checks:
+            return
+        width = 2 * len(fast) + 2
+        sums, scales = [c[:width] for c in checks], [c[width:] for c in checks]
+        _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, sums)
+        if self.diagnoses_its_inner_loop:
+            _raise_if_the_inner_loop_went_non_finite(
+                self.config.e2e, self.inner_lr(), sorted(fast), sums, scales
+            )
 
     def _chunk_for_attention(self) -> int | None:
         """The chunk size the chunked blocks attend with (relative RoPE), or None (absolute RoPE)."""
@@ -1350,7 +1463,9 @@ class E2ELM(MaterialisableLM):
                 stepped = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
                 stepped = _checked_step(self.update_rule, fast, stepped)
                 if checks is not None and holds_values(logits):
-                    checks.append(_step_sums(fast, logits, losses, stepped))
+                    checks.append(
+                        torch.cat((_step_sums(fast, logits, losses, stepped), _step_scales(h_chunk, fast)))
+                    )
                 fast = stepped
         return logits, new_caches, fast
 

@@ -212,17 +212,26 @@ def _largest(value_range: tuple[torch.Tensor, torch.Tensor]) -> float:
 
 
 @contextmanager
-def _inner_step_non_finite_diverges(steps: int, fitting: bool = True) -> Iterator[None]:
+def _inner_step_non_finite_diverges(steps: int, fitting: bool = True, model: Any = None) -> Iterator[None]:
     """While ``fitting``, a TTT-E2E plugin's non-finite inner step (:class:`NonFiniteInnerStepError`,
     ``model.e2e.non_finite="raise"``) is a :class:`TrainingDivergedError` with its message (``steps``: the
     optimizer steps taken), as a TTT layer's plugin NaN is: the run stops on it keeping its last good
-    checkpoint, not promoting the pending one, whose next loss is the NaN, as after a crash."""
+    checkpoint, not promoting the pending one, whose next loss is the NaN, as after a crash. While
+    fitting, ``model``'s own diagnosis of an inner loop gone NaN without a plugin's fault
+    (``E2ELM.diagnoses_its_inner_loop``) is off: the loss check, agreed by every process, says it (one
+    process raising alone would leave the others waiting at the next collective)."""
+    diagnoses = getattr(model, "diagnoses_its_inner_loop", None)
+    if fitting and diagnoses is not None:
+        model.diagnoses_its_inner_loop = False
     try:
         yield
     except NonFiniteInnerStepError as error:
         if not fitting:
             raise
         raise TrainingDivergedError(f"after {steps} optimizer steps, {error}") from error
+    finally:
+        if fitting and diagnoses is not None:
+            model.diagnoses_its_inner_loop = diagnoses
 
 
 def _first_non_finite_output(calls: list[LayerCall]) -> tuple[str, float] | None:
@@ -531,7 +540,7 @@ class LanguageModelModule(L.LightningModule):
         calls: list[LayerCall] = []
         with (
             _non_finite_propagates(self._checked_layers, calls),
-            _inner_step_non_finite_diverges(self.global_step),
+            _inner_step_non_finite_diverges(self.global_step, model=self.model),
         ):
             logits = self(inputs)
         # 0 for a batch with no scored target, not NaN (which would read as a divergence). A model may
@@ -670,9 +679,13 @@ class LanguageModelModule(L.LightningModule):
                 f"steps), the run may be diverging instead: then try a lower optim.lr (now {self.hparams.lr:g})"
             )
         base_lr = inner_lr_key(self.model.config) or "model.ttt.base_lr"  # a TTT layer's: ttt or family
+        try:  # the configured rate, not the warm-up's current layer.base_lr (optim.ttt_base_lr_warmup)
+            configured = float(_config_value(self.model.config, base_lr))
+        except (AttributeError, TypeError, ValueError):  # a model config without that key
+            configured = None
         diagnose = getattr(layer, "plugin_nan_diagnosis", None)  # the layer's own words (TTTLayer's)
         diagnosis = (
-            diagnose(base_lr)
+            diagnose(base_lr, configured)
             if callable(diagnose)
             else f"the likely source is a NaN or inf computed by the layer's plugins not built in ({plugins}); "
             f"unless the step (inner learning rate times gradient) was too large: lower {base_lr}"
@@ -845,7 +858,7 @@ class LanguageModelModule(L.LightningModule):
         try:
             with (
                 _non_finite_propagates(self._checked_layers if fitting else [], calls),
-                _inner_step_non_finite_diverges(self.global_step, fitting),
+                _inner_step_non_finite_diverges(self.global_step, fitting, self.model),
             ):
                 # The metrics accumulate in at least float32 whatever the precision of the forward: under
                 # bf16-mixed the logits are bf16, and a perplexity computed from them disagrees with the

@@ -842,7 +842,7 @@ def _compare(args: argparse.Namespace) -> int:
         if progress.where() is not None:
             print(f"innerloop compare: {progress.where()}", file=sys.stderr, flush=True)
         raise
-    progress.finish()  # the lengths' files along the way: the whole comparison holds them
+    progress.finish(comparison)  # the lengths' files along the way: the whole comparison holds them
     print(f"curves and differences: {png} ({csv_path}); table: {table}")
     return 0
 
@@ -1245,9 +1245,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
         )
     check_output_dir(out, "--out")
     try:
-        files = resolve_files(args.paths) if args.paths else split_text_files(stdlib_files(), 0.1)[0]
-    except DataError as err:  # it names data.paths, the training option; here the paths are PATH arguments
-        raise ConfigError(str(err).replace("data.paths entry", "PATH", 1)) from None
+        files = resolve_files(args.paths, "PATH") if args.paths else split_text_files(stdlib_files(), 0.1)[0]
+    except DataError as err:  # its errors and warnings name the PATH arguments
+        raise ConfigError(str(err)) from None
     records = _dataset_records(args, files)
     texts = records if records is not None else (_read_text_file(f) for f in files)
     try:

@@ -107,3 +107,101 @@ def test_the_divergence_advice_names_the_configured_base_lr_during_its_warm_up(
     with pytest.raises(NonFiniteLayerOutputError) as err:
         module.training_step((ids[:, :-1], ids[:, 1:]), 0)
     assert "lower model.ttt.base_lr (configured 2; 0.5 now, in its warm-up)" in str(err.value), str(err.value)
+
+
+@pytest.mark.slow  # ~0.5 s: a BPE tokenizer trained
+def test_tokenizer_train_warnings_name_its_path_argument_as_its_errors_do(tmp_path, caplog, capsys) -> None:
+    """`innerloop tokenizer train PATH`'s data-walk warnings (a broken link below PATH) said "data.paths
+    entry", an option the command does not have; only its errors were translated to PATH."""
+    import logging
+
+    from innerloop.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("some words to learn merges from " * 40)
+    (data / "b.txt").symlink_to(tmp_path / "gone.txt")
+    out = str(tmp_path / "tok")
+    with caplog.at_level(logging.WARNING, logger="innerloop.data.text"):
+        assert main(["tokenizer", "train", "--vocab-size", "300", "--out", out, str(data)]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if "leads to no file" in r.getMessage()]
+    assert warning.startswith(f"PATH {str(data)!r}: the link"), warning
+    assert "data.paths" not in warning
+    status = main(["tokenizer", "train", "--vocab-size", "300", "--out", out + "2", str(data / "b.txt")])
+    err = capsys.readouterr().err
+    assert status == 2 and f"PATH {str(data / 'b.txt')!r} is a link to" in err and "data.paths" not in err, (
+        err
+    )
+
+
+def test_resolve_files_names_data_paths_by_default(tmp_path) -> None:
+    from innerloop.data.text import DataError, resolve_files
+
+    with pytest.raises(DataError, match=r"^data\.paths entry '.*nope' matches no file"):
+        resolve_files([str(tmp_path / "nope")])
+    with pytest.raises(DataError, match=r"^--data '.*nope' matches no file"):
+        resolve_files([str(tmp_path / "nope")], "--data")
+
+
+def _made_up_comparison(seq_lens: tuple[int, ...], windows: int = 8):
+    """A comparison of two made-up models (no weights: the outputs never read them) at ``seq_lens``."""
+    from pathlib import Path
+
+    from innerloop.train import compare as compare_module
+    from innerloop.train.compare import ComparedModel, Comparison, LengthResult
+
+    models = [
+        ComparedModel(f"m{i}", Path(f"/runs/m{i}/last.safetensors"), None, 100, None, None) for i in range(2)
+    ]
+    comparison = Comparison(models, 0, [], {}, 0.95, 50, 0, "made-up windows")
+    generator = torch.Generator().manual_seed(0)
+    for seq_len in seq_lens:
+        buckets = [(0, seq_len // 2), (seq_len // 2, seq_len)]
+        counts = torch.full((windows, 2), seq_len / 2, dtype=torch.float64)
+        sums = counts * (3 + torch.rand(2, windows, 2, generator=generator, dtype=torch.float64))
+        compare_module._add_length(comparison, LengthResult(seq_len, buckets, sums, counts, windows))
+    return comparison
+
+
+def test_a_rerun_with_fewer_lengths_removes_the_partials_it_holds_and_keeps_the_others(
+    tmp_path, monkeypatch
+) -> None:
+    """An interrupted `innerloop compare --seq-len 8 16 32 64` left compare-<id>-partial.* after T=8 and
+    after T=8,16,32; a rerun with --seq-len 8 16 finished and removed neither (it wrote no partial of its
+    own). The T=8 partial is now removed (the whole comparison holds it); the T=8,16,32 one, which holds
+    T=32, is the user's only comparison at 32 and stays."""
+    from dataclasses import replace
+
+    from innerloop.train import compare as compare_module
+    from innerloop.train.compare import LengthProgress, write_comparison
+
+    monkeypatch.setattr(compare_module, "checkpoint_identity", str)  # made-up models: no files to hash
+    monkeypatch.setattr(
+        compare_module, "plot_comparison", lambda path, comparison: path.write_bytes(b"png") and path
+    )
+    earlier = _made_up_comparison((8, 16, 32, 64))
+    held = write_comparison(replace(earlier, lengths=earlier.lengths[:1]), tmp_path, partial="3 lengths more")
+    kept = write_comparison(replace(earlier, lengths=earlier.lengths[:3]), tmp_path, partial="1 length more")
+    whole = _made_up_comparison((8, 16))
+    written = write_comparison(whole, tmp_path)
+    LengthProgress(tmp_path).finish(whole)
+    assert not any(path.exists() for path in held), held
+    assert all(path.exists() for path in (*kept, *written))
+
+
+def test_a_stop_after_the_scores_rename_still_counts_them_as_kept(tmp_path, monkeypatch) -> None:
+    """A Ctrl-C in the directory fsync after the scores file's rename left the file but did not count it:
+    the stop message said one fewer kept scores file than there were (none here: no message at all)."""
+    from innerloop.data import atomic
+    from innerloop.train.compare import LengthProgress
+
+    def interrupted(folder) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "fsync_directory", interrupted)
+    progress = LengthProgress(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        progress.finished(_made_up_comparison((8,)), "k8", remaining=1)
+    assert progress.scores_path("k8").exists()
+    where = progress.where()
+    assert where is not None and "the scores of 1 finished length are kept" in where, where

@@ -69,15 +69,37 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
-def resolve_files(patterns: Sequence[str]) -> list[Path]:
+#: How the errors and warnings of finding an entry's files name the entry and the entries (``%s`` below):
+#: ``data.paths``' by default; :func:`resolve_files`'s ``option`` names others (the CLI's PATH arguments).
+_ENTRY_NAMES: ContextVar[tuple[str, str]] = ContextVar(
+    "innerloop_data_entry_names", default=("data.paths entry", "data.paths")
+)
+
+
+@contextmanager
+def _entries_named(option: str) -> Iterator[None]:
+    """Within it, an entry's errors and warnings name it as one of ``option`` (``data.paths``: "data.paths
+    entry 'x'"; another, as the CLI's ``PATH``: "PATH 'x'")."""
+    names = ("data.paths entry", "data.paths") if option == "data.paths" else (option, f"{option} arguments")
+    token = _ENTRY_NAMES.set(names)
+    try:
+        yield
+    finally:
+        _ENTRY_NAMES.reset(token)
+
+
+def resolve_files(patterns: Sequence[str], option: str = "data.paths") -> list[Path]:
     """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
 
     Below a directory, hidden files and folders (``.git/``, ``.venv/``: a name starting with ``.``) and
     ``__pycache__`` are skipped, as a glob skips hidden names, and links to folders are followed, as a
     glob's ``**`` follows them; a file named directly is always read.
-    An entry that matches no file raises :class:`DataError` naming it.
+    An entry that matches no file raises :class:`DataError` naming it; its errors and its warnings
+    (folders that cannot be read, broken links) name it as one of ``option`` (``innerloop tokenizer
+    train``: ``PATH``, its argument).
     """
-    return sorted(split_keys(patterns))
+    with _entries_named(option):
+        return sorted(split_keys(patterns))
 
 
 def _found_files(pattern: str) -> list[tuple[Path, str]]:
@@ -93,16 +115,16 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     if path.is_symlink() and not path.exists():
         if _is_link_loop(path):
             raise DataError(
-                f"data.paths entry {pattern!r} is a link to {_link_target(path)} in a loop of links (each "
+                f"{_ENTRY_NAMES.get()[0]} {pattern!r} is a link to {_link_target(path)} in a loop of links (each "
                 "leads to the next, never to a file); give the file itself"
             )
         raise DataError(
-            f"data.paths entry {pattern!r} is a link to {_link_target(path)}, which does not exist (moved or "
+            f"{_ENTRY_NAMES.get()[0]} {pattern!r} is a link to {_link_target(path)}, which does not exist (moved or "
             "deleted, or on a disk not mounted); restore its target, or give the file itself"
         )
     if path.exists() and not path.is_dir():
         raise DataError(
-            f"data.paths entry {pattern!r} is not a regular file (a FIFO, socket or device: reading it would "
+            f"{_ENTRY_NAMES.get()[0]} {pattern!r} is not a regular file (a FIFO, socket or device: reading it would "
             "wait for a writer or never end); give a file of text, a folder or a glob"
         )
     _refuse_unanswered_glob(pattern)
@@ -112,7 +134,7 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
         _warn_unreadable(walk, pattern)
     if not matched:
         raise DataError(
-            f"data.paths entry {pattern!r} matches no file (give files, directories or globs)"
+            f"{_ENTRY_NAMES.get()[0]} {pattern!r} matches no file (give files, directories or globs)"
             + (_only_skipped_files(path) if path.is_dir() else bracket_hint(pattern))
         )
     return matched
@@ -141,11 +163,11 @@ def _refuse_unanswered_glob(pattern: str) -> None:
         fix = (
             f"drop the '/' ({pattern.rstrip().rstrip('/' + os.sep)!r}), or add '/**' for the files below them"
         )
-        raise DataError(f"data.paths entry {pattern!r} {why}; {fix}")
+        raise DataError(f"{_ENTRY_NAMES.get()[0]} {pattern!r} {why}; {fix}")
     if ".." in rest:
-        why = "has a '..' after a wildcard, which data.paths globs do not follow"
+        why = "has a '..' after a wildcard, which these globs do not follow"
         fix = "write the folder the '..' leads to before the first wildcard"
-        raise DataError(f"data.paths entry {pattern!r} {why}; {fix}")
+        raise DataError(f"{_ENTRY_NAMES.get()[0]} {pattern!r} {why}; {fix}")
 
 
 def _glob_rest(path: Path) -> tuple[Path, tuple[str, ...]]:
@@ -230,14 +252,16 @@ def _path_from(target: Path, folder: Path, parts: Sequence[str]) -> tuple[str, .
 def _warn_unreadable(walk: _Walk, pattern: str) -> None:
     """One warning for the folders below the ``data.paths`` entry ``pattern`` that could not be listed
     (permission denied): their files are not read (``glob`` and ``rglob`` left them out without a word);
-    one for the links to files that are gone (:attr:`_Walk.broken`), not read either."""
+    one for the links to files that are gone (:attr:`_Walk.broken`), not read either; each names the entry
+    as :func:`resolve_files`'s ``option`` does."""
+    entry, entries = _ENTRY_NAMES.get()
     if walk.unreadable:
         folder, err = walk.unreadable[0]
         others = _and_more(len(walk.unreadable) - 1)
         log.warning(
-            "data.paths entry %r: the folder %r%s cannot be read (%s), so its files are left out of the data; "
-            "check its permissions, or give data.paths that leave it out",
-            pattern, str(folder), others, err.strerror or err,
+            "%s %r: the folder %r%s cannot be read (%s), so its files are left out of the data; "
+            "check its permissions, or give %s that leave it out",
+            entry, pattern, str(folder), others, err.strerror or err, entries,
         )  # fmt: skip
     if walk.broken:  # glob.glob listed them (their read then failed); the walk alone would say nothing
         others = _and_more(len(walk.broken) - 1)
@@ -247,9 +271,9 @@ def _warn_unreadable(walk: _Walk, pattern: str) -> None:
             else "its target was moved or deleted, or is on a disk not mounted"
         )
         log.warning(
-            "data.paths entry %r: the link %r%s leads to no file or folder (%s), so it is left out of the "
+            "%s %r: the link %r%s leads to no file or folder (%s), so it is left out of the "
             "data; restore its target, or remove the link",
-            pattern, str(walk.broken[0]), others, why,
+            entry, pattern, str(walk.broken[0]), others, why,
         )  # fmt: skip
 
 

@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -1386,8 +1386,7 @@ class LengthProgress:
         remove_stale_temporaries_of([path])  # what a killed earlier write of it left
         if path not in self._made:  # not reused: a damaged or misshapen file there is replaced
             tensors = {"loss_sums": result.loss_sums.contiguous(), "counts": result.counts.contiguous()}
-            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
-            self._made.append(path)
+            self._write_scores(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
         if remaining == 0:
             return  # the whole comparison: the caller writes it
         self.latest_lengths = [r.seq_len for r in comparison.lengths]
@@ -1398,6 +1397,20 @@ class LengthProgress:
             "T=%s finished, %s: the comparison so far is in %s",
             ", ".join(map(str, self.latest_lengths)), still, self.latest[2],
         )  # fmt: skip
+
+    def _write_scores(self, path: Path, write: Any) -> None:
+        """Write one length's scores to ``path`` (:func:`atomic_write` with ``write``), counted as kept
+        (:meth:`where`) from before the write: a stop after the rename (in its directory fsync) left the
+        file there, uncounted. A stop before the rename leaves it uncounted (absent, or an earlier damaged
+        file, told by its inode)."""
+        before = _inode(path)
+        self._made.append(path)
+        try:
+            atomic_write(path, write)
+        except BaseException:
+            if _inode(path) == before:  # not replaced: not this run's scores
+                self._made.remove(path)
+            raise
 
     def where(self) -> str | None:
         """Where the finished lengths are: the comparison so far and the kept scores (None before the
@@ -1417,8 +1430,33 @@ class LengthProgress:
             f"{table} ({csv_path.name}, {png.name}); {kept}"
         )
 
-    def finish(self) -> None:
-        """Remove what this run kept along the way (the whole comparison is written)."""
-        for path in self._made:
+    def finish(self, comparison: Comparison | None = None) -> None:
+        """Remove what this run kept along the way (the whole comparison is written) and, given that whole
+        ``comparison``, the partial files of its first lengths that an interrupted earlier run of it left
+        (a run asked for more ``--seq-len`` values, stopped past them): the whole comparison holds what they
+        hold. Partial files holding a length it lacks are kept: that length's only comparison."""
+        earlier = [] if comparison is None else self._partials_of_first_lengths(comparison)
+        for path in self._made + earlier:
             path.unlink(missing_ok=True)
         self._made.clear()
+
+    def _partials_of_first_lengths(self, comparison: Comparison) -> list[Path]:
+        """The ``compare-<id>-partial.*`` paths of each run of ``comparison``'s first lengths (1, 2, ...,
+        all): those a run of it interrupted after them wrote (:func:`write_comparison`)."""
+        stems = [
+            comparison_stem(
+                replace(comparison, lengths=comparison.lengths[:count]), self.out_dir, partial=True
+            )
+            for count in range(1, len(comparison.lengths) + 1)
+        ]
+        return [stem.with_suffix(suffix) for stem in stems for suffix in (".csv", ".png", ".md")]
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """``path``'s (device, inode), None where there is no file: a file replaced by ``os.replace`` has
+    another."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino

@@ -205,3 +205,18 @@ def test_a_stop_after_the_scores_rename_still_counts_them_as_kept(tmp_path, monk
     assert progress.scores_path("k8").exists()
     where = progress.where()
     assert where is not None and "the scores of 1 finished length are kept" in where, where
+
+
+def test_e2e_fast_weights_grown_in_an_earlier_call_still_blame_the_inner_lr() -> None:
+    """The growth was measured from the call's start: a second call whose state carried the fast weights
+    an earlier call grew (1e30 inner rate) blamed the model's weights and optim.lr. It is measured from
+    the model's own fast weights now."""
+    model = _e2e(inner_lr=1e30)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        _, state = model(ids[:, :5])  # trains the first chunk (its weights grow), scores the next
+        with pytest.raises(NonFiniteInnerStepError) as caught:
+            model(ids[:, 5:], state)  # trains the second chunk: step 1 of this call
+    said = str(caught.value)
+    assert "inner step 1 of this call" in said and "lower model.e2e.inner_lr" in said, said
+    assert "optim.lr" not in said, said

@@ -664,15 +664,19 @@ def _inner_rate_advice(config: E2EConfig, inner_lr: float) -> str:
     return f"lower model.e2e.inner_lr (configured {config.inner_lr:g}{now}) or {clipped}"
 
 
-def _non_finite_logits_cause(largest: torch.Tensor, step: int, names: list[str], advice: str) -> str:
+def _non_finite_logits_cause(
+    largest: torch.Tensor, initial: torch.Tensor, step: int, names: list[str], advice: str
+) -> str:
     """Why inner step ``step``'s logits are NaN or inf from finite hidden states and fast weights
     (``largest``: the :func:`_step_scales` of the call's steps): the inner rate if the inner steps grew a
-    fast weight :data:`INNER_GROWTH_BLAMED` times or more since the call's start, else the model's weights."""
-    growth = largest[step, 1:] / largest[0, 1:].clamp_min(torch.finfo(torch.float32).tiny)
+    fast weight :data:`INNER_GROWTH_BLAMED` times or more from the model's own (``initial``: their largest
+    magnitudes; not the call's start, which a state from earlier calls may hold grown), else the model's
+    weights."""
+    growth = largest[step, 1:] / initial.double().clamp_min(torch.finfo(torch.float32).tiny)
     grown = int(growth.argmax())
     size = (
         f"largest |w| {float(largest[step, 1 + grown]):.3g} in {names[grown]}, "
-        f"{float(growth[grown]):.3g} x its size at this call's start"
+        f"{float(growth[grown]):.3g} x its size in the model's weights"
     )
     if float(growth[grown]) >= INNER_GROWTH_BLAMED:
         return (
@@ -686,7 +690,12 @@ def _non_finite_logits_cause(largest: torch.Tensor, step: int, names: list[str],
 
 
 def _raise_if_the_inner_loop_went_non_finite(
-    config: E2EConfig, inner_lr: float, names: list[str], sums: list[torch.Tensor], scales: list[torch.Tensor]
+    config: E2EConfig,
+    inner_lr: float,
+    names: list[str],
+    sums: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    initial: Callable[[], torch.Tensor],
 ) -> None:
     """Raise a :class:`NonFiniteInnerStepError` at the first chunk trained on in this call whose hidden
     states, fast weights, logits or updated fast weights (``sums``: :func:`_step_sums`, ``scales``:
@@ -717,7 +726,7 @@ def _raise_if_the_inner_loop_went_non_finite(
         first = names[int(returned.nonzero()[0])] if bool(returned.any()) else "(none: the losses)"
         cause = f"the inner update made fast weight {first} NaN or inf from finite ones: {advice}"
     else:
-        cause = _non_finite_logits_cause(largest, step, names, advice)
+        cause = _non_finite_logits_cause(largest, initial().cpu(), step, names, advice)
     raise NonFiniteInnerStepError(
         f"{where}: {cause}; model.e2e.non_finite='ignore' lets NaN and inf propagate"
     )
@@ -1315,7 +1324,14 @@ class E2ELM(MaterialisableLM):
         _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, sums)
         if self.diagnoses_its_inner_loop:
             _raise_if_the_inner_loop_went_non_finite(
-                self.config.e2e, self.inner_lr(), sorted(fast), sums, scales
+                self.config.e2e, self.inner_lr(), sorted(fast), sums, scales, self._initial_scales
+            )
+
+    def _initial_scales(self) -> torch.Tensor:
+        """The largest magnitude of each of the model's own fast weights (the initial ones), by name."""
+        with torch.no_grad():
+            return torch.stack(
+                [self.get_parameter(name).abs().amax().float() for name in sorted(self.fast_weight_names())]
             )
 
     def _chunk_for_attention(self) -> int | None:

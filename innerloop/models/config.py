@@ -169,7 +169,9 @@ class E2EConfig:
         non_finite: ``raise`` (as a TTT layer's ``non_finite``): a chunk's inner loss returning NaN or
             inf from finite logits, or the update rule non-finite fast weights from finite ones and
             finite losses, is a ``ValueError`` naming the plugin at the end of the call (one check of
-            each chunk trained on, read back once per call); ``ignore`` lets them propagate.
+            each chunk trained on, read back once per call); outside fitting, NaN or inf appearing at a chunk
+            trained on without a plugin's fault raises it too, naming the chunk and the likely cause
+            (``E2ELM.diagnoses_its_inner_loop``); ``ignore`` lets them propagate.
     """
 
     chunk_size: int = 16

@@ -1,0 +1,138 @@
+"""Review s54n: mutation audit of config/trainer_args, config/schema, checkpoints, kernels/dispatch,
+registry/settings and registry/verdicts -- tests that kill the mutants the existing tests let survive."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from innerloop.registry.settings import plugin_settings
+from innerloop.registry.verdicts import _MAX_ENTRIES, PassedChecks, behaviour_key, not_reusable
+
+
+class _NamedByAttribute:
+    """A plugin object that keeps its name as an instance attribute beside one setting."""
+
+    def __init__(self) -> None:
+        self.name = "named_by_attribute"
+        self.delta = 2.0
+
+
+@dataclasses.dataclass
+class _NamedDataclass:
+    """A dataclass plugin with a ``name`` field beside one setting."""
+
+    name: str = "named_dataclass"
+    scale: float = 0.5
+
+
+def test_plugin_settings_leave_out_the_name_attribute() -> None:
+    """The name is the record's key: recorded again as a setting, every checkpoint saved before (whose
+    record has no ``name`` setting) would differ from the plugin registered now."""
+    assert plugin_settings(_NamedByAttribute()) == {"delta": 2.0}
+    assert plugin_settings(_NamedDataclass()) == {"scale": 0.5}
+
+
+class _Keyed:
+    """An object whose behaviour key is its one plain setting."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_passed_checks_keep_the_512_most_recently_used_verdicts() -> None:
+    """The cache holds ``_MAX_ENTRIES`` keys, evicting the least recently *used* one: a verdict found
+    again is kept over one only stored earlier (a registry rebuilt in a loop keeps its built-ins)."""
+    checks, checked = PassedChecks(), []
+
+    def register(value: int) -> None:
+        checks.name_or_check("inner_loss", _Keyed(value), False, lambda: checked.append(value) or "keyed")
+
+    for value in range(_MAX_ENTRIES):
+        register(value)
+    register(0)  # found: now the most recently used
+    assert checked == list(range(_MAX_ENTRIES))
+    checked.clear()
+    register(_MAX_ENTRIES)  # one too many: evicts 1, the least recently used
+    register(0)
+    register(_MAX_ENTRIES - 1)
+    assert checked == [_MAX_ENTRIES]
+    register(1)
+    assert checked == [_MAX_ENTRIES, 1]
+
+
+class _DeclaresSettings:
+    """A plugin class with a ``settings()`` method (an instance's)."""
+
+    def settings(self) -> dict[str, float]:
+        return {"scale": 1.0}
+
+
+def test_a_plugin_class_registered_itself_has_no_settings() -> None:
+    """A class is no instance: its dataclass defaults and its ``settings`` method (unbound) are not
+    settings of an object, and calling that method unbound would raise."""
+    assert plugin_settings(_NamedDataclass) == {}
+    assert plugin_settings(_DeclaresSettings) == {}
+    assert plugin_settings(_DeclaresSettings()) == {"scale": 1.0}
+
+
+class _Slotted:
+    __slots__ = ("scale",)
+
+
+class _SlottedChild(_Slotted):
+    """Has a ``__dict__`` (its class declares no slots), but its ``scale`` lives in a slot."""
+
+
+def test_a_value_held_in_a_slot_leaves_the_object_without_a_behaviour_key() -> None:
+    """A slot's value is not in ``vars(obj)``: keyed, two objects of other ``scale`` would share a
+    verdict. The slotted base class makes the key refuse."""
+    held = _SlottedChild()
+    held.scale = 2.0
+    assert behaviour_key("inner_loss", held, False) is None
+
+
+def test_a_check_that_warned_is_not_remembered_nor_is_the_check_around_it() -> None:
+    """``not_reusable()`` inside a check (one that warned) makes it run again at the next registration,
+    and so does the check that ran it from inside (a registration hook that registers)."""
+    checks, calls = PassedChecks(), []
+
+    def warned() -> str:
+        calls.append("warned")
+        not_reusable()
+        return "warned"
+
+    def around() -> str:
+        calls.append("around")
+        checks.name_or_check("inner_loss", _Keyed(1), False, warned)
+        return "around"
+
+    for _ in range(2):
+        checks.name_or_check("inner_loss", _Keyed(0), False, around)
+    assert calls == ["around", "warned"] * 2
+    calls.clear()
+    for _ in range(2):
+        checks.name_or_check("inner_loss", _Keyed(2), False, lambda: calls.append("clean") or "clean")
+    assert calls == ["clean"]
+
+
+_FACTOR = 2.0
+
+
+class _ReadsAGlobalInANestedFunction:
+    """Reads the module global ``_FACTOR`` only from code nested in its method (a lambda)."""
+
+    def scaled(self, value: float) -> float:
+        return (lambda item: item * _FACTOR)(value)
+
+
+def test_a_global_read_only_by_nested_code_is_part_of_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebinding a global that a lambda (or comprehension, inner function) of a method reads changes
+    what the method computes: the key must change with it."""
+    before = behaviour_key("inner_loss", _ReadsAGlobalInANestedFunction(), False)
+    monkeypatch.setattr(sys.modules[__name__], "_FACTOR", 3.0)
+    after = behaviour_key("inner_loss", _ReadsAGlobalInANestedFunction(), False)
+    assert before is not None and after is not None
+    assert before[0] != after[0]

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from innerloop.core.layer import TTTLayer
+from innerloop.kernels import dispatch
+from innerloop.kernels.dispatch import capability_refusal, verify_refusal
+from innerloop.kernels.spec import KernelInputs
 from innerloop.registry.settings import plugin_settings
 from innerloop.registry.verdicts import _MAX_ENTRIES, PassedChecks, behaviour_key, not_reusable
 
@@ -136,3 +142,78 @@ def test_a_global_read_only_by_nested_code_is_part_of_the_key(monkeypatch: pytes
     after = behaviour_key("inner_loss", _ReadsAGlobalInANestedFunction(), False)
     assert before is not None and after is not None
     assert before[0] != after[0]
+
+
+def _kernel(**capabilities: bool) -> SimpleNamespace:
+    """A kernel's capabilities as :func:`capability_refusal` reads them."""
+    given = {"supports_decay": False, "fuses_inner_norm": False, **capabilities}
+    return SimpleNamespace(name="k", verify=lambda inputs: None, **given)
+
+
+def _inputs(**flags: bool) -> KernelInputs:
+    return KernelInputs(
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        head_dim=8,
+        mini_batch_size=4,
+        num_tokens=4,
+        requires_grad=False,
+        extra=flags,
+    )
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "flags", "refused"),
+    [
+        ({"supports_decay": True}, {"decay": True, "decode": True}, "decode path does not take decay"),
+        ({"supports_decay": True}, {"decay": True}, None),
+        ({"fuses_inner_norm": True}, {"norm": True, "residual": False}, "inner_residual=False"),
+        ({"fuses_inner_norm": True}, {"norm": False, "residual": True}, "inner_norm=False"),
+        ({"fuses_inner_norm": True}, {"norm": True, "residual": True}, None),
+    ],
+)
+def test_capability_refusal_of_decay_while_decoding_and_of_a_fused_norm_half_on(
+    capabilities: dict[str, bool], flags: dict[str, bool], refused: str | None
+) -> None:
+    """A decode step takes no decay (run, the token would not forget: a silent wrong number), and a
+    kernel fusing the inner LayerNorm and residual needs both on, not one."""
+    reason = capability_refusal(_kernel(**capabilities), _inputs(**flags))
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None and refused in reason
+
+
+@pytest.mark.parametrize("reason", ["", "   ", 3])
+def test_a_verify_giving_a_blank_or_non_str_reason_is_named_a_broken_plugin(reason: object) -> None:
+    kernel = _kernel()
+    kernel.verify = lambda inputs: reason
+    with pytest.raises(TypeError, match="kernel 'k': verify\\(\\) must return None"):
+        verify_refusal(kernel, _inputs())
+
+
+def test_a_kernel_refused_on_every_device_is_told_with_the_first_devices_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``refused_named_kernels`` gives the reason on the first device (its docstring), not the last."""
+    monkeypatch.setattr(dispatch, "named_kernel_refusal", lambda *args, device, **kwargs: f"not on {device}")
+    model = torch.nn.Sequential(TTTLayer(32, 2, mini_batch_size=4, kernel="cpu_ttt_linear"))
+    devices = [torch.device("cpu"), torch.device("meta")]
+    assert dispatch.refused_named_kernels(model, devices, requires_grad=True) == {
+        "cpu_ttt_linear": "not on cpu"
+    }
+
+
+class _GatedByItsLog(TTTLayer):
+    """A layer whose own code gives its forgetting gate only as log a (``decay_log``), none declared."""
+
+    def declared_gates(self) -> None:
+        return None
+
+    def scan_gates(self, hidden: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        return None, None, torch.zeros(hidden.shape[0], self.num_heads, hidden.shape[1])
+
+
+def test_a_gate_given_only_as_its_log_counts_as_decay() -> None:
+    """A block whose gate comes as ``decay_log`` forgets: a kernel without decay must be refused for it."""
+    assert dispatch.layer_gates(_GatedByItsLog(32, 2, mini_batch_size=4)) == (True, False)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from innerloop import checkpoints
 from innerloop.core.layer import TTTLayer
 from innerloop.kernels import dispatch
 from innerloop.kernels.dispatch import capability_refusal, verify_refusal
@@ -217,3 +218,33 @@ class _GatedByItsLog(TTTLayer):
 def test_a_gate_given_only_as_its_log_counts_as_decay() -> None:
     """A block whose gate comes as ``decay_log`` forgets: a kernel without decay must be refused for it."""
     assert dispatch.layer_gates(_GatedByItsLog(32, 2, mini_batch_size=4)) == (True, False)
+
+
+def test_candidates_leave_out_training_only_kernels_for_a_block_without_a_graph() -> None:
+    """A ``training_only`` kernel speeds up blocks that record a graph, no other; a decoded token goes
+    only to kernels with a decode step."""
+    trains = SimpleNamespace(name="trains", training_only=True, decode=object())
+    infers = SimpleNamespace(name="infers", training_only=False, decode=None)
+    assert dispatch._candidates([trains, infers], _inputs()) == [infers]
+    graph = dataclasses.replace(_inputs(), requires_grad=True)
+    assert dispatch._candidates([trains, infers], graph) == [trains, infers]
+    decoded = dataclasses.replace(_inputs(decode=True), requires_grad=True)
+    assert dispatch._candidates([trains, infers], decoded) == [trains]
+
+
+@pytest.mark.parametrize(
+    "entry", [{"__tensor__": "t0", "shape": [2]}, {"__tensor__": ["t0"]}, {"__tensor__": 0}]
+)
+def test_a_malformed_tensor_reference_in_a_checkpoint_tree_is_refused(entry: dict) -> None:
+    """Only ``{"__tensor__": <key of a stored tensor>}`` is a tensor: anything else was not written by
+    innerloop (an unhashable key crashed with a bare TypeError)."""
+    with pytest.raises(checkpoints._TreeError, match="refers to a tensor"):
+        checkpoints._decode(entry, {"t0": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("pairs", [[["a"]], [["a", 1, 2]], [[]]])
+def test_a_dict_entry_that_is_no_pair_in_a_checkpoint_tree_is_refused(pairs: list) -> None:
+    """A stored dict of non-str keys is a list of ``[key, value]`` pairs; another length crashed with
+    a bare unpacking ValueError."""
+    with pytest.raises(checkpoints._TreeError, match="malformed dict"):
+        checkpoints._decode({"__dict__": pairs}, {})

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 import torch
 
 from innerloop import checkpoints
+from innerloop.config import trainer_args
 from innerloop.core.layer import TTTLayer
 from innerloop.kernels import dispatch
 from innerloop.kernels.dispatch import capability_refusal, verify_refusal
@@ -248,3 +250,29 @@ def test_a_dict_entry_that_is_no_pair_in_a_checkpoint_tree_is_refused(pairs: lis
     a bare unpacking ValueError."""
     with pytest.raises(checkpoints._TreeError, match="malformed dict"):
         checkpoints._decode({"__dict__": pairs}, {})
+
+
+def test_a_bool_is_no_int_for_a_lightning_argument() -> None:
+    """``num_sanity_val_steps: true`` is a mistake, not 1 sanity step: refused naming the key."""
+    assert not trainer_args.value_matches(True, int)
+    assert trainer_args.value_matches(3, int) and trainer_args.value_matches(3, float)
+    with pytest.raises(ValueError, match="num_sanity_val_steps"):
+        trainer_args.check_lightning_arguments({"num_sanity_val_steps": True}, ValueError)
+
+
+def test_a_literal_matches_only_a_value_of_its_own_type() -> None:
+    """``Literal[64, 32, 16]`` takes 64, not 64.0 nor True for 1 (Lightning compares by ``in``)."""
+    assert trainer_args.value_matches(64, Literal[64, 32])
+    assert not trainer_args.value_matches(64.0, Literal[64, 32])
+    assert not trainer_args.value_matches(True, Literal[1])
+
+
+def test_one_value_given_under_trainer_and_trainer_lightning_alike_is_kept() -> None:
+    """A Lightning setting given both as ``trainer.<name>`` and ``trainer.lightning.<name>`` is refused
+    only where the two differ (the same value twice is one setting)."""
+    same = {"trainer": {"accumulate_grad_batches": 2, "lightning": {"accumulate_grad_batches": 2}}}
+    routed = trainer_args.route_trainer_keys(same, "run.yaml", ValueError)
+    assert routed["trainer"]["lightning"] == {"accumulate_grad_batches": 2}
+    other = {"trainer": {"accumulate_grad_batches": 2, "lightning": {"accumulate_grad_batches": 3}}}
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer_args.route_trainer_keys(other, "run.yaml", ValueError)

@@ -256,6 +256,10 @@ def test_a_bool_is_no_int_for_a_lightning_argument() -> None:
     """``num_sanity_val_steps: true`` is a mistake, not 1 sanity step: refused naming the key."""
     assert not trainer_args.value_matches(True, int)
     assert trainer_args.value_matches(3, int) and trainer_args.value_matches(3, float)
+
+
+@pytest.mark.slow  # reads Lightning's Trainer signature (its first use imports Lightning: ~3 s under load)
+def test_a_bool_for_an_int_lightning_argument_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match="num_sanity_val_steps"):
         trainer_args.check_lightning_arguments({"num_sanity_val_steps": True}, ValueError)
 
@@ -267,6 +271,7 @@ def test_a_literal_matches_only_a_value_of_its_own_type() -> None:
     assert not trainer_args.value_matches(True, Literal[1])
 
 
+@pytest.mark.slow  # reads Lightning's Trainer signature, as above
 def test_one_value_given_under_trainer_and_trainer_lightning_alike_is_kept() -> None:
     """A Lightning setting given both as ``trainer.<name>`` and ``trainer.lightning.<name>`` is refused
     only where the two differ (the same value twice is one setting)."""
@@ -276,3 +281,20 @@ def test_one_value_given_under_trainer_and_trainer_lightning_alike_is_kept() -> 
     other = {"trainer": {"accumulate_grad_batches": 2, "lightning": {"accumulate_grad_batches": 3}}}
     with pytest.raises(ValueError, match="accumulate_grad_batches"):
         trainer_args.route_trainer_keys(other, "run.yaml", ValueError)
+
+
+def test_a_file_is_written_in_the_widest_of_a_models_dtypes() -> None:
+    """A bfloat16 model with float32 norms is written in float32, losing no weight to rounding."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2).to(torch.bfloat16), torch.nn.LayerNorm(2))
+    assert checkpoints.widest_parameter_dtype(model) == torch.float32
+    assert checkpoints.widest_parameter_dtype(model.double()) == torch.float64
+
+
+def test_empty_weights_are_no_tied_weights_and_differing_ties_are_refused() -> None:
+    """Empty tensors share no memory (their data pointers may be equal); two tied weights stored
+    different are refused: loaded, one would silently replace the other."""
+    assert checkpoints.tied_weights({"a": torch.zeros(0), "b": torch.zeros(0)}) == []
+    shared = torch.zeros(2)
+    expected = {"embed": shared, "head": shared}
+    with pytest.raises(checkpoints.CheckpointError, match="'embed' and 'head' differ"):
+        checkpoints.check_state_dict(expected, {"embed": torch.zeros(2), "head": torch.ones(2)}, "x")

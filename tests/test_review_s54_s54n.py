@@ -298,3 +298,17 @@ def test_empty_weights_are_no_tied_weights_and_differing_ties_are_refused() -> N
     expected = {"embed": shared, "head": shared}
     with pytest.raises(checkpoints.CheckpointError, match="'embed' and 'head' differ"):
         checkpoints.check_state_dict(expected, {"embed": torch.zeros(2), "head": torch.ones(2)}, "x")
+
+
+def test_keeping_a_bfloat16_dtype_keeps_a_layers_derived_tables_in_float32() -> None:
+    """``keep_dtype`` casts the weights to the stored bfloat16, but a TTT layer's token-index and RoPE
+    tables stay at least float32 (as Lightning's cast does): in bfloat16 the token index rounds."""
+    model = torch.nn.Sequential(TTTLayer(32, 2, mini_batch_size=4))
+    stored = {key: value.to(torch.bfloat16) for key, value in model.state_dict().items()}
+    checkpoints.cast_to_stored_dtypes(model, stored, keep_dtype=True)
+    layer = model[0]
+    tables = set(layer.derived_buffers())
+    assert tables and next(layer.parameters()).dtype == torch.bfloat16
+    assert {name: buffer.dtype for name, buffer in layer.named_buffers() if name in tables} == dict.fromkeys(
+        tables, torch.float32
+    )

@@ -312,3 +312,15 @@ def test_keeping_a_bfloat16_dtype_keeps_a_layers_derived_tables_in_float32() -> 
     assert {name: buffer.dtype for name, buffer in layer.named_buffers() if name in tables} == dict.fromkeys(
         tables, torch.float32
     )
+
+
+def test_each_run_config_section_takes_a_numpy_number_as_the_plain_number() -> None:
+    """A section built alone (``OptimConfig(lr=np.float64(...))``) holds plain Python numbers, which
+    config.yaml can hold (OmegaConf refused a numpy one when the run saved it)."""
+    import numpy as np
+
+    from innerloop.config.schema import DataConfig, OptimConfig, TrainerConfig
+
+    assert type(OptimConfig(lr=np.float64(0.1)).lr) is float
+    assert type(TrainerConfig(max_steps=np.int64(5)).max_steps) is int
+    assert type(DataConfig(batch_size=np.int64(4)).batch_size) is int

@@ -371,33 +371,59 @@ def _call_options_pinned(block: nn.Module) -> Callable[..., Any]:
     return forward_as_then
 
 
-def tie_head_to_embedding(model: nn.Module, loaded: bool = False) -> None:
-    """Make ``model.lm_head.weight`` the embedding's Parameter again where ``model.config.tie_embeddings``
-    asks for the tie and something made them two: ``to_empty`` off the meta device (``nn.Module._apply``
-    gives each module its own new Parameter) or ``load_state_dict(..., assign=True)`` (each key its own).
-    Two Parameters would read as tied values once, then train apart (the embedding's gradient without
-    the head's share). Of a real and a meta one the real one is kept; after a load (``loaded``) two real
-    ones holding different values are refused, naming both keys, rather than one silently dropped."""
-    if not model.config.tie_embeddings:
-        return
+def _head_is_embedding(model: nn.Module) -> bool:
+    return model.lm_head.weight is model.embed.weight
+
+
+def tie_head_to_embedding(model: nn.Module, given: str | None = None) -> None:
+    """Make ``model.lm_head.weight`` and ``model.embed.weight`` one Parameter again after something made
+    two of the one they were: ``to_empty`` off the meta device (``nn.Module._apply`` gives each module its
+    own new Parameter) or ``load_state_dict(..., assign=True)`` (each key its own). Two would read as tied
+    values once, then train apart (the embedding's gradient without the head's share). Kept: the one a
+    load was given alone (``given``: ``"embed"`` or ``"lm_head"``), else of a real and a meta one the
+    real one, else the embedding's. Callers call it only where the two were one before (a head a user
+    untied on purpose stays untied)."""
     embed, head = model.embed.weight, model.lm_head.weight
     if head is embed:
         return
-    if loaded and not embed.is_meta and not head.is_meta and not torch.equal(embed, head):
-        raise ValueError(
-            "model.tie_embeddings is true (the LM head is the embedding), but the state dict loaded gives "
-            "embed.weight and lm_head.weight different values; load it into a model built with "
-            "tie_embeddings=False, or give one tensor for both"
-        )
-    kept = head if embed.is_meta and not head.is_meta else embed
+    if given == "lm_head" or (given is None and embed.is_meta and not head.is_meta):
+        kept = head
+    else:
+        kept = embed
     model.embed.weight = kept
     model.lm_head.weight = kept
 
 
+_TIED_KEYS = ("embed.weight", "lm_head.weight")
+
+
+def _before_load(model: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """The pre-load hook of every :class:`MaterialisableLM`: notes whether the head is the embedding (to
+    tie them again after an ``assign`` load) and which of the two the state dict gives; refuses, before
+    anything is loaded, two different tensors for one tied Parameter (copied one after the other, the
+    head's would silently replace the embedding's)."""
+    tied = _head_is_embedding(model)
+    given = [key for key in _TIED_KEYS if prefix + key in state_dict]
+    if tied and len(given) == 2:
+        embed, head = (state_dict[prefix + key] for key in _TIED_KEYS)
+        real = isinstance(embed, torch.Tensor) and isinstance(head, torch.Tensor)
+        comparable = real and embed.shape == head.shape and not embed.is_meta and not head.is_meta
+        if comparable and not torch.equal(embed, head.to(embed)):
+            raise ValueError(
+                f"this model's LM head is its embedding (one Parameter: model.tie_embeddings), but the state "
+                f"dict gives {prefix}embed.weight and {prefix}lm_head.weight different values; load it into "
+                "a model built with tie_embeddings=False, or give one tensor for both"
+            )
+    model._tied_before_load = (tied, given[0].split(".")[0] if len(given) == 1 else None)
+
+
 def _after_load(model: nn.Module, incompatible_keys: Any) -> None:
-    """The post-load hook of every innerloop language model (:class:`MaterialisableLM`); the layers remake
-    their own derived buffers (:func:`~innerloop.core.layer.remake_meta_derived_buffers`)."""
-    tie_head_to_embedding(model, loaded=True)
+    """The post-load hook of every innerloop language model (:class:`MaterialisableLM`): the head tied to
+    the embedding again where it was before the load; the layers remake their own derived buffers
+    (:func:`~innerloop.core.layer.remake_meta_derived_buffers`)."""
+    tied, given = model.__dict__.pop("_tied_before_load", (False, None))
+    if tied:
+        tie_head_to_embedding(model, given)
 
 
 class MaterialisableLM(nn.Module):
@@ -405,7 +431,8 @@ class MaterialisableLM(nn.Module):
     one built under ``torch.device("meta")`` and made real by ``to_empty`` (then a load) or by
     ``load_state_dict(..., assign=True)`` is the model built normally: the LM head stays tied to the
     embedding (one Parameter, both gradients in it) and the derived buffers no state dict holds are
-    made again (by the layers' own load hook). Subclasses set ``config``, ``embed`` and ``lm_head``."""
+    made again (by the layers' own load hook). A head the user untied (a Parameter of its own) stays
+    untied through both. Subclasses set ``config``, ``embed`` and ``lm_head``."""
 
     config: ModelConfig
     embed: nn.Embedding
@@ -413,12 +440,16 @@ class MaterialisableLM(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_after_load)
 
     def _apply(self, fn: Any, recurse: bool = True) -> MaterialisableLM:
-        """``nn.Module``'s (``.to``, ``to_empty``, ...), then the head tied to the embedding again."""
+        """``nn.Module``'s (``.to``, ``to_empty``, ...), then the head tied to the embedding again if
+        it was before."""
+        built = "embed" in self._modules and "lm_head" in self._modules
+        tied = built and _head_is_embedding(self)
         super()._apply(fn, recurse)
-        if "config" in self.__dict__ and "lm_head" in self._modules:
+        if tied:
             tie_head_to_embedding(self)
         return self
 

@@ -1,0 +1,69 @@
+"""Review s54t: the embedding/LM-head re-tie of :class:`~innerloop.models.lm.MaterialisableLM` (s54s)
+keeps a tie that was there and makes none that was not: a head a user untied on purpose survives
+``.to()`` and a load of its own state dict; a load into a tied model never drops one of two different
+tensors silently, and a state dict of only one of the two gives the tied weight its value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from innerloop.models import ModelConfig, build_model
+
+
+def _tied_model() -> nn.Module:
+    config = ModelConfig(
+        vocab_size=17, hidden_size=8, num_heads=2, num_layers=1, intermediate_size=12, mixer="attention"
+    )
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+def _untied_by_hand(model: nn.Module) -> torch.Tensor:
+    model.lm_head.weight = nn.Parameter(model.embed.weight.detach() * 3)
+    return model.lm_head.weight.detach().clone()
+
+
+def test_a_head_untied_by_the_user_survives_a_cast() -> None:
+    """Seen failing: ``.double()`` made the user's own head the embedding again (its values lost)."""
+    model = _tied_model()
+    head = _untied_by_hand(model)
+    model.double()
+    assert model.lm_head.weight is not model.embed.weight
+    assert torch.equal(model.lm_head.weight, head.double())
+
+
+def test_a_head_untied_by_the_user_loads_its_own_state_dict() -> None:
+    """Seen failing: the model's own checkpoint refused ('different values') on resume."""
+    model = _tied_model()
+    head = _untied_by_hand(model)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.load_state_dict(state)
+    assert model.lm_head.weight is not model.embed.weight
+    assert torch.equal(model.lm_head.weight, head)
+
+
+def test_a_tied_model_refuses_two_different_tensors_without_assign() -> None:
+    """Seen failing: copied one after the other into the one Parameter, the head's values silently
+    replaced the embedding's."""
+    model = _tied_model()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    before = model.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match="embed.weight and lm_head.weight"):
+        model.load_state_dict(state)
+    assert torch.equal(model.embed.weight, before)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_tied_model_takes_a_state_dict_of_only_the_head(assign: bool) -> None:
+    """Seen failing with assign: refused as 'embed.weight and lm_head.weight different values' though
+    no embed.weight was given."""
+    model = _tied_model()
+    head = torch.randn(17, 8)
+    model.load_state_dict({"lm_head.weight": head}, strict=False, assign=assign)
+    assert model.lm_head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, head)

@@ -67,3 +67,33 @@ def test_a_tied_model_takes_a_state_dict_of_only_the_head(assign: bool) -> None:
     model.load_state_dict({"lm_head.weight": head}, strict=False, assign=assign)
     assert model.lm_head.weight is model.embed.weight
     assert torch.equal(model.embed.weight, head)
+
+
+def test_the_inner_loop_diagnosis_costs_nothing_while_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen failing: with ``diagnoses_its_inner_loop`` off (training while fitting), every inner step still
+    took the amax of its hidden states and of each fast weight (:func:`_step_scales`), read back unused."""
+    from innerloop.models import E2EConfig
+    from innerloop.models import e2e as e2e_module
+
+    config = ModelConfig(
+        vocab_size=17,
+        hidden_size=8,
+        num_heads=2,
+        num_layers=1,
+        intermediate_size=12,
+        mixer="e2e",
+        window=6,
+        e2e=E2EConfig(chunk_size=4),
+    )
+    torch.manual_seed(0)
+    model = build_model(config)
+    ids = torch.tensor([[1, 5, 3, 16, 0, 2, 9, 4, 7]])
+    calls: list[int] = []
+    measured = e2e_module._step_scales
+    monkeypatch.setattr(e2e_module, "_step_scales", lambda *args: calls.append(1) or measured(*args))
+    model(ids)
+    assert calls, "the diagnosis on (the default) measures each inner step"
+    calls.clear()
+    monkeypatch.setattr(model, "diagnoses_its_inner_loop", False)
+    model(ids)
+    assert not calls

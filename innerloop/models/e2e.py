@@ -1479,9 +1479,9 @@ class E2ELM(MaterialisableLM):
                 stepped = self.update_rule.step(fast, losses, inner_lr, e2e.inner_grad_clip, create_graph)
                 stepped = _checked_step(self.update_rule, fast, stepped)
                 if checks is not None and holds_values(logits):
-                    checks.append(
-                        torch.cat((_step_sums(fast, logits, losses, stepped), _step_scales(h_chunk, fast)))
-                    )
+                    sums = _step_sums(fast, logits, losses, stepped)  # the scales only where they are read
+                    diagnosed = self.diagnoses_its_inner_loop
+                    checks.append(torch.cat((sums, _step_scales(h_chunk, fast))) if diagnosed else sums)
                 fast = stepped
         return logits, new_caches, fast
 

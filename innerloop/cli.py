@@ -1066,6 +1066,8 @@ class _TextWindow:
             self._before_break = 0
             before, after = "", self._tokenizer.decode(self._ids)
         end, text = self._settled(before, after)
+        if end is None and not final and self._held_too_long():
+            end, text = self._longest_whole(before)
         if end is None and (final or self._held_too_long()):
             end, text = len(self._ids), after[len(os.path.commonprefix([before, after])) :]
         if end is None:
@@ -1079,6 +1081,16 @@ class _TextWindow:
         held = len(self._ids) - self._printed
         run = next((n for n, i in enumerate(reversed(self._ids)) if i not in self._byte_ids), len(self._ids))
         return held >= self.HELD and (run == 0 or run >= self.MAX_BYTE_RUN)
+
+    def _longest_whole(self, before: str) -> tuple[int | None, str]:
+        """Where a window held too long may be cut: the last id whose text extends ``before`` with no
+        U+FFFD (a byte-fallback run cut at its length cap inside a character would be U+FFFD for every
+        byte of it, its ASCII ones too), and the text it adds (None, "": none)."""
+        for end in range(len(self._ids), self._printed, -1):
+            text = self._tokenizer.decode(self._ids[:end])
+            if text.startswith(before) and "\ufffd" not in text[len(before) :]:
+                return end, text[len(before) :]
+        return None, ""
 
     def _context_start(self, end: int, printed: str) -> int:
         """Where the context kept of the printed ids ``[:end]`` (whose text is ``printed``) starts: at most

@@ -97,3 +97,19 @@ def test_the_inner_loop_diagnosis_costs_nothing_while_off(monkeypatch: pytest.Mo
     monkeypatch.setattr(model, "diagnoses_its_inner_loop", False)
     model(ids)
     assert not calls
+
+
+@pytest.mark.parametrize("ascii_bytes", [60, 61, 62, 63])
+@pytest.mark.parametrize("character", ["日", "😀"])
+def test_a_byte_run_printed_at_its_length_cap_keeps_its_text(ascii_bytes: int, character: str) -> None:
+    """Seen failing: a byte-fallback run reaching ``_TextWindow.MAX_BYTE_RUN`` (64) ids inside a multi-byte
+    character was printed whole, and a run with an incomplete character decodes as U+FFFD for every byte:
+    60-63 'a's printed as U+FFFD though ``decode(all ids)`` has them (and the character after)."""
+    from innerloop import cli
+    from tests.test_review_s54_s54m import _sentencepiece_like
+
+    tokenizer = _sentencepiece_like()  # ids 3..258: the bytes <0x00>..<0xFF>
+    ids = [3 + byte for byte in b"a" * ascii_bytes + character.encode() + b"b"]
+    window = cli._TextWindow(tokenizer)
+    printed = "".join(window.add([token_id]) for token_id in ids) + window.flush()
+    assert printed == tokenizer.decode(ids) == "a" * ascii_bytes + character + "b"

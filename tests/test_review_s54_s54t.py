@@ -113,3 +113,19 @@ def test_a_byte_run_printed_at_its_length_cap_keeps_its_text(ascii_bytes: int, c
     window = cli._TextWindow(tokenizer)
     printed = "".join(window.add([token_id]) for token_id in ids) + window.flush()
     assert printed == tokenizer.decode(ids) == "a" * ascii_bytes + character + "b"
+
+
+def test_a_zero_initialised_fast_weight_does_not_blame_the_inner_rate() -> None:
+    """Seen failing: a fast weight the model holds at 0 (a zero-initialised output projection) that one
+    ordinary inner step moved to 0.01 measured as grown 1e36 times (0.01 over float32's tiny), so NaN
+    logits from the model's own diverged weights were blamed on model.e2e.inner_lr."""
+    from innerloop.models.e2e import _non_finite_logits_cause
+
+    initial = torch.tensor([0.0, 0.05, 0.05])
+    largest = torch.tensor([[1.0, 0.0, 0.05, 0.05], [1.0, 0.01, 0.05, 0.05]], dtype=torch.float64)
+    cause = _non_finite_logits_cause(largest, initial, 1, ["down", "gate", "up"], "lower model.e2e.inner_lr")
+    assert "model's own weights likely diverged" in cause
+    blown = largest.clone()
+    blown[1, 1] = 1e6  # an inner step that did blow it up is still blamed
+    cause = _non_finite_logits_cause(blown, initial, 1, ["down", "gate", "up"], "lower model.e2e.inner_lr")
+    assert "inner learning rate is likely too large" in cause

@@ -650,6 +650,10 @@ def _step_scales(h_chunk: torch.Tensor, before: FastWeights) -> torch.Tensor:
 #: by at most ``inner_lr`` a step, far less than this at any sane rate).
 INNER_GROWTH_BLAMED = 1e4
 
+#: The least magnitude, as a share of the largest of the model's fast weights, a fast weight's growth is
+#: measured from (:func:`_non_finite_logits_cause`): one held at 0 is not read as grown without bound.
+RELATIVE_SCALE_FLOOR = 1e-3
+
 
 def _inner_rate_advice(config: E2EConfig, inner_lr: float) -> str:
     """Which settings to lower when the inner update overflowed: model.e2e.inner_lr (the configured value,
@@ -672,7 +676,11 @@ def _non_finite_logits_cause(
     fast weight :data:`INNER_GROWTH_BLAMED` times or more from the model's own (``initial``: their largest
     magnitudes; not the call's start, which a state from earlier calls may hold grown), else the model's
     weights."""
-    growth = largest[step, 1:] / initial.double().clamp_min(torch.finfo(torch.float32).tiny)
+    # a weight the model holds at or near 0 (a zero-initialised projection) is measured against the
+    # fast weights' own scale, else any ordinary step would read as grown 1e36 times
+    initial = initial.double()
+    floor = max(float(initial.max()) * RELATIVE_SCALE_FLOOR, torch.finfo(torch.float32).tiny)
+    growth = largest[step, 1:] / initial.clamp_min(floor)
     grown = int(growth.argmax())
     size = (
         f"largest |w| {float(largest[step, 1 + grown]):.3g} in {names[grown]}, "

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
+from innerloop.models.e2e import NonFiniteInnerStepError
 
 PRIME = ("gate_proj", "up_proj", "down_proj")
 
@@ -329,6 +330,11 @@ def test_a_nan_in_one_sequences_fast_weights_stays_in_that_sequence() -> None:
         _, state = model(ids[:, :6])
         fast = {k: v.clone() for k, v in state.fast.items()}
         fast[next(iter(fast))][0, 0, 0] = float("nan")
+        # outside training the inner-loop diagnosis (s54r) refuses a state carrying NaN: the numbers kept
+        # per sequence are those with it off (as while fitting)
+        with pytest.raises(NonFiniteInnerStepError, match="carried in the state"):
+            model(ids[:, 6:], replace(state, fast=fast))
+        model.diagnoses_its_inner_loop = False
         rest, _ = model(ids[:, 6:], replace(state, fast=fast))
     assert torch.isnan(rest[0]).all()
     assert (rest[1:] - whole[1:, 6:]).abs().max().item() < 1e-12

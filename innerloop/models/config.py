@@ -37,6 +37,7 @@ from innerloop.core.layer import (
 )
 from innerloop.models.attention import CausalSelfAttention
 from innerloop.registry import available, get_registry
+from innerloop.registry.kinds import KINDS
 
 E2E: str = "e2e"
 """``model.mixer`` of the TTT-E2E model: not a block's mixer but a model of its own (sliding-window
@@ -843,15 +844,23 @@ def check_field_types(
             )
 
 
+_TTT_LAYER_KINDS = ("inner_model", "inner_loss", "update_rule")
+"""The plugin kinds a :class:`~innerloop.core.layer.TTTLayer` built in Python takes as instances."""
+
+
 def _plugin_object_hint(value: Any) -> str:
     """For a plugin object where a config takes a name (``TTTConfig(inner_loss=MyLoss())``): how to give
-    it; "" for any other value."""
+    it, naming its kind's registration function (``innerloop.register_inner_loss``); "" for any other
+    value."""
     name = getattr(value, "name", None)
     if isinstance(value, str) or not isinstance(name, str):
         return ""
+    kind = next((kind.name for kind in KINDS if isinstance(value, kind.base)), None)
+    register = f"innerloop.register_{kind}(obj)" if kind else "innerloop.register_<kind>(obj)"
+    layer = "; a TTTLayer built in Python takes the instance itself" if kind in _TTT_LAYER_KINDS else ""
     return (
-        f" (a config names a registered plugin: register the object, innerloop.register_<kind>(obj), and give "
-        f"its name {name!r}; a TTTLayer built in Python takes the instance itself)"
+        f" (a config names a registered plugin: register the object, {register}, and give its name "
+        f"{name!r}{layer})"
     )
 
 

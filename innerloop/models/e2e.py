@@ -699,10 +699,10 @@ def _non_finite_logits_cause(
 
 def _raise_if_the_inner_loop_went_non_finite(
     config: E2EConfig,
-    inner_lr: float,
+    inner_lr: Callable[[], float],
     names: list[str],
-    sums: list[torch.Tensor],
-    scales: list[torch.Tensor],
+    table: torch.Tensor,
+    largest: torch.Tensor,
     initial: Callable[[], torch.Tensor],
 ) -> None:
     """Raise a :class:`NonFiniteInnerStepError` at the first chunk trained on in this call whose hidden
@@ -710,17 +710,18 @@ def _raise_if_the_inner_loop_went_non_finite(
     :func:`_step_scales`, one each per chunk, of the fast weights ``names``) hold NaN or inf, saying which
     chunk and what is likely the cause: the hidden states entering the suffix (the model's weights or its
     input: not the inner rate), the inner update (``model.e2e.inner_lr`` or its clip), or the model's
-    weights. Called after :func:`_raise_if_a_plugin_went_non_finite` (a plugin's own NaN)."""
-    if not sums:
+    weights. ``table`` ``[steps, 2 W + 2]`` and ``largest`` ``[steps, 1 + W]`` are already read back (the
+    call's one read-back); ``inner_lr`` and ``initial`` are read only to word an error. Called after
+    :func:`_raise_if_a_plugin_went_non_finite` (a plugin's own NaN)."""
+    if table.shape[0] == 0:
         return
-    table, largest = torch.stack(sums).cpu(), torch.stack(scales).cpu()  # the call's one read-back
     count = len(names)
     broken = ~torch.isfinite(table).all(1) | ~torch.isfinite(largest).all(1)
     if not bool(broken.any()):
         return
     step = int(broken.nonzero()[0])
     where = f"TTT-E2E inner step {step + 1} of this call (chunk {step + 1} trained on in it)"
-    advice = _inner_rate_advice(config, inner_lr)
+    advice = _inner_rate_advice(config, inner_lr())
     if not math.isfinite(float(largest[step, 0])):
         cause = (
             "the hidden states entering the suffix blocks are NaN or inf: they come from the embedding and "
@@ -746,15 +747,16 @@ class NonFiniteInnerStepError(ValueError):
 
 
 def _raise_if_a_plugin_went_non_finite(
-    loss: ModelInnerLoss, rule: ModelUpdateRule, sums: list[torch.Tensor]
+    loss: ModelInnerLoss, rule: ModelUpdateRule, sums: torch.Tensor
 ) -> None:
     """Raise a :class:`NonFiniteInnerStepError` (a ``ValueError``) naming the plugin if, at a chunk trained on (``sums``: one
     :func:`_step_sums` each, read back here at once), the inner loss returned non-finite losses from
     finite fast weights and logits, or the update rule non-finite fast weights from finite fast weights
-    and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins)."""
-    if not sums:
+    and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins). ``sums``
+    ``[steps, 2 W + 2]`` is already read back from the device."""
+    if sums.shape[0] == 0:
         return
-    finite = torch.isfinite(torch.stack(sums).cpu())  # [steps, 2 W + 2]
+    finite = torch.isfinite(sums)  # [steps, 2 W + 2]
     weights = (finite.shape[1] - 2) // 2
     given, logits, losses = finite[:, :weights].all(1), finite[:, weights], finite[:, weights + 1]
     bad_loss = given & logits & ~losses
@@ -1328,11 +1330,16 @@ class E2ELM(MaterialisableLM):
         if not checks:
             return
         width = 2 * len(fast) + 2
-        sums, scales = [c[:width] for c in checks], [c[width:] for c in checks]
-        _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, sums)
+        read = torch.stack(checks).cpu()  # [steps, width (+ 1 + W where diagnosed)]: the call's one read-back
+        _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, read[:, :width])
         if self.diagnoses_its_inner_loop:
             _raise_if_the_inner_loop_went_non_finite(
-                self.config.e2e, self.inner_lr(), sorted(fast), sums, scales, self._initial_scales
+                self.config.e2e,
+                self.inner_lr,
+                sorted(fast),
+                read[:, :width],
+                read[:, width:],
+                self._initial_scales,
             )
 
     def _initial_scales(self) -> torch.Tensor:

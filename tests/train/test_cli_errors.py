@@ -274,8 +274,11 @@ def test_the_console_entry_point_reports_user_errors_in_one_line(run_dir) -> Non
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
-        "innerloop train: error: optim.lr=nan (float) must be a finite number > 0"
-    ]
+        "innerloop train: error: optim.lr=nan (float) must be a finite number > 0 and <= 3.4028234663852886e+38 "
+        "(a larger one is inf in float32, the weights' or the optimizer state's dtype in every trainer.precision "
+        "but 64-true; one cap for every precision, so that a config valid in one is valid in all (no rate near "
+        "it trains))"
+    ]  # one line, naming the key, the value and the range (its cap since s54d/s54r)
     prompt = b"x\xffy"  # not UTF-8: passed to the program as bytes
     ok = subprocess.run(
         [sys.executable.encode(), b"-m", b"innerloop.cli", b"generate", str(run_dir / "last.safetensors").encode(),

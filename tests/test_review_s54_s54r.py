@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from innerloop import InnerLoss, LossPairs
 from innerloop.models import E2EConfig, ModelConfig, NonFiniteInnerStepError, build_model
+from tests.test_review_s54_s54i import _NaNGradientLoss  # an inner loss whose gradient turns NaN
 
 
 def _e2e(**options) -> torch.nn.Module:
@@ -66,22 +66,6 @@ def test_the_lr_cap_says_why_it_holds_in_a_64_true_run_too() -> None:
     said = str(caught.value)
     assert "optim.lr=1e+39" in said
     assert "but 64-true" in said and "one cap for every precision" in said
-
-
-class _NaNGradientLoss(InnerLoss):
-    """An inner loss whose gradient is NaN once ``armed`` (after registration, which checks it)."""
-
-    name = "review_s54r_nan_gradient"
-    armed = False
-
-    def pairs(self, views, carry):
-        return LossPairs(views.key, views.value)
-
-    def token_loss(self, prediction, target):
-        return 0.5 * (prediction - target).pow(2).sum(-1)
-
-    def token_loss_grad(self, prediction, target):
-        return (prediction - target) * (float("nan") if self.armed else 1.0)
 
 
 @pytest.mark.slow  # ~1 s: a module built and one training step

@@ -327,6 +327,17 @@ class FamilyLayer(TTTLayer):
             self.register_buffer(name, table, persistent=False)
         self.post_norm = RMSNorm(self.head_dim, eps=self.norm_eps)
 
+    def reset_parameters(self) -> None:
+        """Initialise this layer's own parameters again as its constructor does (the inner LayerNorm, the
+        initial inner weights, the member's gates), in place, and make its derived tables again (see
+        :meth:`TTTLayer.reset_parameters`)."""
+        with torch.no_grad():
+            self._reset_inner_weights()
+            self._reset_gates()
+
+    def _reset_gates(self) -> None:
+        """The member's gate parameters as :meth:`_build_gates` draws them (none here)."""
+
     def derived_buffers(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The non-persistent buffer made from the options: ``token_scale``, tau = 1 for every token
         (exact in any dtype; ``dtype`` as :meth:`TTTLayer.derived_buffers`)."""
@@ -603,6 +614,11 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
         self.dt_bias = nn.Parameter(_log_uniform_dt(self.num_heads))
 
+    def _reset_gates(self) -> None:
+        super()._reset_gates()
+        self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
+        self.dt_bias.copy_(_log_uniform_dt(self.num_heads))
+
     def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
         """``log a = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` ``[B, H, T]``, at least ``log`` of the floor.
 
@@ -693,6 +709,11 @@ class TitansLayer(FamilyLayer):
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(0, 16)))
         self.dt_bias = nn.Parameter(_log_uniform_dt(num_heads))
+
+    def _reset_gates(self) -> None:
+        super()._reset_gates()
+        self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
+        self.dt_bias.copy_(_log_uniform_dt(self.num_heads))
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr = base_lr * sigmoid(theta_proj(x))`` ``[B, H, T]`` in :attr:`scan_dtype`, and ``tau [K] = 1``."""

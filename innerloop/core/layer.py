@@ -1033,6 +1033,30 @@ class TTTLayer(nn.Module):
         )
         self.post_norm = LayerNorm(hidden_size, eps=self.norm_eps)
 
+    def reset_parameters(self) -> None:
+        """Initialise this layer's own parameters again as its constructor does (the inner lr gate and
+        token offsets, the inner LayerNorm, the initial inner weights from the inner model's
+        ``init_params``), in place, and make its derived tables again: what ``to_empty`` left as garbage is
+        the freshly built layer's (``model.apply(lambda m: m.reset_parameters())`` resets the projections
+        and norms, its children, as PyTorch's modules do theirs)."""
+        with torch.no_grad():
+            if hasattr(self, "learnable_ttt_lr_weight"):
+                self.learnable_ttt_lr_weight.copy_(torch.randn(self.learnable_ttt_lr_weight.shape) * 0.02)
+                self.learnable_ttt_lr_bias.zero_()
+                self.learnable_token_idx.zero_()
+            self._reset_inner_weights()
+
+    def _reset_inner_weights(self) -> None:
+        """The inner LayerNorm, the initial inner weights and the derived tables as the constructor makes them."""
+        if self.inner_norm:
+            self.ttt_norm_weight.fill_(1.0)
+            self.ttt_norm_bias.zero_()
+        for name, value in self._checked_init_params(self.num_heads, self.head_dim).items():
+            self.initial_params[name].copy_(value)
+        for name, table in self.derived_buffers().items():
+            current = self._buffers[name]
+            self.register_buffer(name, table.to(device=current.device, dtype=current.dtype), persistent=False)
+
     def _checked_init_params(self, num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
         """``inner_model.init_params(num_heads, head_dim)``, checked against its ``param_shapes`` at this
         layer's own shape (the registrar checked one small shape: a model that hard-codes the heads or

@@ -97,6 +97,7 @@ from innerloop.models.config import E2E, E2E_CHECKPOINTING_REFUSED, check_fits_i
 from innerloop.models.lm import (
     CHECKPOINT_BLOCKS,
     CheckpointFunction,
+    MaterialisableLM,
     check_checkpoint_function,
     check_init_std,
     check_not_vmap_batched,
@@ -819,6 +820,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         super().__init__(config)
         self.model = build_model(config.model_config)
         remake_token_index(self, config.innerloop_token_index_dtype, where=TOKEN_INDEX_FIELD)
+        # drawn just now (unless built on the meta device): post_init's init_weights must not draw it again
+        self.model._is_hf_initialized = not any(weight.is_meta for weight in self.model.parameters())
         self.post_init()
         self._mark_model_config_synced()
 
@@ -1237,8 +1240,33 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         fingerprint = token_fingerprint(input_ids, None if cache is None else cache.fingerprint)
         return InnerloopCache(state, seen, fingerprint, dtype=self.dtype, device=self.device)
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers', but the innerloop network goes to :meth:`_init_weights` unless marked initialised:
+        transformers takes a module of custom code whose own parameters are all marked (none: the network's
+        are its children's) as initialised, and would never initialise it."""
+        if isinstance(module, MaterialisableLM):
+            if not getattr(module, "_is_hf_initialized", False):
+                self._init_weights(module)
+                module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
+
     def _init_weights(self, module: nn.Module) -> None:
-        """Nothing: innerloop's modules initialise themselves when they are built (innerloop's scheme)."""
+        """Initialise the innerloop network again (:meth:`~innerloop.models.lm.MaterialisableLM.
+        reset_parameters`: as a fresh build draws it) when transformers asks for it, i.e. for a model it
+        has not marked initialised: ``init_weights()`` / ``post_init()`` of one built under
+        ``torch.device("meta")`` and made real by ``to_empty``. Its other modules are the network's parts,
+        which it initialises as a whole. A network whose every weight transformers loaded
+        (``from_pretrained``) is left as loaded; a normal build is marked initialised in ``__init__``
+        (its weights were just drawn)."""
+        if not isinstance(module, MaterialisableLM):
+            return
+        if all(getattr(weight, "_is_hf_initialized", False) for weight in module.parameters()):
+            return
+        if any(weight.is_meta for weight in module.parameters()):
+            return  # transformers builds on the meta device and loads after: nothing real to initialise
+        module.reset_parameters()
+        remake_token_index(self, self.config.innerloop_token_index_dtype, where=TOKEN_INDEX_FIELD)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

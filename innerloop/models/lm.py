@@ -443,6 +443,28 @@ class MaterialisableLM(nn.Module):
         self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_after_load)
 
+    def reset_parameters(self) -> None:
+        """Initialise every weight again as a fresh build of ``type(self)(self.config)`` does, on this
+        model's device and in its dtypes, in place (the Parameters stay, so an optimizer holding them
+        goes on): the initialisation after ``to_empty``, which leaves garbage (NaN, 1e30), for a model
+        built under ``torch.device("meta")`` and not loaded from a checkpoint. A fresh model is built
+        beside this one (on its device, so for a moment twice its memory) and copied in, with its
+        derived tables: under the same seed the result is the fresh build, bit for bit, whatever plugin
+        made a layer. ``model.apply(lambda m: m.reset_parameters())`` ends here (a module's
+        after its children's). A model still on the meta device is refused (``to_empty`` first)."""
+        device = next(iter(self.parameters())).device
+        if device.type == "meta":
+            raise ValueError(
+                f"reset_parameters of a {type(self).__name__} on the meta device: make it real first "
+                "(model.to_empty(device=...)), then reset_parameters()"
+            )
+        with torch.device(device):
+            fresh = type(self)(self.config)
+        targets = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers())
+        with torch.no_grad():
+            for name, value in [*fresh.named_parameters(remove_duplicate=False), *fresh.named_buffers()]:
+                targets[name].copy_(value)
+
     def _apply(self, fn: Any, recurse: bool = True) -> MaterialisableLM:
         """``nn.Module``'s (``.to``, ``to_empty``, ...), then the head tied to the embedding again if
         it was before."""

@@ -194,13 +194,14 @@ def test_a_stop_after_the_scores_rename_still_counts_them_as_kept(tmp_path, monk
 def test_e2e_fast_weights_grown_in_an_earlier_call_still_blame_the_inner_lr() -> None:
     """The growth was measured from the call's start: a second call whose state carried the fast weights
     an earlier call grew (1e30 inner rate) blamed the model's weights and optim.lr. It is measured from
-    the model's own fast weights now."""
-    model = _e2e(inner_lr=1e30)
-    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    the model's own fast weights now. (Within-chunk targets: a first call of a whole chunk trains on it
+    and scores nothing after it, which s54v's check of a chunk only scored would stop at.)"""
+    model = _e2e(inner_lr=1e30, chunk_targets="within_chunk")
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.no_grad():
-        _, state = model(ids[:, :5])  # trains the first chunk (its weights grow), scores the next
+        _, state = model(ids[:, :4])  # trains the first chunk (its weights grow), nothing pending
         with pytest.raises(NonFiniteInnerStepError) as caught:
-            model(ids[:, 5:], state)  # trains the second chunk: step 1 of this call
+            model(ids[:, 4:], state)  # trains the second chunk: step 1 of this call
     said = str(caught.value)
     assert "inner step 1 of this call" in said and "lower model.e2e.inner_lr" in said, said
     assert "optim.lr" not in said, said

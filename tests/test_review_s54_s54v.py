@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
-from innerloop.models import build_model
+from innerloop.models import E2EConfig, NonFiniteInnerStepError, build_model
 from innerloop.models.config import ModelConfig
+from innerloop.models.generate import generate
 
 SHAPE = dict(vocab_size=64, hidden_size=32, num_heads=2, num_layers=2)
 
@@ -99,3 +100,44 @@ def test_hf_build_draws_once() -> None:
     torch.manual_seed(7)
     network = build_model(ModelConfig(mixer="ttt", **SHAPE))
     assert _same_weights(model.model, network) == []
+
+
+def _e2e_inner_lr(inner_lr: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer="e2e",
+        window=8,
+        hidden_size=16,
+        num_heads=2,
+        num_layers=2,
+        e2e=E2EConfig(chunk_size=4, inner_lr=inner_lr),
+    )
+    return build_model(config).eval()
+
+
+@pytest.mark.parametrize("prompt", [2, 4, 5, 6, 7])
+def test_generate_names_the_inner_lr_when_a_scored_only_chunk_overflows(prompt: int) -> None:
+    """A 5-token prompt (chunk 4): chunk 1 is trained on (fast weights huge, finite), the pending token only
+    scored: its NaN logits stopped generate with "weights or state overflowed", not naming inner_lr. Other
+    prompt lengths put the first training on a decoded token's call, with the token scored after it."""
+    model = _e2e_inner_lr(1e30)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt))
+    with pytest.raises(NonFiniteInnerStepError, match=r"lower model\.e2e\.inner_lr \(configured 1e\+30\)"):
+        list(generate(model, ids, max_new_tokens=8))
+
+
+def test_forward_names_the_inner_lr_when_its_scored_only_chunk_overflows() -> None:
+    """The same in a forward that trains on a chunk (and so reads its checks back already): the trailing
+    chunk, only scored, is diagnosed too, named as such."""
+    model = _e2e_inner_lr(1e30)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad(), pytest.raises(NonFiniteInnerStepError) as caught:
+        model(ids)
+    said = str(caught.value)
+    assert "only scored" in said and "lower model.e2e.inner_lr (configured 1e+30)" in said
+
+
+def test_a_finite_generate_of_a_short_prompt_raises_nothing() -> None:
+    model = _e2e_inner_lr(E2EConfig().inner_lr)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    assert len(list(generate(model, ids, max_new_tokens=3))) == 3

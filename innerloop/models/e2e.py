@@ -633,6 +633,17 @@ def _step_sums(
         return torch.cat((torch.stack(taken).to(wide), torch.stack(returned)))
 
 
+def _scored_only_check(h_chunk: torch.Tensor, fast: FastWeights, logits: torch.Tensor) -> torch.Tensor:
+    """The check of a chunk only scored (the trailing one, not yet trained on): a trained step's
+    :func:`_step_sums` (finite losses, the fast weights unchanged: no plugin ran to blame) and
+    :func:`_step_scales`, then one more element, which marks it as only scored (not read back)."""
+    losses = logits.new_zeros(())
+    marker = torch.ones(
+        1, dtype=torch.float64 if logits.device.type != "mps" else torch.float32, device=logits.device
+    )
+    return torch.cat((_step_sums(fast, logits, losses, fast), _step_scales(h_chunk, fast), marker))
+
+
 def _step_scales(h_chunk: torch.Tensor, before: FastWeights) -> torch.Tensor:
     """The largest magnitudes of one inner step's input hidden states and of each fast weight given,
     ``[1 + len(before)]``, not read back (for :func:`_raise_if_the_inner_loop_went_non_finite`): a
@@ -704,6 +715,7 @@ def _raise_if_the_inner_loop_went_non_finite(
     table: torch.Tensor,
     largest: torch.Tensor,
     initial: Callable[[], torch.Tensor],
+    only_scored: list[bool] | None = None,
 ) -> None:
     """Raise a :class:`NonFiniteInnerStepError` at the first chunk trained on in this call whose hidden
     states, fast weights, logits or updated fast weights (``sums``: :func:`_step_sums`, ``scales``:
@@ -712,7 +724,8 @@ def _raise_if_the_inner_loop_went_non_finite(
     input: not the inner rate), the inner update (``model.e2e.inner_lr`` or its clip), or the model's
     weights. ``table`` ``[steps, 2 W + 2]`` and ``largest`` ``[steps, 1 + W]`` are already read back (the
     call's one read-back); ``inner_lr`` and ``initial`` are read only to word an error. Called after
-    :func:`_raise_if_a_plugin_went_non_finite` (a plugin's own NaN)."""
+    :func:`_raise_if_a_plugin_went_non_finite` (a plugin's own NaN). ``only_scored``: which checks are of
+    a chunk only scored (:func:`_scored_only_check`: the call's trailing chunk), named so."""
     if table.shape[0] == 0:
         return
     count = len(names)
@@ -721,6 +734,8 @@ def _raise_if_the_inner_loop_went_non_finite(
         return
     step = int(broken.nonzero()[0])
     where = f"TTT-E2E inner step {step + 1} of this call (chunk {step + 1} trained on in it)"
+    if only_scored is not None and only_scored[step]:
+        where = f"TTT-E2E chunk {step + 1} of this call (only scored: not yet trained on)"
     advice = _inner_rate_advice(config, inner_lr())
     if not math.isfinite(float(largest[step, 0])):
         cause = (
@@ -1329,8 +1344,10 @@ class E2ELM(MaterialisableLM):
         went non-finite; one read-back per call, none per chunk."""
         if not checks:
             return
-        width = 2 * len(fast) + 2
-        read = torch.stack(checks).cpu()  # [steps, width (+ 1 + W where diagnosed)]: the call's one read-back
+        width, trained = 2 * len(fast) + 2, 2 * len(fast) + 2 + 1 + len(fast)
+        only_scored = [c.shape[0] > trained for c in checks]  # _scored_only_check's mark: known unread
+        cut = trained if self.diagnoses_its_inner_loop else width  # scales are taken only when diagnosed
+        read = torch.stack([c[:cut] for c in checks]).cpu()  # [steps, cut]: the call's one read-back
         _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, read[:, :width])
         if self.diagnoses_its_inner_loop:
             _raise_if_the_inner_loop_went_non_finite(
@@ -1340,6 +1357,7 @@ class E2ELM(MaterialisableLM):
                 read[:, :width],
                 read[:, width:],
                 self._initial_scales,
+                only_scored,
             )
 
     def _initial_scales(self) -> torch.Tensor:
@@ -1451,7 +1469,8 @@ class E2ELM(MaterialisableLM):
     ) -> tuple[torch.Tensor, list[AnyCache | None], FastWeights]:
         """Score one chunk ``h_chunk [B, C, D]`` (logits ``[B, C, V]`` and the caches after it); with its
         ``targets`` (``[B, C (+ 1)]``: the chunk can be trained on), take the inner step on it too, at
-        ``inner_lr`` (:meth:`inner_lr`, read by the caller), appending its finiteness to ``checks``.
+        ``inner_lr`` (:meth:`inner_lr`, read by the caller), appending its finiteness to ``checks``; a chunk
+        only scored appends its own (:func:`_scored_only_check`) where ``checks`` holds a trained one's.
 
         A chunk trained on is scored and stepped eagerly under ``torch.compile``: the step's
         ``torch.autograd.grad`` goes through the scoring's backward, which, compiled, could be neither
@@ -1463,7 +1482,10 @@ class E2ELM(MaterialisableLM):
             return self._score_and_step_eagerly(
                 h_chunk, targets, caches, fast, create_graph, inner_lr, checks
             )
-        return self._score_and_step(h_chunk, targets, caches, fast, create_graph, None)
+        logits, new_caches, fast = self._score_and_step(h_chunk, targets, caches, fast, create_graph, None)
+        if checks and holds_values(logits):  # a chunk was trained on: read back with it, no sync of its own
+            checks.append(_scored_only_check(h_chunk, fast, logits))
+        return logits, new_caches, fast
 
     def _score_and_step(
         self,

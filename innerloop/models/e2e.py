@@ -1483,8 +1483,12 @@ class E2ELM(MaterialisableLM):
                 h_chunk, targets, caches, fast, create_graph, inner_lr, checks
             )
         logits, new_caches, fast = self._score_and_step(h_chunk, targets, caches, fast, create_graph, None)
-        if checks and holds_values(logits):  # a chunk was trained on: read back with it, no sync of its own
-            checks.append(_scored_only_check(h_chunk, fast, logits))
+        if (
+            checks and self.diagnoses_its_inner_loop and holds_values(logits)
+        ):  # read back with a trained one's
+            checks.append(
+                _scored_only_check(h_chunk, fast, logits)
+            )  # (no plugin ran: for the diagnosis only)
         return logits, new_caches, fast
 
     def _score_and_step(

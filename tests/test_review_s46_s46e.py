@@ -225,9 +225,10 @@ def test_an_e2e_plugin_is_blamed_only_for_non_finite_values_from_finite_ones() -
     logits, losses = torch.zeros(2, 4, 5), torch.ones(2)
     for before, after in ((nan, nan), (finite, huge), (huge, nan)):
         _raise_if_a_plugin_went_non_finite(
-            loss, rule, [_step_sums({"w": before}, logits, losses, {"w": after})]
+            loss, rule, torch.stack([_step_sums({"w": before}, logits, losses, {"w": after})])
         )
-    steps = [_step_sums({"w": finite}, logits, losses, {"w": after}) for after in (finite, nan)]
+    # the call's read-back: [steps, 2 W + 2] (one stacked read per call since s54)
+    steps = torch.stack([_step_sums({"w": finite}, logits, losses, {"w": after}) for after in (finite, nan)])
     with pytest.raises(ValueError, match=r"'s46e_nan_rule' .* at inner step 2 of this call") as raised:
         _raise_if_a_plugin_went_non_finite(loss, rule, steps)
     assert "built-in" not in str(raised.value)
@@ -237,7 +238,7 @@ def test_an_e2e_plugin_is_blamed_only_for_non_finite_values_from_finite_ones() -
         _raise_if_a_plugin_went_non_finite(loss, ScoreFirstSGD(), steps)
     with pytest.raises(ValueError, match=r"'s46e_nan_loss' .* at inner step 1 of this call"):
         _raise_if_a_plugin_went_non_finite(
-            loss, rule, [_step_sums({"w": finite}, logits, losses * nan[0, :2], {"w": finite})]
+            loss, rule, torch.stack([_step_sums({"w": finite}, logits, losses * nan[0, :2], {"w": finite})])
         )
 
 

@@ -43,7 +43,14 @@ from innerloop.core.functional import (
     is_flag,
     overflow_safe_rows,
 )
-from innerloop.core.layer import TTTLayer, gates_declared_by, is_built_in, is_real, plugin_label
+from innerloop.core.layer import (
+    TTTLayer,
+    gates_declared_by,
+    inner_norm_initial_values,
+    is_built_in,
+    is_real,
+    plugin_label,
+)
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
 
@@ -188,6 +195,20 @@ def _log_uniform_dt(num_heads: int) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def _forget_gate_draws(num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLA's initial forgetting gate, drawn per head: ``A_log = log U(0, 16)`` and ``dt_bias`` (a
+    log-uniform ``dt``, :func:`_log_uniform_dt`), in this order (the built and the reset layer draw alike)."""
+    return torch.log(torch.empty(num_heads).uniform_(0, 16)), _log_uniform_dt(num_heads)
+
+
+def _redraw_forget_gate(layer: nn.Module) -> None:
+    """``layer.A_log`` and ``layer.dt_bias`` drawn again as built (:func:`_forget_gate_draws`), in place."""
+    for parameter, value in zip(
+        (layer.A_log, layer.dt_bias), _forget_gate_draws(layer.num_heads), strict=True
+    ):
+        parameter.copy_(value)
+
+
 class FamilyLayer(TTTLayer):
     """The common reading of the family's layers (FLA's layer recipe); the members are its subclasses.
 
@@ -318,8 +339,8 @@ class FamilyLayer(TTTLayer):
         """The inner LayerNorm (when on), the initial inner weights (learned; the matrix model starts
         at zero, FLA's empty state), tau = 1, and the per-head output RMSNorm (``post_norm``)."""
         if self.inner_norm:
-            self.ttt_norm_weight = nn.Parameter(torch.ones(self.num_heads, self.head_dim))
-            self.ttt_norm_bias = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+            norm = inner_norm_initial_values(self.num_heads, self.head_dim)
+            self.ttt_norm_weight, self.ttt_norm_bias = map(nn.Parameter, norm)
         self.initial_params = nn.ParameterDict(  # checked at this layer's shape, in its dtype (as TTTLayer's)
             {k: nn.Parameter(v) for k, v in self._checked_init_params(self.num_heads, self.head_dim).items()}
         )
@@ -611,13 +632,11 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     def _build_gates(self) -> None:
         super()._build_gates()
         self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
-        self.dt_bias = nn.Parameter(_log_uniform_dt(self.num_heads))
+        self.A_log, self.dt_bias = map(nn.Parameter, _forget_gate_draws(self.num_heads))
 
     def _reset_gates(self) -> None:
         super()._reset_gates()
-        self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
-        self.dt_bias.copy_(_log_uniform_dt(self.num_heads))
+        _redraw_forget_gate(self)
 
     def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
         """``log a = -exp(A_log) * softplus(a_proj(x) + dt_bias)`` ``[B, H, T]``, at least ``log`` of the floor.
@@ -707,13 +726,11 @@ class TitansLayer(FamilyLayer):
         self.theta_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.eta_proj = nn.Linear(hidden_size, num_heads, bias=True)
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(0, 16)))
-        self.dt_bias = nn.Parameter(_log_uniform_dt(num_heads))
+        self.A_log, self.dt_bias = map(nn.Parameter, _forget_gate_draws(num_heads))
 
     def _reset_gates(self) -> None:
         super()._reset_gates()
-        self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(0, 16)))
-        self.dt_bias.copy_(_log_uniform_dt(self.num_heads))
+        _redraw_forget_gate(self)
 
     def inner_learning_rates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr = base_lr * sigmoid(theta_proj(x))`` ``[B, H, T]`` in :attr:`scan_dtype`, and ``tau [K] = 1``."""

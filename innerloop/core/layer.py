@@ -794,6 +794,11 @@ def _hook_set_on(layer: nn.Module, name: str) -> bool:
     return getattr(hook, "__self__", None) is not layer or hook.__func__ is not getattr(type(layer), name)
 
 
+def inner_norm_initial_values(num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head inner LayerNorm as built (weight 1, bias 0, ``[H, f]`` each)."""
+    return torch.ones(num_heads, head_dim), torch.zeros(num_heads, head_dim)
+
+
 def remake_meta_derived_buffers(layer: TTTLayer, incompatible_keys: Any = None) -> None:
     """The load post-hook of every :class:`TTTLayer`: its derived buffers (:meth:`TTTLayer.derived_buffers`:
     token index, RoPE frequencies, tau) still on the meta device once its parameters are real, as after
@@ -1018,20 +1023,29 @@ class TTTLayer(nn.Module):
         hidden_size, num_heads, head_dim = self.hidden_size, self.num_heads, self.head_dim
         mini_batch_size = self.mini_batch_size
         # Inner learning rate: a gate per head, and the learnable token-index offsets delta.
-        self.learnable_ttt_lr_weight = nn.Parameter(torch.randn(num_heads, 1, hidden_size) * 0.02)
-        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(num_heads, 1))
-        self.learnable_token_idx = nn.Parameter(torch.zeros(mini_batch_size))
+        lr_gate = self._lr_gate_draws(num_heads, hidden_size, mini_batch_size)
+        self.learnable_ttt_lr_weight, self.learnable_ttt_lr_bias, self.learnable_token_idx = map(
+            nn.Parameter, lr_gate
+        )
         for name, table in self.derived_buffers().items():  # token_idx, rope_inv_freq
             self.register_buffer(name, table, persistent=False)
 
         # The inner LayerNorm (per head) and the learnable initial inner weights.
         if self.inner_norm:
-            self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
-            self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+            self.ttt_norm_weight, self.ttt_norm_bias = map(
+                nn.Parameter, inner_norm_initial_values(num_heads, head_dim)
+            )
         self.initial_params = nn.ParameterDict(
             {k: nn.Parameter(v) for k, v in self._checked_init_params(num_heads, head_dim).items()}
         )
         self.post_norm = LayerNorm(hidden_size, eps=self.norm_eps)
+
+    @staticmethod
+    def _lr_gate_draws(num_heads: int, hidden_size: int, mini_batch_size: int) -> tuple[torch.Tensor, ...]:
+        """The inner learning rate's gate as built: its weight ``[H, 1, D]`` drawn from N(0, 0.02^2), its
+        bias ``[H, 1]`` and the token-index offsets ``[K]`` zero (the built and the reset layer alike)."""
+        weight = torch.randn(num_heads, 1, hidden_size) * 0.02
+        return weight, torch.zeros(num_heads, 1), torch.zeros(mini_batch_size)
 
     def reset_parameters(self) -> None:
         """Initialise this layer's own parameters again as its constructor does (the inner lr gate and
@@ -1041,16 +1055,25 @@ class TTTLayer(nn.Module):
         and norms, its children, as PyTorch's modules do theirs)."""
         with torch.no_grad():
             if hasattr(self, "learnable_ttt_lr_weight"):
-                self.learnable_ttt_lr_weight.copy_(torch.randn(self.learnable_ttt_lr_weight.shape) * 0.02)
-                self.learnable_ttt_lr_bias.zero_()
-                self.learnable_token_idx.zero_()
+                lr_gate = self._lr_gate_draws(self.num_heads, self.hidden_size, self.mini_batch_size)
+                parameters = (
+                    self.learnable_ttt_lr_weight,
+                    self.learnable_ttt_lr_bias,
+                    self.learnable_token_idx,
+                )
+                for parameter, value in zip(parameters, lr_gate, strict=True):
+                    parameter.copy_(value)
             self._reset_inner_weights()
 
     def _reset_inner_weights(self) -> None:
         """The inner LayerNorm, the initial inner weights and the derived tables as the constructor makes them."""
         if self.inner_norm:
-            self.ttt_norm_weight.fill_(1.0)
-            self.ttt_norm_bias.zero_()
+            for parameter, value in zip(
+                (self.ttt_norm_weight, self.ttt_norm_bias),
+                inner_norm_initial_values(self.num_heads, self.head_dim),
+                strict=True,
+            ):
+                parameter.copy_(value)
         for name, value in self._checked_init_params(self.num_heads, self.head_dim).items():
             self.initial_params[name].copy_(value)
         for name, table in self.derived_buffers().items():

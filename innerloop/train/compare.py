@@ -86,6 +86,7 @@ from innerloop.train.run import (
     run_files,
     run_of_checkpoint,
     run_of_checkpoint_and_why,
+    schedule_arguments,
     training_seq_len,
 )
 
@@ -873,19 +874,9 @@ def _optimizer_run(model: ComparedModel) -> tuple[RunConfig | None, list[str]]:
 def _schedule_disagreements(model: ComparedModel, run: RunConfig) -> list[str]:
     """The learning-rate settings in which ``run`` (its config.yaml, matched to the checkpoint on model,
     data and seed only) differs from what ``model``'s checkpoint recorded training with (its module's
-    hyperparameters, :func:`~innerloop.train.run.build_module`'s arguments): a config.yaml of another
+    hyperparameters, :func:`~innerloop.train.run.schedule_arguments`): a config.yaml of another
     run with the same model, data and seed, or of a resume that changed them after this checkpoint."""
-    recorded = model.module.hparams
-    from_run = {
-        "lr": run.optim.lr,
-        "weight_decay": run.optim.weight_decay,
-        "betas": (run.optim.beta1, run.optim.beta2),
-        "warmup_steps": warmup_steps(run),
-        "max_steps": run.trainer.max_steps,
-        "min_lr": run.optim.min_lr,
-        "schedule": run.optim.schedule,
-        "decay_steps": decay_steps(run),
-    }
+    recorded, from_run = model.module.hparams, schedule_arguments(run)
     return [
         f"{key} {recorded[key]!r} != {value!r}"
         for key, value in from_run.items()

@@ -548,22 +548,31 @@ class _RecordRunData(Callback):
         checkpoint[RUN_STREAM_KEY] = self.stream
 
 
+def schedule_arguments(run: RunConfig) -> dict[str, Any]:
+    """The optimizer and learning-rate schedule arguments :func:`build_module` gives the
+    :class:`LanguageModelModule` of ``run`` (so what its checkpoints record as hyperparameters)."""
+    optim = run.optim
+    return {
+        "lr": optim.lr,
+        "weight_decay": optim.weight_decay,
+        "betas": (optim.beta1, optim.beta2),
+        "warmup_steps": warmup_steps(run),
+        "max_steps": run.trainer.max_steps,
+        "min_lr": optim.min_lr,
+        "schedule": optim.schedule,
+        "decay_steps": decay_steps(run),
+    }
+
+
 def build_module(run: RunConfig) -> LanguageModelModule:
     """The LightningModule for ``run``'s model and optimizer settings."""
-    optim = require_run_config(run).optim
+    require_run_config(run)
     module = LanguageModelModule(
         model=asdict(run.model),
-        lr=optim.lr,
-        weight_decay=optim.weight_decay,
-        betas=(optim.beta1, optim.beta2),
-        warmup_steps=warmup_steps(run),
-        max_steps=run.trainer.max_steps,
-        min_lr=optim.min_lr,
+        **schedule_arguments(run),
         num_position_buckets=run.trainer.num_position_buckets,
         diagnostics_batches=run.trainer.diagnostics_batches,
         seq_len=build_datamodule(run).seq_len,  # data.seq_len, or the one the recall task derives
-        schedule=optim.schedule,
-        decay_steps=decay_steps(run),
     )
     if run.trainer.gradient_checkpointing:  # a memory setting of the run, not of the model: not saved
         module.model.gradient_checkpointing_enable()

@@ -419,8 +419,8 @@ def _before_load(model: nn.Module, state_dict: dict[str, Any], prefix: str, *arg
 
 def _after_load(model: nn.Module, incompatible_keys: Any) -> None:
     """The post-load hook of every innerloop language model (:class:`MaterialisableLM`): the head tied to
-    the embedding again where it was before the load; the layers remake their own derived buffers
-    (:func:`~innerloop.core.layer.remake_meta_derived_buffers`)."""
+    the embedding again where it was before the load. (The layers remake their own derived buffers by
+    their own post-load hook, :func:`~innerloop.core.layer.remake_meta_derived_buffers`.)"""
     tied, given = model.__dict__.pop("_tied_before_load", (False, None))
     if tied:
         tie_head_to_embedding(model, given)

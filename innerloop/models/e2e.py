@@ -718,8 +718,8 @@ def _raise_if_the_inner_loop_went_non_finite(
     only_scored: list[bool] | None = None,
 ) -> None:
     """Raise a :class:`NonFiniteInnerStepError` at the first chunk trained on in this call whose hidden
-    states, fast weights, logits or updated fast weights (``sums``: :func:`_step_sums`, ``scales``:
-    :func:`_step_scales`, one each per chunk, of the fast weights ``names``) hold NaN or inf, saying which
+    states, fast weights, logits or updated fast weights (``table``: a :func:`_step_sums` row, ``largest``:
+    a :func:`_step_scales` row, one each per chunk, of the fast weights ``names``) hold NaN or inf, saying which
     chunk and what is likely the cause: the hidden states entering the suffix (the model's weights or its
     input: not the inner rate), the inner update (``model.e2e.inner_lr`` or its clip), or the model's
     weights. ``table`` ``[steps, 2 W + 2]`` and ``largest`` ``[steps, 1 + W]`` are already read back (the

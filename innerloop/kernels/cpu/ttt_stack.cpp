@@ -17,8 +17,12 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <type_traits>
 #include <limits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -353,10 +357,83 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t a_row, int64_t a_
   if (j < n) gemm_edge<T>(m, n - j, k, a, a_row, a_depth, b + j, ldb, c + j, ldc, scale, accumulate);
 }
 
+#if defined(__AVX512F__)
+// A 16 x 16 block of floats transposed in registers: rows[i] holds row i on entry, column i on exit.
+inline void transpose_16x16(__m512* rows) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    rows[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    rows[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    rows[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    rows[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(rows[8 * i + j], rows[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(rows[8 * i + j], rows[8 * i + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    rows[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    rows[j + 8] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+#endif
+
 template <typename T>
 void transpose(int64_t rows, int64_t cols, const T* src, T* dst) {  // dst [cols x rows]
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (rows % 16 == 0) {
+      done = cols - cols % 16;
+      __m512 block[16];
+      for (int64_t r0 = 0; r0 < rows; r0 += 16)
+        for (int64_t c0 = 0; c0 < done; c0 += 16) {
+          for (int j = 0; j < 16; ++j) block[j] = _mm512_loadu_ps(src + (r0 + j) * cols + c0);
+          transpose_16x16(block);
+          for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (c0 + j) * rows + r0, block[j]);
+        }
+    }
+  }
+#endif
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t col = 0; col < cols; ++col) dst[col * rows + r] = src[r * cols + col];
+    for (int64_t col = done; col < cols; ++col) dst[col * rows + r] = src[r * cols + col];
+}
+
+// out [k x cols] (+)= scale * src^T for src [cols x k].
+template <typename T>
+void transpose_scaled_into(int64_t k, int64_t cols, const T* src, T* out, T scale, bool accumulate) {
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (k % 16 == 0) {
+      done = cols - cols % 16;
+      __m512 block[16];
+      const __m512 factor = _mm512_set1_ps(scale);
+      for (int64_t i0 = 0; i0 < k; i0 += 16)
+        for (int64_t c0 = 0; c0 < done; c0 += 16) {
+          for (int j = 0; j < 16; ++j) block[j] = _mm512_loadu_ps(src + (c0 + j) * k + i0);
+          transpose_16x16(block);
+          for (int i = 0; i < 16; ++i) {
+            T* row = out + (i0 + i) * cols + c0;
+            const __m512 value = _mm512_mul_ps(factor, block[i]);
+            _mm512_storeu_ps(row, accumulate ? _mm512_add_ps(_mm512_loadu_ps(row), value) : value);
+          }
+        }
+    }
+  }
+#endif
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t col = done; col < cols; ++col) {
+      const T value = scale * src[col * k + i];
+      out[i * cols + col] = accumulate ? out[i * cols + col] + value : value;
+    }
 }
 
 // Sums over a whole sequence of a pair (the gradients of parameters every token shares): each block's
@@ -1130,28 +1207,6 @@ int linear_scan_entry(const InnerloopLinearScanArgs* args, bool backward) {
 // the LayerNorm and the key side (README.md derives it).
 // ---------------------------------------------------------------------------------------------
 
-// d/dx gelu_tanh_derivative(x): the reference's derivative polynomial differentiated as written, with
-// its clamp to [-100, 100] (zero beyond), which is what autograd takes through it.
-template <typename T>
-inline T gelu_tanh_second_derivative(T x) {
-  if (x < T(-100) || x > T(100)) return T(0);
-  const T c = T(0.79788456), c3 = T(0.1070322243), x2 = x * x;
-  const T t = tanh_of(c * x * (T(1) + T(0.044715) * x2));
-  const T sech2 = T(1) - t * t;
-  const T dt = sech2 * c * (T(1) + T(3) * T(0.044715) * x2);  // d tanh(u(x)) / dx
-  const T p = c + c3 * x2;
-  return T(0.5) * (sech2 * p + dt) + T(0.5) * x * (sech2 * T(2) * c3 * x - T(2) * t * dt * p);
-}
-
-// slope = act'(pre) elementwise (ones for the identity).
-template <typename T>
-void slopes(int32_t activation, int64_t count, const T* pre, T* slope) {
-  if (activation == kGeluTanh)
-    for (int64_t i = 0; i < count; ++i) slope[i] = gelu_tanh_derivative(pre[i]);
-  else
-    std::fill(slope, slope + count, T(1));
-}
-
 // out (+)= grad * slope elementwise over a [rows x cols] block whose rows are ld_grad apart in grad (the
 // ones column of a layer with a bias is skipped); slope and out contiguous.
 template <typename T>
@@ -1165,6 +1220,57 @@ void times_slope(int64_t rows, int64_t cols, const T* grad, int64_t ld_grad, con
     else
       for (int64_t c = 0; c < cols; ++c) o[c] = g[c] * d[c];
   }
+}
+
+// One GELU pass over a [rows x cols] block of pre-activations: the layer's inputs dst [rows x (cols + ones)]
+// = [act(pre), 1], slope = act'(pre) (gelu_tanh_derivative) and, where curve is not null, curve =
+// act''(pre): the reference's derivative polynomial differentiated as written, with its clamp to
+// [-100, 100] (zero beyond), which is what autograd takes through it (the identity: ones and zeros).
+// In float32 one tanh serves all three: the forward's constant 0.7978845608028654 and the derivative
+// polynomial's truncated 0.79788456 are the same float, and tanh's argument is taken as the forward takes
+// it (its rounding differs from the polynomial's by an ulp: within float32's error), so act(pre) is
+// gelu_tanh's value and a mini-batch's hidden element costs the backward two tanh instead of five
+// (key and query rows), the forward two instead of three. float64, the precision reference, keeps the
+// derivative's own tanh as written.
+template <typename T>
+void activate_with_slopes(int32_t activation, int64_t rows, int64_t cols, bool ones, const T* pre, T* dst, T* slope,
+                          T* curve) {
+  const int64_t ld = cols + (ones ? 1 : 0), count = rows * cols;
+  if (activation != kGeluTanh) {
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, pre + i * cols, cols * sizeof(T));
+    std::fill(slope, slope + count, T(1));
+    if (curve != nullptr) std::fill(curve, curve + count, T(0));
+  } else {
+    const T c = T(0.79788456), c3 = T(0.1070322243);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* z = pre + i * cols;
+      T* out = dst + i * ld;
+      T* d1 = slope + i * cols;
+      T* d2 = curve == nullptr ? nullptr : curve + i * cols;
+      for (int64_t col = 0; col < cols; ++col) {
+        const T raw = z[col];
+        const T x = std::min(std::max(raw, T(-100)), T(100));  // the derivative's clamp
+        const T x2 = x * x;
+        T t, t_act;
+        if constexpr (std::is_same<T, float>::value) {
+          t = t_act = tanh_of(T(0.7978845608028654) * (raw + T(0.044715) * raw * raw * raw));
+        } else {
+          t = tanh_of(c * x * (T(1) + T(0.044715) * x2));
+          t_act = tanh_of(T(0.7978845608028654) * (raw + T(0.044715) * raw * raw * raw));
+        }
+        out[col] = T(0.5) * raw * (T(1) + t_act);
+        const T sech2 = T(1) - t * t, p = c + c3 * x2;
+        d1[col] = T(0.5) * x * (sech2 * p) + T(0.5) * (T(1) + t);
+        if (d2 != nullptr) {
+          const T dt = sech2 * c * (T(1) + T(3) * T(0.044715) * x2);
+          const T second = T(0.5) * (sech2 * p + dt) + T(0.5) * x * (sech2 * T(2) * c3 * x - T(2) * t * dt * p);
+          d2[col] = raw < T(-100) || raw > T(100) ? T(0) : second;
+        }
+      }
+    }
+  }
+  if (ones)
+    for (int64_t i = 0; i < rows; ++i) dst[i * ld + cols] = T(1);
 }
 
 // dst [rows x (cols + ones)] = [act(src), 1]: a layer's inputs from the previous layer's pre-activations.
@@ -1185,13 +1291,14 @@ struct StackScanWorkspace {
   // Xq_l [K x in_l] (l >= 1), query pre-activations [K x out_l], S_l = Xq_l X_l^T and mix_l = eta * S_l
   // [K x K] (l >= 1), act' of the key and query pre-activations (l < L - 1); and for the backward the
   // gradients of each of them.
-  std::vector<std::vector<T>> key_in, key_pre, grad, back, query_in, query_pre, sim, mix, key_slope, query_slope;
+  std::vector<std::vector<T>> key_in, key_pre, grad, back, query_in, query_pre, sim, mix, key_slope, query_slope,
+      key_curve;
   std::vector<std::vector<T>> d_key_in, d_key_pre, d_grad, d_query_in, d_query_pre;
   std::vector<T> xhat, a, rstd, c, products, d_products, d_mix, transposed, product_t, scaled;
 
   StackScanWorkspace(int32_t layers, const int64_t* in, const int64_t* out, int64_t k) {
     for (auto* list : {&key_in, &key_pre, &grad, &back, &query_in, &query_pre, &sim, &mix, &key_slope, &query_slope,
-                       &d_key_in, &d_key_pre, &d_grad, &d_query_in, &d_query_pre})
+                       &key_curve, &d_key_in, &d_key_pre, &d_grad, &d_query_in, &d_query_pre})
       list->resize(layers);
     int64_t widest = 0;
     for (int32_t l = 0; l < layers; ++l) {
@@ -1199,7 +1306,7 @@ struct StackScanWorkspace {
       key_pre[l].resize((l == 0 ? 2 : 1) * k * out[l]);
       for (auto* list : {&grad, &query_pre, &d_key_pre, &d_grad, &d_query_pre}) (*list)[l].resize(k * out[l]);
       if (l + 1 < layers)
-        for (auto* list : {&key_slope, &query_slope}) (*list)[l].resize(k * out[l]);
+        for (auto* list : {&key_slope, &query_slope, &key_curve}) (*list)[l].resize(k * out[l]);
       if (l == 0) continue;
       for (auto* list : {&key_in, &query_in, &d_key_in, &d_query_in}) (*list)[l].resize(k * in[l]);
       back[l].resize(k * out[l - 1]);
@@ -1258,11 +1365,7 @@ void times_weight_transposed(int64_t k, int64_t cols, int64_t width, const T* d,
                              bool accumulate, StackScanWorkspace<T>& ws) {
   transpose<T>(k, width, d, ws.transposed.data());  // D^T [width x K]
   gemm<T>(cols, k, width, w, width, 1, ws.transposed.data(), k, ws.product_t.data(), k, T(1), false);
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t col = 0; col < cols; ++col) {
-      const T value = scale * ws.product_t[col * k + i];
-      out[i * cols + col] = accumulate ? out[i * cols + col] + value : value;
-    }
+  transpose_scaled_into<T>(k, cols, ws.product_t.data(), out, scale, accumulate);
 }
 
 // One mini-batch at weights w[l]: every intermediate into the workspace, the outputs into z and the
@@ -1277,15 +1380,14 @@ void stack_scan_block(const InnerloopStackScanArgs& args, const StackBlock<T>& b
   // key side (layer 0 with the queries), then the inner gradient through the LayerNorm
   gemm<T>(2 * k, out[0], in[0], block.both, in[0], 1, w[0], out[0], ws.key_pre[0].data(), out[0], T(1), false);
   for (int32_t l = 1; l < layers; ++l) {
-    layer_inputs<T>(args.activations[l - 1], k, out[l - 1], args.has_bias[l], ws.key_pre[l - 1].data(),
-                    ws.key_in[l].data());
+    activate_with_slopes<T>(args.activations[l - 1], k, out[l - 1], args.has_bias[l], ws.key_pre[l - 1].data(),
+                            ws.key_in[l].data(), ws.key_slope[l - 1].data(), nullptr);
     gemm<T>(k, out[l], in[l], ws.key_in[l].data(), in[l], 1, w[l], out[l], ws.key_pre[l].data(), out[l], T(1), false);
   }
   ln_gradient_rows(k, f, ws.key_pre[layers - 1].data(), block.shift, gamma_sq, T(args.eps), ws.rows());
   // back through the stack at the starting weights: G_{l-1} = (G_l W_l^T) * act'(Z_{l-1})
   for (int32_t l = layers - 1; l > 0; --l) {
     times_weight_transposed<T>(k, out[l - 1], out[l], ws.grad[l].data(), w[l], ws.back[l].data(), T(1), false, ws);
-    slopes<T>(args.activations[l - 1], k * out[l - 1], ws.key_pre[l - 1].data(), ws.key_slope[l - 1].data());
     times_slope<T>(k, out[l - 1], ws.back[l].data(), out[l - 1], ws.key_slope[l - 1].data(), ws.grad[l - 1].data(),
                    false);
   }
@@ -1357,9 +1459,10 @@ void restore_stack_block(const InnerloopStackScanArgs& args, const StackBlock<T>
   ln_gradient_rows(k, f, ws.key_pre[layers - 1].data(), block.shift, gamma_sq, T(args.eps), ws.rows());
   for (int32_t l = layers - 1; l > 0; --l) {
     const int32_t activation = args.activations[l - 1];
-    layer_inputs<T>(activation, k, out[l - 1], args.has_bias[l], ws.key_pre[l - 1].data(), ws.key_in[l].data());
-    layer_inputs<T>(activation, k, out[l - 1], args.has_bias[l], ws.query_pre[l - 1].data(), ws.query_in[l].data());
-    slopes<T>(activation, k * out[l - 1], ws.key_pre[l - 1].data(), ws.key_slope[l - 1].data());
+    activate_with_slopes<T>(activation, k, out[l - 1], args.has_bias[l], ws.key_pre[l - 1].data(), ws.key_in[l].data(),
+                            ws.key_slope[l - 1].data(), ws.key_curve[l - 1].data());
+    activate_with_slopes<T>(activation, k, out[l - 1], args.has_bias[l], ws.query_pre[l - 1].data(),
+                            ws.query_in[l].data(), ws.query_slope[l - 1].data(), nullptr);
     times_slope<T>(k, out[l - 1], ws.back[l].data(), out[l - 1], ws.key_slope[l - 1].data(), ws.grad[l - 1].data(),
                    false);
     for (int64_t i = 0; i < k * k; ++i) ws.mix[l][i] = block.eta[i] * ws.sim[l][i];
@@ -1439,9 +1542,7 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
     gemm<T>(k, rows, k, ws.d_mix.data(), k, 1, x, rows, dxq, rows, T(1), true);
     gemm<T>(k, rows, k, ws.d_mix.data(), 1, k, xq, rows, dx, rows, T(1), true);
     // Xq_l = [act(zq_{l-1}), 1]
-    T* query_slope = ws.query_slope[l - 1].data();
-    slopes<T>(args.activations[l - 1], k * out[l - 1], ws.query_pre[l - 1].data(), query_slope);
-    times_slope<T>(k, out[l - 1], dxq, rows, query_slope, ws.d_query_pre[l - 1].data(), false);
+    times_slope<T>(k, out[l - 1], dxq, rows, ws.query_slope[l - 1].data(), ws.d_query_pre[l - 1].data(), false);
   }
   // ---- layer 0: zq_0 = Zq_0 - products[:K], W_0' = W_0 - products[K:], products = left G_0
   const int64_t in0 = in[0], out0 = out[0];
@@ -1456,13 +1557,13 @@ void stack_scan_block_backward(const InnerloopStackScanArgs& args, const StackBl
   // ---- the chain G_{l-1} = back_l * act'(Z_{l-1}), back_l = G_l W_l^T, first layer first
   for (int32_t l = 1; l < layers; ++l) {
     const int64_t rows = out[l - 1], width = out[l];
-    const T* pre = ws.key_pre[l - 1].data();
+    const T* curve = ws.key_curve[l - 1].data();
     const T* dg_prev = ws.d_grad[l - 1].data();
     T* d_back = ws.scaled.data();  // [K x rows]
     times_slope<T>(k, rows, dg_prev, rows, ws.key_slope[l - 1].data(), d_back, false);
     if (args.activations[l - 1] == kGeluTanh) {
       T* dz = ws.d_key_pre[l - 1].data();
-      for (int64_t i = 0; i < k * rows; ++i) dz[i] += dg_prev[i] * ws.back[l][i] * gelu_tanh_second_derivative(pre[i]);
+      for (int64_t i = 0; i < k * rows; ++i) dz[i] += dg_prev[i] * ws.back[l][i] * curve[i];
     }
     gemm<T>(k, width, rows, d_back, rows, 1, w[l], width, ws.d_grad[l].data(), width, T(1), true);
     gemm<T>(rows, width, k, d_back, 1, rows, ws.grad[l].data(), width, grad_w[l], width, T(1), true);

@@ -493,8 +493,10 @@ def _check_kernel_name(
     wrapping: tuple[bool, bool],
 ) -> None:
     """A kernel named explicitly must exist for this (model, loss, rule), compute its inner wrapping
-    ``(inner_norm, inner_residual)``, and the plugins must be the registered ones it was written for:
-    say so at construction, not at the first mini-batch.
+    ``(inner_norm, inner_residual)``, and the plugins must be the registered ones it was written for;
+    the rule must send its blocks to a kernel at all (``no_kernel_reason`` None: a kernel registered for
+    ``momentum`` would be refused every block, one for ``minibatch_gd`` never asked): say so at
+    construction, not at the first mini-batch (or never).
 
     What only the kernel's ``verify`` knows is not checked here: a :class:`KernelSpec` does not say
     which mini-batch sizes, devices, dtypes or head dims it takes, nor whether it is twice
@@ -511,6 +513,12 @@ def _check_kernel_name(
     clash = registry.clash_error("kernel", kernel) if isinstance(kernel, str) else None
     if clash is not None:  # two installed distributions provide it: neither is used
         raise clash
+    no_kernel_reason = getattr(rule, "no_kernel_reason", None)
+    if no_kernel_reason is not None:  # its blocks never reach a kernel: one registered for it never runs
+        raise ValueError(
+            f"kernel={kernel!r} cannot run update_rule={rule.name!r}: {no_kernel_reason}; "
+            f"{_kernels_running(model, loss)}; use kernel='auto' or 'torch' with update_rule={rule.name!r}"
+        )
     if kernel not in specs:
         raise ValueError(
             f"kernel={kernel!r} is not a kernel for (inner_model={model.name!r}, inner_loss={loss.name!r}, "
@@ -527,6 +535,26 @@ def _check_kernel_name(
             raise ValueError(
                 f"kernel={kernel!r} cannot run this layer: {reason}; use kernel='auto' or 'torch'"
             )
+
+
+def _kernels_running(model: InnerModel, loss: InnerLoss) -> str:
+    """Which registered kernels run ``model`` under ``loss``, by update rule (those of rules that send
+    their blocks to a kernel), as a clause of a refusal."""
+    from innerloop.registry import get_registry  # late import: core must not depend on registry
+
+    registry = get_registry()
+    by_rule = {
+        name: [spec.name for spec in registry.kernels_for(model.name, loss.name, name)]
+        for name in registry.names("update_rule")
+        if getattr(registry.update_rule(name), "no_kernel_reason", None) is None
+    }
+    running = {name: kernels for name, kernels in by_rule.items() if kernels}
+    if not running:
+        return (
+            f"no registered kernel runs (inner_model={model.name!r}, inner_loss={loss.name!r}) under any rule"
+        )
+    listed = "; ".join(f"update_rule={name!r}: {kernels}" for name, kernels in running.items())
+    return f"the kernels that run (inner_model={model.name!r}, inner_loss={loss.name!r}) are {listed}"
 
 
 def _registered_entry(kind: str, obj: Any) -> Any:
@@ -843,8 +871,10 @@ class TTTLayer(nn.Module):
             (:data:`MAX_NORM_EPS`).
         kernel: fast-path choice, ``"auto"`` (default), ``"torch"`` or a registered kernel name. A
             named kernel is checked at construction against the plugins and ``inner_norm`` /
-            ``inner_residual``; what its ``verify`` decides (device, dtype, mini-batch size, gradients
-            of gradients) is checked at the first call that sends it a block.
+            ``inner_residual``, and refused for an update rule that sends no block to a kernel
+            (``minibatch_gd``, ``momentum``: its ``no_kernel_reason``); what its ``verify`` decides
+            (device, dtype, mini-batch size, gradients of gradients) is checked at the first call that
+            sends it a block.
         non_finite: ``"raise"`` (default) rejects NaN/inf inputs with an error before they reach
             the state, and raises if finite input gave non-finite outputs or state (the inner model
             overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).

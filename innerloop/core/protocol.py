@@ -355,7 +355,9 @@ class UpdateRule(ABC):
     (``log a_t``, as Gated DeltaNet and Titans give theirs) unrounded, in place of ``decay``, and one
     that does not gets ``decay = -expm1(decay_log)``; one with momentum sets ``supports_momentum`` and
     takes ``momentum=``; a rule that
-    has no token-index scale sets ``uses_token_scale = False`` and gets ``tau=None``. The exact
+    has no token-index scale sets ``uses_token_scale = False`` and gets ``tau=None``; a rule whose blocks
+    never go to a kernel (it computes on torch only) says why in ``no_kernel_reason``, and a layer naming a
+    kernel for it (``kernel="<name>"``) is refused at construction. The exact
     semantics of each are in :func:`innerloop.core.scan.run_scan` (and docs/family.md). The
     keywords are passed only when given, so a rule without them keeps the five-argument ``forward``.
 
@@ -371,6 +373,10 @@ class UpdateRule(ABC):
     supports_decay: ClassVar[bool] = False
     supports_momentum: ClassVar[bool] = False
     uses_token_scale: ClassVar[bool] = True
+    #: None: the rule sends its blocks to the kernel dispatch (:mod:`innerloop.kernels.dispatch`); else
+    #: why it never does (``minibatch_gd``: the primal form, on torch; ``momentum``: no kernel contract
+    #: carries its state ``S``), said when a layer names a kernel for it.
+    no_kernel_reason: ClassVar[str | None] = None
 
     #: The token-by-token statement of what this rule computes, which the checks compare it with (whole
     #: and cut anywhere, values and gradients): None (the default) for mini-batch gradient descent, the

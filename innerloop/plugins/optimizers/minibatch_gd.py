@@ -23,12 +23,16 @@ from innerloop.kernels.dispatch import record_torch_part
 from innerloop.kernels.primal import primal_planned_segment, primal_segment
 from innerloop.registry import hookimpl
 
+#: Why no kernel runs this rule (its ``no_kernel_reason``, and what each call records as its dispatch).
+ON_TORCH_ONLY = "minibatch_gd is the primal form, in torch for any model (kernels run dual_form)"
+
 
 class MiniBatchGD(UpdateRule):
     """Primal-form mini-batch TTT: generic over every inner model and loss (see module docstring)."""
 
     name = "minibatch_gd"
     supports_decay = True
+    no_kernel_reason = ON_TORCH_ONLY
 
     def forward(
         self,
@@ -43,9 +47,7 @@ class MiniBatchGD(UpdateRule):
         """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
         given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
         chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, decay_log=decay_log)
-        record_torch_part(
-            task, "minibatch_gd is the primal form, in torch for any model (kernels run dual_form)"
-        )
+        record_torch_part(task, ON_TORCH_ONLY)
         if chunk.decay is not None or state.decay:  # forgetting: the planned form (core/scan.py)
             out, params, carry = run_planned(state, task, chunk, tau, primal_planned_segment)
             return out, advance_state(

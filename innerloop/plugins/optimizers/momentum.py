@@ -37,6 +37,9 @@ class Momentum(UpdateRule):
     supports_decay = True
     supports_momentum = True
     uses_token_scale = False
+    no_kernel_reason = (
+        "no kernel contract carries the momentum rule's state (momentum S): its blocks run on torch"
+    )
 
     def forward(
         self,

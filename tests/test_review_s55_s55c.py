@@ -1,0 +1,142 @@
+"""Review s55c: named kernels and the update rules whose blocks never reach one (s54q), the scan's
+momentum range and error wording (s54o)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import innerloop
+from innerloop import TTTLayer
+from innerloop.kernels.dispatch import KernelUnavailableError, refused_named_kernels
+from innerloop.kernels.reference import reference_kernel
+from innerloop.kernels.spec import KernelSpec
+from innerloop.plugins.losses.reconstruction import Reconstruction
+from innerloop.plugins.models.linear import LinearModel
+
+CPU = torch.device("cpu")
+TORCH_ONLY_RULES = ("momentum", "minibatch_gd")
+
+
+def _register_user_kernel(rule: str) -> str:
+    """A kernel for (linear, reconstruction, ``rule``) computing the dual form's numbers, taking every
+    block; returns its name."""
+    forward, _ = reference_kernel(LinearModel(), Reconstruction())
+    name = f"s55c_user_{rule}"
+    innerloop.register_kernel(
+        KernelSpec(
+            name=name,
+            inner_model="linear",
+            inner_loss="reconstruction",
+            update_rule=rule,
+            forward=forward,
+            verify=lambda inputs: None,
+        )
+    )
+    return name
+
+
+@pytest.mark.usefixtures("fresh_global_registry")
+@pytest.mark.parametrize("rule", TORCH_ONLY_RULES)
+def test_a_kernel_named_for_a_rule_that_runs_no_kernel_is_refused_at_construction(rule) -> None:
+    # A kernel registered for momentum (whose state S no kernel contract carries) passed the construction
+    # check and refused_named_kernels, then failed at the first step; one registered for minibatch_gd
+    # (the primal form, on torch) never ran at all, silently. Both are refused when the layer is built,
+    # naming kernel=, the rule, and the kernels that do run this model and loss.
+    name = _register_user_kernel(rule)
+    expected = rf"kernel={name!r}.*update_rule={rule!r}.*fused_torch_linear"
+    with pytest.raises(ValueError, match=expected):
+        TTTLayer(16, 2, inner_model="linear", update_rule=rule, mini_batch_size=4, kernel=name)
+    layer = TTTLayer(16, 2, inner_model="linear", update_rule=rule, mini_batch_size=4)
+    with pytest.raises(ValueError, match=expected):
+        layer.kernel = name
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=expected):
+        innerloop.ops.scan(x, x, x, torch.zeros(1, 2, 4), inner_model="linear", update_rule=rule, kernel=name)
+
+
+def _configurations() -> list[dict]:
+    """The layer settings each combination is built with: the stack kernels' (inner LayerNorm and
+    residual on) and the delta rule's (both off, one token a mini-batch)."""
+    return [
+        {"mini_batch_size": 4, "inner_norm": True, "inner_residual": True},
+        {"mini_batch_size": 1, "inner_norm": False, "inner_residual": False},
+    ]
+
+
+def _outcomes(rule: str, model: str, loss: str, kernels: list[str], settings: dict) -> dict[str, str]:
+    """What naming each of ``kernels`` does to a layer of ``rule``, ``model`` and ``loss``: ``"refused"``
+    (by kernel=, checked as at construction), ``"refused before the run"`` (by refused_named_kernels and
+    at the first step alike), or ``"ran"`` (the kernel ran and matched the torch path); anything else
+    fails. Empty where the combination is no layer even on torch."""
+    torch.manual_seed(0)
+    try:
+        layer = TTTLayer(
+            16, 2, inner_model=model, inner_loss=loss, update_rule=rule, kernel="torch", **settings
+        )
+    except ValueError:
+        return {}
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    torch_path = copy.deepcopy(layer)
+    expected = functools.cache(lambda trains: _output(torch_path, x, trains))  # where a kernel ran
+    return {kernel: _outcome(layer, kernel, x, expected) for kernel in kernels}
+
+
+def _output(layer: TTTLayer, x: torch.Tensor, trains: bool) -> torch.Tensor:
+    with torch.set_grad_enabled(trains):
+        return layer(x)[0]
+
+
+def _outcome(layer: TTTLayer, kernel: str, x: torch.Tensor, expected: Callable[[bool], torch.Tensor]) -> str:
+    layer.kernel = "torch"
+    try:
+        layer.kernel = kernel  # the check a layer built with kernel=... makes
+    except ValueError as error:
+        assert f"kernel={kernel!r}" in str(error), error
+        return "refused"
+    trains = not _spec(kernel).training_only  # a compiled kernel would compile for ~30 s
+    if refused_named_kernels(torch.nn.Sequential(layer), [CPU], requires_grad=trains):
+        with pytest.raises(KernelUnavailableError, match=f"kernel={kernel!r}"):
+            _output(layer, x, trains)
+        return "refused before the run"
+    out = _output(layer, x, trains)
+    paths = {path.removesuffix(".decode") for path, _ in layer.dispatches}
+    assert kernel in paths or not trains, (kernel, layer.dispatches)
+    torch.testing.assert_close(out, expected(trains), rtol=1e-4, atol=1e-5)
+    return "ran"
+
+
+def _spec(kernel: str) -> KernelSpec:
+    from innerloop.registry import get_registry
+
+    return next(spec for spec in get_registry().kernels() if spec.name == kernel)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_every_rule_model_loss_and_kernel_either_runs_and_matches_torch_or_is_refused() -> None:
+    # Table: every (update_rule, inner_model, inner_loss, kernel) the registry offers, plus a user kernel
+    # for each rule that runs on torch only, under the stack kernels' and the delta rule's settings.
+    from innerloop.registry import get_registry
+
+    for rule in TORCH_ONLY_RULES:
+        _register_user_kernel(rule)
+    registry = get_registry()
+    kernels = [spec.name for spec in registry.kernels()]
+    table = {}
+    for rule, model, loss, (index, settings) in itertools.product(
+        registry.names("update_rule"),
+        registry.names("inner_model"),
+        registry.names("inner_loss"),
+        enumerate(_configurations()),
+    ):
+        for kernel, outcome in _outcomes(rule, model, loss, kernels, settings).items():
+            table[rule, model, loss, kernel, index] = outcome
+    ran = sorted({key[3] for key, outcome in table.items() if outcome == "ran"})
+    assert all(outcome == "refused" for key, outcome in table.items() if key[0] in TORCH_ONLY_RULES), table
+    assert {"fused_torch_linear", "fused_torch_mlp", "delta_chunk", "cpu_ttt_linear"} <= set(ran), ran

@@ -140,3 +140,53 @@ def test_every_rule_model_loss_and_kernel_either_runs_and_matches_torch_or_is_re
     ran = sorted({key[3] for key, outcome in table.items() if outcome == "ran"})
     assert all(outcome == "refused" for key, outcome in table.items() if key[0] in TORCH_ONLY_RULES), table
     assert {"fused_torch_linear", "fused_torch_mlp", "delta_chunk", "cpu_ttt_linear"} <= set(ran), ran
+
+
+def _delta_arguments(**changed) -> dict:
+    B, H, T, f = 1, 2, 5, 4
+    x = torch.randn(B, H, T, f, generator=torch.Generator().manual_seed(0))
+    arguments = dict(
+        xq=x, xk=x.clone(), xv=x.clone(), lr=torch.full((B, H, T), 0.1), tau=torch.ones(1),
+        params={"W": torch.zeros(B, H, f, f)}, ln_weight=None, ln_bias=None, eps=1e-6,
+    )  # fmt: skip
+    return {**arguments, **changed}
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        ({"xq": torch.zeros(1, 2, 5, 3)}, "xk"),  # xk's shape is read off xq's and xv's
+        ({"xk": torch.zeros(1, 2, 5, 3)}, "xk"),
+        ({"xv": torch.zeros(1, 2, 4, 4)}, "xv"),
+        ({"xq": torch.zeros(2, 5, 4)}, "xq"),
+        ({"xk": torch.zeros(1, 2, 5, 4, dtype=torch.float64)}, "xq"),  # "xq, xk and xv must share"
+        ({"lr": torch.zeros(1, 2, 6)}, "lr"),
+        ({"params": {"W": torch.zeros(1, 2, 4, 5)}}, "params['W']"),
+        ({"params": {"W": torch.zeros(1, 2, 4, 4, dtype=torch.float64)}}, "params['W']"),
+        ({"decay": torch.zeros(1, 2, 6)}, "decay"),
+        ({"decay_log": torch.zeros(1, 2, 4)}, "decay_log"),
+    ],
+    ids=[
+        "xq-dim",
+        "xk-dim",
+        "xv-tokens",
+        "xq-3d",
+        "xk-dtype",
+        "lr",
+        "W-shape",
+        "W-dtype",
+        "decay",
+        "decay_log",
+    ],
+)
+def test_delta_rule_kernel_forward_names_its_own_arguments_in_its_errors(changed, named) -> None:
+    # called directly (it is a kernel's forward, KernelForward's parameters), it refused bad input naming
+    # the chunked form's inner arguments: q, k, v, beta, initial_state, and decay_log for a bad decay
+    from innerloop.kernels.delta_chunk.adapter import delta_rule_kernel_forward
+
+    with pytest.raises((ValueError, TypeError)) as raised:
+        delta_rule_kernel_forward(**_delta_arguments(**changed))
+    message = str(raised.value)
+    assert message.startswith(named + " ") or message.startswith(named + ","), message
+    for inner in ("q", "k", "v", "beta", "initial_state", "gate"):
+        assert f" {inner} " not in f" {message} ".replace(",", " "), message

@@ -16,7 +16,7 @@ import torch
 
 from innerloop.core.protocol import Params
 from innerloop.kernels.delta_chunk.chunk import chunk_delta_rule
-from innerloop.kernels.delta_chunk.inputs import SUPPORTED_DTYPES
+from innerloop.kernels.delta_chunk.inputs import SUPPORTED_DTYPES, check_delta_inputs
 from innerloop.kernels.delta_chunk.naive import delta_rule_loop
 from innerloop.kernels.spec import KernelInputs, KernelSpec
 
@@ -26,6 +26,16 @@ STATE_KEY = "W"  # the matrix inner model's weight
 # through the chunked form's log gates it has an absolute error of ~eps in d/d(log a) = a * d/da, so
 # ~eps / a relative in d/d(decay) (measured 7e-13 at a = 1e-4, 8e-5 at a = 1e-12, NaN at a = 0, float64).
 SMALL_GATE = 1e-5
+#: What :func:`delta_rule_kernel_forward`'s errors call the delta rule's arguments: its own parameters.
+KERNEL_ARGUMENT_NAMES = {
+    "q": "xq",
+    "k": "xk",
+    "v": "xv",
+    "beta": "lr",
+    "decay_log": "decay_log",
+    "gate": "decay",
+    "initial_state": f"params[{STATE_KEY!r}]",
+}
 
 
 def delta_rule_kernel_forward(
@@ -53,16 +63,20 @@ def delta_rule_kernel_forward(
         )
     if tau.numel() != 1:
         raise ValueError(f"tau must hold one scale (mini_batch_size=1), got shape {list(tau.shape)}")
-    beta, weights = lr * tau.reshape(()), params[STATE_KEY]
     if decay is not None and decay_log is not None:
         raise ValueError("give the gate as decay (1 - a) or as decay_log (log a), not both")
+    gate_why = "the gate a = 1 - decay is taken in log space"
+    high = 0.0 if decay is None else _checked_range("decay", decay, 0.0, 1.0, gate_why)  # largest decay
+    if decay_log is not None:
+        _checked_range("decay_log", decay_log, -torch.inf, 0.0, "log a of a gate a in [0, 1]")
+    weights = params[STATE_KEY]
+    # checked here, under these names: the chunked form and the token loop check them again under theirs
+    check_delta_inputs(xq, xk, xv, lr, decay_log, weights, gate=decay, names=KERNEL_ARGUMENT_NAMES)
+    beta = lr * tau.reshape(())
     if decay is not None:
-        high = _checked_range("decay", decay, 0.0, 1.0, "the gate a = 1 - decay is taken in log space")
         if linear_gates_needed(decay, high):
             return _token_loop(xq, xk, xv, beta, weights, gate=1 - decay)
         decay_log = torch.log1p(-decay)  # -inf where decay = 1: chunk_delta_rule clamps it (a full reset)
-    elif decay_log is not None:
-        _checked_range("decay_log", decay_log, -torch.inf, 0.0, "log a of a gate a in [0, 1]")
     finite_logs = (
         None if decay_log is None else decay_log.clamp_min(-1e4)
     )  # -inf: a full reset, not bad input

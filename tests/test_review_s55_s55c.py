@@ -190,3 +190,79 @@ def test_delta_rule_kernel_forward_names_its_own_arguments_in_its_errors(changed
     assert message.startswith(named + " ") or message.startswith(named + ","), message
     for inner in ("q", "k", "v", "beta", "initial_state", "gate"):
         assert f" {inner} " not in f" {message} ".replace(",", " "), message
+
+
+_B, _H, _T = 1, 2, 12
+_NAN_PATHS = {
+    "dual_form-torch": {"kernel": "torch"},
+    "dual_form-fused": {"kernel": "fused_torch_linear"},
+    "minibatch_gd": {"update_rule": "minibatch_gd"},
+    "momentum": {"update_rule": "momentum", "momentum": torch.full((_B, _H, _T), 0.5)},
+    "delta_chunk": {
+        "inner_model": "matrix",
+        "mini_batch_size": 1,
+        "inner_norm": False,
+        "inner_residual": False,
+        "kernel": "delta_chunk",
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("path", list(_NAN_PATHS))
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_a_non_finite_input_reaches_the_outputs_scan_documents(path, where) -> None:
+    # ops.scan's docstring said a NaN or inf input spreads to its whole mini-batch, earlier tokens included:
+    # a NaN q reaches its own token's output only (q only reads the weights), and under minibatch_gd (the
+    # primal form) a NaN k or v leaves its mini-batch's earlier tokens finite, on these paths
+    options = {"mini_batch_size": 4, **_NAN_PATHS[path]}
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (0.5 * torch.randn(_B, _H, _T, 8, generator=generator) for _ in range(3))
+    inputs = {"q": q, "k": k, "v": v}
+    bad = 5
+    inputs[where][0, 0, bad] = float("nan")
+    dispatches: list = []
+    out, _ = innerloop.ops.scan(
+        *inputs.values(), torch.full((_B, _H, _T), 0.1), dispatches=dispatches, **options
+    )
+    if "kernel" in options and options["kernel"] != "torch":
+        assert {p for p, _ in dispatches} == {options["kernel"]}, dispatches
+    reached = [t for t in range(_T) if not bool(torch.isfinite(out[0, 0, t]).all())]
+    assert bool(torch.isfinite(out[0, 1]).all())  # the other head
+    size = options["mini_batch_size"]
+    from_its_mini_batch = path not in ("minibatch_gd",)
+    first = bad - bad % size if from_its_mini_batch else bad
+    assert reached == ([bad] if where == "q" else list(range(first, _T))), reached
+
+
+@pytest.mark.parametrize("rule, first", [("dual_form", 4), ("momentum", 4), ("minibatch_gd", 5)])
+def test_a_nan_token_under_non_finite_ignore_reaches_what_the_layer_documents(rule, first) -> None:
+    # TTTLayer's non_finite docs (and the README's): its whole mini-batch, earlier tokens included, and
+    # all later ones; under minibatch_gd (the primal form) from the token on
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4, update_rule=rule, non_finite="ignore")
+    x = torch.randn(1, 12, 16)
+    x[0, 5] = float("nan")
+    out, _ = layer(x)
+    assert [t for t in range(12) if not bool(torch.isfinite(out[0, t]).all())] == list(range(first, 12))
+
+
+@pytest.mark.parametrize("low, high", [(1.0, 1.6), (-0.6, 0.0), (-1.5, 1.5)])
+@pytest.mark.parametrize("model", ["matrix", "linear", "mlp"])
+def test_a_momentum_outside_zero_one_is_computed_as_written(model, low, high) -> None:
+    # s54o: ops.scan takes any finite momentum (momentum DeltaNet's mu * beta_t / beta_{t-1} can exceed 1);
+    # the range is now documented, and the rule equals the naive token loop there too (measured: within
+    # 2e-14 relative, float64, decay on, 13 tokens cut across mini-batches of 4)
+    from dataclasses import replace
+
+    from innerloop.plugins.optimizers.momentum import Momentum
+    from innerloop.testing import make_problem
+
+    rule = Momentum()
+    problem = make_problem(model, "reconstruction", momentum=True, decay=True, tokens=13).for_rule(rule)
+    generator = torch.Generator().manual_seed(3)
+    gate = low + (high - low) * torch.rand(problem.momentum.shape, generator=generator, dtype=torch.float64)
+    problem = replace(problem, momentum=gate)
+    (out, state), (expected, expected_state) = problem.run(rule), problem.naive()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for name, weight in expected_state.params.items():
+        torch.testing.assert_close(state.params[name], weight, rtol=1e-12, atol=1e-12)

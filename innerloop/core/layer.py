@@ -879,10 +879,11 @@ class TTTLayer(nn.Module):
             the state, and raises if finite input gave non-finite outputs or state (the inner model
             overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).
             Under ``"ignore"`` a NaN or inf token spreads to the outputs of its whole mini-batch, earlier
-            tokens included, and to all later ones of its sequence (the batch's other sequences stay
-            exact), on every path (the chunked ``delta_chunk`` kernel runs its token loop then): the
-            outputs before it then depend on where the sequence was split between calls (a call that
-            ends before it returns them finite).
+            tokens included (under ``update_rule="minibatch_gd"``, the primal form, from the token on),
+            and to all later ones of its sequence (the batch's other sequences stay exact), on every
+            path (the chunked ``delta_chunk`` kernel runs its token loop then): the outputs before it
+            then depend on where the sequence was split between calls (a call that ends before it
+            returns them finite).
         needs_double_backward: tell kernels that gradients of gradients will be taken.
         inference_chunk_size: without autograd, a call longer than this reads the sequence in chunks
             of about this many tokens (whole mini-batches), carrying the state between them: the

@@ -411,7 +411,10 @@ def scan(
         inner_norm, inner_residual: ``f(x) = x + LN(g(x))`` (each can be off).
         norm_weight, norm_bias: ``[H, f]`` the inner LayerNorm's affine (None: ones, zeros).
         decay: ``[B, H, T]`` forgetting ``1 - a_t`` of every inner weight, in ``[0, 1]`` (None: none).
-        momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0).
+        momentum: ``[B, H, T]`` the momentum ``m_t`` of update_rule ``"momentum"`` (None: 0): any finite
+            value, computed as written (exact products, no logarithms). Titans' sigmoid gate gives
+            ``(0, 1)``; momentum DeltaNet's ``mu * beta_t / beta_{t-1}`` (docs/family.md) can exceed 1, and
+            ``|m_t| > 1`` for long lets ``S`` grow geometrically (NaN or inf are refused).
         decay_log: ``[B, H, T]`` the gate as ``log a_t <= 0`` instead of ``decay`` (not both; ``-inf`` is a
             full reset), FLA's ``g``: the decay products are then taken in log space (``exp`` of
             the sums of the logs between two tokens, in float64), which keeps a small ``a_t`` that a float32
@@ -443,9 +446,13 @@ def scan(
         (``next_token``'s last key), which they cannot hold (``dropped_carry``). To split a sequence
         anywhere, use :class:`~innerloop.core.layer.TTTLayer` and its state, which carries the partial
         mini-batch and the loss's carry.
-        A NaN or inf input is not refused; it spreads to the outputs of its whole mini-batch, earlier
-        tokens included, and to all later ones, on every path (the chunked delta-rule kernel runs its
-        token loop then, so that a bad token does not reach its chunk's earlier outputs).
+        A NaN or inf in ``q``, ``k``, ``v`` or ``initial`` is not refused (``lr``, ``token_scale`` and the
+        gates are). One in ``q`` reaches its own token's output only (a query reads the weights, it does
+        not train them); one in ``k`` or ``v`` reaches the outputs of its whole mini-batch, earlier tokens
+        included (their masked dual-form products meet it), and all later ones, on every path (the
+        chunked delta-rule kernel runs its token loop then, so that a bad token does not reach its
+        chunk's earlier outputs), except ``minibatch_gd`` (the primal form), where the mini-batch's
+        earlier tokens stay finite.
         Nor are the results checked: an inner loop that diverges on finite input (a learning rate too
         large for its data) returns its inf or NaN outputs and weights as they are (``TTTLayer``, under
         its default ``non_finite='raise'``, refuses them with a diagnosis).

@@ -4,6 +4,7 @@ momentum range and error wording (s54o)."""
 from __future__ import annotations
 
 import copy
+import enum
 import functools
 import itertools
 from collections.abc import Callable
@@ -266,3 +267,33 @@ def test_a_momentum_outside_zero_one_is_computed_as_written(model, low, high) ->
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     for name, weight in expected_state.params.items():
         torch.testing.assert_close(state.params[name], weight, rtol=1e-12, atol=1e-12)
+
+
+class _Python310Flag(enum.Flag):
+    """A Flag as Python 3.10 names it: a value of several members has no name (3.11 says ``"R|B"``)."""
+
+    R = 1
+    G = 2
+    B = 4
+
+    @property
+    def name(self):  # type: ignore[override]
+        return self._name_ if self._value_ in (1, 2, 4) else None
+
+
+def test_flag_settings_of_several_members_are_recorded_apart_on_python_3_10() -> None:
+    # recorded_setting wrote every unnamed Flag value (each of several members, on Python 3.10) as
+    # "Class.None": R|B and G|B recorded alike, so a checkpoint's settings check (and a first-use verdict's
+    # key) took one for the other
+    from innerloop.registry.settings import recorded_setting
+
+    flag = _Python310Flag
+    recorded = [recorded_setting(value) for value in (flag.R | flag.B, flag.G | flag.B, flag.R, flag(0))]
+    assert recorded == ["_Python310Flag.R|B", "_Python310Flag.G|B", "_Python310Flag.R", "_Python310Flag.None"]
+
+    class Plain(enum.Flag):  # this Python's own names, which the 3.10 reading matches
+        R = 1
+        G = 2
+        B = 4
+
+    assert recorded_setting(Plain.R | Plain.B).endswith(".<locals>.Plain.R|B")

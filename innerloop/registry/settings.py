@@ -93,7 +93,7 @@ def recorded_setting(value: Any, depth: int = 0) -> Any:
         if isinstance(value, plain):
             return as_plain(value)
     if isinstance(value, enum.Enum):
-        return f"{type(value).__qualname__}.{value.name}"
+        return f"{type(value).__qualname__}.{_member_name(value)}"
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, list | tuple):
@@ -105,6 +105,29 @@ def recorded_setting(value: Any, depth: int = 0) -> Any:
         reader = _TENSOR_READER.get() if isinstance(value, torch.Tensor) else None
         return recorded_setting(value.item(), depth) if reader is None else reader(value)
     return NOT_RECORDED
+
+
+def _member_name(member: enum.Enum) -> str | None:
+    """``member.name``; for an ``enum.Flag`` value of several members, which Python 3.10 leaves unnamed
+    (None, so that every such value recorded alike), the names of its single-bit members joined by ``|``
+    in the order of their values, as Python 3.11 names it (``"R|B"``); any bits no member names follow
+    as a number. The empty flag stays None on every version."""
+    flags = member.value if isinstance(member, enum.Flag) else None
+    if member.name is not None or not isinstance(flags, int) or flags == 0:
+        return member.name
+    bits = sorted(
+        {
+            m.value: m.name
+            for m in type(member).__members__.values()
+            if _is_single_bit(m.value) and m.value & flags
+        }.items()
+    )
+    rest = flags & ~sum(bit for bit, _ in bits)
+    return "|".join([*(name for _, name in bits), *([str(rest)] if rest else [])])
+
+
+def _is_single_bit(value: Any) -> bool:
+    return isinstance(value, int) and value > 0 and value & (value - 1) == 0
 
 
 def _is_scalar(value: Any) -> bool:

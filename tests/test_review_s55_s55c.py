@@ -297,3 +297,27 @@ def test_flag_settings_of_several_members_are_recorded_apart_on_python_3_10() ->
         B = 4
 
     assert recorded_setting(Plain.R | Plain.B).endswith(".<locals>.Plain.R|B")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_a_plugin_setting_that_changes_at_every_call_is_warned_of_once(monkeypatch) -> None:
+    # s54q: a plugin that declares no settings and bumps a public counter as it runs has other settings at
+    # every call, so a kernel's first-use check ran again on every block (a probe of the kernel and the
+    # torch path each time), silently; documented only in a private docstring. Now, after
+    # SETTINGS_CHANGES_BEFORE_WARNING such re-checks of a kernel, a KernelCheckWarning says so once,
+    # naming the plugin and the remedy (declare its settings)
+    import warnings
+
+    from innerloop.kernels import first_use
+
+    layer = TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="fused_torch_linear")
+    loss = layer.inner_loss
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(first_use.SETTINGS_CHANGES_BEFORE_WARNING + 3):
+            monkeypatch.setattr(loss, "calls", call, raising=False)  # what a counter bumped as it runs does
+            layer(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, first_use.KernelCheckWarning)]
+    assert len(said) == 1 and "Reconstruction" in said[0] and "settings()" in said[0], said

@@ -112,6 +112,13 @@ says that the torch path keeps running those blocks (once per signature)."""
 
 _DEFERRALS: dict[tuple, int] = {}  # signature -> Deferred probes so far (until a verdict is kept)
 
+SETTINGS_CHANGES_BEFORE_WARNING = 8
+"""After this many first-use checks of one kernel run again because a plugin's settings changed since its
+verdict (:func:`_forget_other_settings`), a :class:`KernelCheckWarning` says so (once per kernel and plugin
+class): a plugin that declares no settings and bumps a public attribute as it runs is checked at every block."""
+
+_SETTINGS_CHANGES: dict[tuple[str, str], int] = {}  # (kernel, plugin class) -> checks run again so far
+
 
 class _Held:
     """An object in a verdict's key: equal to the same object, or to one of the very same class whose
@@ -223,11 +230,12 @@ def _kept_key(key: tuple) -> tuple:
     return tuple(part.kept() if isinstance(part, _Held) else part for part in key)
 
 
-def _forget_other_settings(table: dict[tuple, Any], key: tuple) -> None:
+def _forget_other_settings(table: dict[tuple, Any], key: tuple) -> list[str]:
     """Drop ``table``'s entries about the very objects of ``key`` under other settings than theirs now:
     one verdict per object and kind of block, so that a plugin whose settings change at every call (a
     public counter of an object that declares no settings) does not fill the table (each change is
-    probed again)."""
+    probed again). Returns the classes of the objects whose settings changed (of the entries dropped)."""
+    changed: list[str] = []
     for kept in [k for k in list(table) if len(k) == len(key)]:
         same_objects = all(
             (a.target() is b.target()) if isinstance(a, _Held) and isinstance(b, _Held) else a == b
@@ -235,6 +243,29 @@ def _forget_other_settings(table: dict[tuple, Any], key: tuple) -> None:
         )
         if same_objects and kept != key:
             table.pop(kept, None)
+            changed += [
+                type(b.target()).__qualname__
+                for a, b in zip(kept, key, strict=True)
+                if isinstance(a, _Held) and isinstance(b, _Held) and a._settings_now() != b._settings_now()
+            ]
+    return changed
+
+
+def _count_settings_changes(kernel: KernelSpec, classes: list[str]) -> None:
+    """Count a first-use check of ``kernel`` run again because the settings of plugins of ``classes``
+    changed; the :data:`SETTINGS_CHANGES_BEFORE_WARNING`-th of one class warns, naming it and the remedy."""
+    for name in dict.fromkeys(classes):
+        count = _SETTINGS_CHANGES[kernel.name, name] = _SETTINGS_CHANGES.get((kernel.name, name), 0) + 1
+        if count == SETTINGS_CHANGES_BEFORE_WARNING:
+            warnings.warn(
+                f"{kernel.name}: its first-use check ran again {count} times because the settings of a {name} "
+                "plugin changed since the last (a public attribute of a plugin that declares no settings, such "
+                "as a counter bumped as it runs, counts as one): each such block probes the kernel and the "
+                f"torch path again; declare the plugin's settings (a settings() method, or dataclass fields) "
+                "so that only what changes its numbers is compared",
+                KernelCheckWarning,
+                stacklevel=warning_stacklevel(),
+            )
 
 
 def _holds_tensors(obj: object) -> bool:
@@ -429,6 +460,7 @@ def forget_verdicts() -> None:
     this when a plugin is removed, which also lets the removed objects go)."""
     _VERDICTS.clear()
     _DEFERRALS.clear()
+    _SETTINGS_CHANGES.clear()
     _FREED.clear()
 
 
@@ -438,8 +470,10 @@ def saved_verdicts() -> tuple[dict[tuple, str | None], dict[tuple, int]]:
 
 
 def restore_verdicts(saved: tuple[dict[tuple, str | None], dict[tuple, int]]) -> None:
-    """The verdicts and deferral counts :func:`saved_verdicts` copied, and no others."""
+    """The verdicts and deferral counts :func:`saved_verdicts` copied, and no others (the counts of checks
+    run again after a settings change start anew: they were about the verdicts replaced)."""
     verdicts, deferrals = saved
+    _SETTINGS_CHANGES.clear()
     _VERDICTS.clear()
     _VERDICTS.update(verdicts)
     _DEFERRALS.clear()
@@ -766,7 +800,7 @@ def _record(
             tested = "such data" if weak else f"{untested}, which"
             verdict = f"{said}: it matched, but {tested} tests too little; on seeded random data of the same shapes: {on_random}"
     _drop_freed()
-    _forget_other_settings(_VERDICTS, key)
+    _count_settings_changes(kernel, _forget_other_settings(_VERDICTS, key))
     _VERDICTS[_kept_key(key)] = verdict
     _DEFERRALS.pop(key, None)
     return verdict
@@ -1018,6 +1052,7 @@ __all__ = [
     "check_block",
     "check_decode",
     "DEFERRALS_BEFORE_WARNING",
+    "SETTINGS_CHANGES_BEFORE_WARNING",
     "Deferred",
     "checked",
     "failure",

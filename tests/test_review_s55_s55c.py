@@ -321,3 +321,39 @@ def test_a_plugin_setting_that_changes_at_every_call_is_warned_of_once(monkeypat
             layer(x)
     said = [str(w.message) for w in caught if issubclass(w.category, first_use.KernelCheckWarning)]
     assert len(said) == 1 and "Reconstruction" in said[0] and "settings()" in said[0], said
+
+
+def _stack_arguments(**changed) -> dict:
+    B, H, T, f = 1, 2, 8, 4
+    x = torch.randn(B, H, T, f, generator=torch.Generator().manual_seed(0))
+    arguments = dict(
+        xq=x, xk=x.clone(), xv=x.clone(), lr=torch.full((B, H, T), 0.1), tau=1 / torch.arange(1.0, 5.0),
+        params={"W1": torch.zeros(B, H, f, f), "b1": torch.zeros(B, H, 1, f)}, ln_weight=torch.ones(H, f),
+        ln_bias=torch.zeros(H, f), eps=1e-6,
+    )  # fmt: skip
+    return {**arguments, **changed}
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        ({"xk": torch.zeros(1, 2, 8, 5)}, "xk"),
+        ({"xv": torch.zeros(1, 2, 8, 5)}, "xv"),
+        ({"lr": torch.zeros(1, 2, 9)}, "lr"),
+        ({"params": {"W1": torch.zeros(1, 2, 5, 4), "b1": torch.zeros(1, 2, 1, 4)}}, "W1"),
+        ({"params": {"W1": torch.zeros(1, 2, 4, 4), "b1": torch.zeros(1, 2, 1, 5)}}, "b1"),
+        ({"tau": torch.ones(3)}, "tau"),
+        ({"ln_weight": torch.ones(2, 5)}, "ln_weight"),
+        ({"ln_bias": torch.ones(3, 4)}, "ln_bias"),
+    ],
+    ids=["xk", "xv", "lr", "W1", "b1", "tau", "ln_weight", "ln_bias"],
+)
+def test_the_fused_torch_forward_names_a_bad_argument(changed, named) -> None:
+    # sibling of delta_rule_kernel_forward's: fused_torch_linear's forward, called directly, raised raw torch
+    # errors ("shape '[2, 2, 4]' is invalid for input of size 18") naming nothing; cpu_ttt_linear names
+    # each argument. Now a ValueError names the kernel, the argument, what it got and what is valid
+    from innerloop.registry import get_registry
+
+    spec = next(spec for spec in get_registry().kernels() if spec.name == "fused_torch_linear")
+    with pytest.raises(ValueError, match=rf"fused_torch_linear.*\b{named}\b"):
+        spec.forward(**_stack_arguments(**changed))

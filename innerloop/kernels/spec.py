@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from innerloop.core.functional import as_integer
-from innerloop.core.protocol import Params
+from innerloop.core.protocol import AffineLayer, Params
 
 
 class KernelForward(Protocol):
@@ -293,6 +293,58 @@ def check_kernel_output(
             )
 
 
+def check_stack_kernel_inputs(
+    kernel_name: str,
+    stack: tuple[AffineLayer, ...],
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    tau: torch.Tensor,
+    params: Params,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+) -> None:
+    """A :class:`KernelForward`'s arguments for a stack model of ``stack`` have the contract's shapes:
+    ``xq``, ``xk``, ``xv`` ``[B, H, T, f]``, ``lr`` ``[B, H, T]``, ``tau`` ``[K]`` with ``K`` dividing ``T``,
+    ``ln_weight`` / ``ln_bias`` ``[H, f]``, each layer's weight ``[B, H, in, out]`` (from ``f`` to ``f``) and
+    bias ``[B, H, 1, out]``; else a ValueError naming ``kernel_name``, the argument, what it got and what
+    is valid (for a caller of the kernel's forward itself: dispatch passes only such blocks)."""
+
+    def refuse(name: str, got: torch.Tensor, valid: str) -> None:
+        raise ValueError(f"kernel {kernel_name!r}: {name} must be {valid}, got shape {list(got.shape)}")
+
+    if xq.dim() != 4:
+        refuse("xq", xq, "[B, H, T, f]")
+    batch, heads, tokens, dim = xq.shape
+    for name, tensor, shape in (("xk", xk, xq.shape), ("xv", xv, xq.shape), ("lr", lr, xq.shape[:3])):
+        if tensor.shape != shape:
+            refuse(name, tensor, f"{list(shape)} (from xq)")
+    if tau.dim() != 1 or tau.shape[0] == 0 or tokens % tau.shape[0] != 0:
+        refuse("tau", tau, f"[K] with K (the mini-batch size) dividing xq's {tokens} tokens")
+    for name, tensor in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if tensor.shape != (heads, dim):
+            refuse(name, tensor, f"[H, f] = {[heads, dim]} (from xq)")
+    width = dim
+    for layer in stack:
+        weight = params[layer.weight]
+        if weight.dim() != 4 or weight.shape[:3] != (batch, heads, width):
+            refuse(
+                f"params[{layer.weight!r}]",
+                weight,
+                f"[B, H, in, out] with [B, H, in] = {[batch, heads, width]}",
+            )
+        width = weight.shape[-1]
+        if layer.bias is not None and params[layer.bias].shape != (batch, heads, 1, width):
+            refuse(
+                f"params[{layer.bias!r}]", params[layer.bias], f"[B, H, 1, out] = {[batch, heads, 1, width]}"
+            )
+    if width != dim:
+        refuse(
+            f"params[{stack[-1].weight!r}]", params[stack[-1].weight], f"[B, H, in, f] with f = {dim}, xq's"
+        )
+
+
 def stack_kernel_spec(path: str, model_name: str, **fields: Any) -> KernelSpec:
     """The registration of a fast path for a stack inner model under the reconstruction loss and the
     dual form, named ``<path>_<model_name>`` (as the built-in stack paths are); ``fields`` are the
@@ -313,6 +365,7 @@ __all__ = [
     "RESERVED_KERNEL_NAMES",
     "KernelSpec",
     "check_kernel_output",
+    "check_stack_kernel_inputs",
     "double_backward_message",
     "protocol_parameters",
     "signature_mismatch",

@@ -32,7 +32,13 @@ from torch.autograd.function import FunctionCtx
 
 from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
-from innerloop.kernels.spec import KernelForward, KernelInputs, KernelSpec, stack_kernel_spec
+from innerloop.kernels.spec import (
+    KernelForward,
+    KernelInputs,
+    KernelSpec,
+    check_stack_kernel_inputs,
+    stack_kernel_spec,
+)
 from innerloop.kernels.spec import double_backward_message as spec_double_backward_message
 
 
@@ -320,11 +326,11 @@ def make_fused_forward(
         xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, lr: torch.Tensor, tau: torch.Tensor,
         params: Params, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
     ) -> tuple[torch.Tensor, Params]:  # fmt: skip
-        batch, heads, tokens, dim = xq.shape
-        tensors = (xq, xk, xv, lr, tau, ln_weight, ln_bias, *params.values())
-        in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        ends = training_ends if training_scan is not None and not in_place else None
         inputs = (xq, xk, xv, lr, tau, ln_weight, ln_bias)
+        check_stack_kernel_inputs(kernel_name or "fused_torch", stack, *inputs[:5], params, *inputs[5:])
+        batch, heads, tokens, dim = xq.shape
+        in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *params.values())))
+        ends = training_ends if training_scan is not None and not in_place else None
         if ends is None:
             hoisted = _hoist(*inputs, stack[0].bias is not None)
         else:

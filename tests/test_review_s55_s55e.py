@@ -4,14 +4,19 @@ Lightning's Timer, and the testing kit's default checks against deliberately wro
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import innerloop
 from innerloop.config import trainer_args
-from innerloop.kernels import dispatch
+from innerloop.kernels import dispatch, fused_torch
 from innerloop.kernels.spec import KernelInputs
+from innerloop.plugins.models.linear import LinearModel
+from innerloop.registry import get_registry
+from innerloop.testing import kernel_checks
 
 
 @pytest.mark.slow  # reads Lightning's Trainer signature (its first use imports Lightning: ~3 s under load)
@@ -49,3 +54,100 @@ def test_every_refusal_of_auto_names_the_kernel_it_is_about(monkeypatch: pytest.
     chosen, reason = dispatch._best(candidates, _block_inputs(), task, rule, candidates)
     assert chosen is None
     assert reason == "torch: first: head_dim 8 is below 16; second: wants float64"
+
+
+# --- check_kernel's wide cases against kernels wrong only past its old default shapes ---------------
+
+#: The fused torch path of (linear, reconstruction, dual_form): each wrong kernel below is it changed in one way.
+_FUSED_LINEAR = fused_torch.kernel_spec("linear", LinearModel().stack).forward
+
+
+def _last_token_sign_flipped_from_k32(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):  # noqa: ANN001, ANN202
+    """The fused path, but with mini-batches of 32 or more the last token of each reads its output negated
+    (a row loop whose last iteration past a tile of 16 rows is mishandled)."""
+    out, new = _FUSED_LINEAR(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+    k = tau.shape[0]
+    if k >= 32:
+        out = out.clone()
+        out[:, :, k - 1 :: k] = -out[:, :, k - 1 :: k]
+    return out, new
+
+
+def _uneven_feature_tile_remainder(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):  # noqa: ANN001, ANN202
+    """The fused path, but for a head dim above 8 that is no power of two, the features past the 8th read
+    1% too large: a tile of 8 features whose remainder is mishandled."""
+    out, new = _FUSED_LINEAR(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+    width = out.shape[-1]
+    if width > 8 and width & (width - 1):
+        out = out.clone()
+        out[..., 8:] *= 1.01
+    return out, new
+
+
+def _features_past_32_wrong(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):  # noqa: ANN001, ANN202
+    """The fused path, wrong (1%) for features past a tile of 32."""
+    out, new = _FUSED_LINEAR(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps)
+    if out.shape[-1] > 32:
+        out = out.clone()
+        out[..., 32:] *= 1.01
+    return out, new
+
+
+def _rates_clamped_at_default_base_lr(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):  # noqa: ANN001, ANN202
+    """The fused path with each token's rate clamped at ``1 / head_dim``, the most the default
+    ``base_lr`` 1.0 gives (``base_lr * sigmoid(.) / f``): wrong only for a larger base lr."""
+    clamped = lr.clamp(max=1.0 / xq.shape[-1])
+    return _FUSED_LINEAR(xq, xk, xv, clamped, tau, params, ln_weight, ln_bias, eps)
+
+
+_WRONG_ONLY_WIDE = {
+    "last_token_sign_from_k32": _last_token_sign_flipped_from_k32,
+    "uneven_feature_tile": _uneven_feature_tile_remainder,
+    "features_past_32": _features_past_32_wrong,
+    "rates_clamped_at_default_base_lr": _rates_clamped_at_default_base_lr,
+}
+
+
+@pytest.mark.slow  # ~1-2 s: the wide cases' layers, their carried states and one or two comparisons
+@pytest.mark.parametrize("name", sorted(_WRONG_ONLY_WIDE))
+def test_check_kernels_wide_cases_fail_a_kernel_wrong_only_past_the_other_cases(
+    name: str, fresh_global_registry: None
+) -> None:
+    """Each kernel is right at every other default case of check_kernel (head dims 4 and 5, K = 4,
+    base_lr 1.0) and, before review s55e, at its one wide case too (32 features, K = 16): each passed the
+    whole default check (measured: 60-98 s each). The wide cases now (K = 32; head dims 32 and 40, the
+    second at base_lr 2.5) fail each, naming the case."""
+    base = fused_torch.kernel_spec("linear", get_registry().inner_model("linear").stack)
+    spec = dataclasses.replace(base, name=name, priority=100, forward=_WRONG_ONLY_WIDE[name])
+    innerloop.register_kernel(spec)
+    config = kernel_checks._layer_config(spec, None, None, None, {})
+    report = kernel_checks.KernelCheckReport(name)
+    with pytest.raises(AssertionError, match=rf"check_kernel\('{name}'\): head_dim (32|40) .*the wide case"):
+        kernel_checks._check_wide_case(
+            spec, config, torch.float64, torch.device("cpu"), 0, 1e-10, report, False
+        )
+
+
+@pytest.mark.slow  # ~1 s: the checkers' carried states at 32 and 40 features
+def test_check_kernels_wide_cases_meet_k32_an_uneven_head_dim_and_another_base_lr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wide cases' layers: mini-batches of 32 (unless given), head dims 32 and 40 (no power of two),
+    the second at base_lr 2.5 unless given; a given mini_batch_size and base_lr are kept."""
+    ran = []
+    monkeypatch.setattr(
+        kernel_checks._Checker,
+        "run",
+        lambda self, case: ran.append(
+            (case.head_dim, self.mini_batch_size, self.reference.base_lr, str(case))
+        ),
+    )
+    spec = fused_torch.kernel_spec("linear", LinearModel().stack)
+    for options, given in (({}, False), ({"mini_batch_size": 8, "base_lr": 0.5}, True)):
+        config = kernel_checks._layer_config(spec, None, None, None, options)
+        report = kernel_checks.KernelCheckReport("k")
+        kernel_checks._check_wide_case(
+            spec, config, torch.float64, torch.device("cpu"), 0, 1e-10, report, given
+        )
+    assert [entry[:3] for entry in ran] == [(32, 32, 1.0), (40, 32, 2.5), (32, 8, 0.5), (40, 8, 0.5)]
+    assert "base_lr 2.5" in ran[1][3] and "base_lr" not in ran[3][3]

@@ -20,8 +20,9 @@ kernel and one on ``kernel="torch"``, and compares them on
   respect to the input and every parameter), under ``torch.no_grad`` and under
   ``torch.inference_mode`` (outputs and final state);
 - and, when the kernel has a ``decode`` step, a prefill then token-by-token decoding;
-- one wide case: 32 features and mini-batches of 16 (unless ``mini_batch_size`` is given), past a
-  tile of 8 or 16 features or tokens;
+- two wide cases, with mini-batches of 32 (unless ``mini_batch_size`` is given), past a tile of 8 or
+  16 tokens: 32 features, past a tile of 8 or 16 features; and 40 (no power of two, past a tile of
+  32) with ``base_lr`` 2.5 (unless given: every other case runs the default 1.0);
 - the first case (and the decoding) again on layers with other weights, as after an optimizer step: a
   kernel that caches what it derives from the weights, keyed by their shape, is caught;
 - for a kernel that declares ``supports_decay``, each case again with decay (but those under
@@ -132,7 +133,8 @@ class KernelCase:
     decaying: bool = False  # on a ForgettingLayer (a kernel that supports decay)
     gate_as_log: bool = False  # its gate given as decay_log (a kernel whose forward names decay_log)
     weights_changed: bool = False  # on layers whose weights differ from the earlier cases' (another seed)
-    wide: bool = False  # the wide case: WIDE_HEAD_DIM features, mini-batches of WIDE_MINI_BATCH_SIZE
+    wide: bool = False  # a wide case: mini-batches of WIDE_MINI_BATCH_SIZE (unless given)
+    base_lr: object = None  # a base lr the case's layers were given (a wide case's, WIDE_BASE_LR)
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
@@ -150,6 +152,7 @@ class KernelCase:
         layer += ", in float32" if self.in_float32 else ""
         layer += ", the weights changed since the earlier cases" if self.weights_changed else ""
         layer += f", the wide case: mini_batch_size {WIDE_MINI_BATCH_SIZE} unless given" if self.wide else ""
+        layer += f", base_lr {self.base_lr}" if self.base_lr is not None else ""
         return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
 
 
@@ -191,7 +194,8 @@ def check_kernel(
             and ``inner_residual``, by default on for a kernel that ``fuses_inner_norm``, else off; ...).
 
     Returns the :class:`KernelCheckReport` of the cases run, compared and skipped. Raises ``AssertionError``
-    also when the kernel ran in no case at all (the wide case, :data:`WIDE_HEAD_DIM`, runs after the others).
+    also when the kernel ran in no case at all (the wide cases, :data:`WIDE_HEAD_DIM` and
+    :data:`WIDE_UNEVEN_HEAD_DIM`, run after the others).
     """
     spec = _kernel_spec(kernel)
     tolerance = _tolerance(dtype, tolerance)
@@ -273,11 +277,19 @@ def _check_float32_case(
     checker.run(KernelCase(head_dim, 17 * k + k // 2 + 1, True, (), "grad", in_float32=True))
 
 
-#: The head dim and mini-batch size of :func:`check_kernel`'s wide case (the other cases run 4 and 5
-#: features and mini-batches of 4): a head dim past a tile of 16 features and the paper's mini-batch of 16,
-#: where a kernel tiled by 8 or 16 features or tokens that goes wrong past its first tile passed (review s48l).
+#: The head dims, mini-batch size and base lr of :func:`check_kernel`'s wide cases (the other cases run 4 and
+#: 5 features, mini-batches of 4 and ``base_lr`` 1.0). Mini-batches of 32: a mini-batch's rows past a tile of
+#: 16 (the Triton kernels pad K to a power of two >= 16), where a kernel wrong past its first tile of rows
+#: passed at the mini-batches of 16 these cases had before (review s55e). 32 features: past a tile of 8 or 16
+#: features, and a power of two (what the Triton kernels take); 40: past a tile of 32 and no power of two,
+#: where a kernel that mishandles a tile's remainder passed (each seen passing the old default check), run
+#: at ``base_lr`` :data:`WIDE_BASE_LR` (unless given): every other case ran the default 1.0, whose per-token
+#: rates stay below ``1 / head_dim``, so a kernel that assumed so (a clamp, a scaled low-precision store)
+#: passed too. The paper's mini-batch of 16 is still met: ``mini_batch_size`` given replaces 32.
 WIDE_HEAD_DIM = 32
-WIDE_MINI_BATCH_SIZE = 16
+WIDE_UNEVEN_HEAD_DIM = 40
+WIDE_MINI_BATCH_SIZE = 32
+WIDE_BASE_LR = 2.5
 
 
 def _check_wide_case(
@@ -290,13 +302,19 @@ def _check_wide_case(
     report: KernelCheckReport,
     mini_batch_given: bool,
 ) -> None:
-    """One case at :data:`WIDE_HEAD_DIM` features and mini-batches of :data:`WIDE_MINI_BATCH_SIZE` (unless
-    the caller gave ``mini_batch_size``): three and a half mini-batches from a carried state, cut after the
-    first, with gradients. A kernel whose ``verify`` refuses it has it skipped, with its reason."""
+    """The wide cases: at :data:`WIDE_HEAD_DIM`, then at :data:`WIDE_UNEVEN_HEAD_DIM` features with
+    ``base_lr`` :data:`WIDE_BASE_LR` (unless ``config`` gives one), each with mini-batches of
+    :data:`WIDE_MINI_BATCH_SIZE` (unless the caller gave ``mini_batch_size``): three and a half mini-batches
+    from a carried state, cut after the first, with gradients. A kernel whose ``verify`` refuses one has it
+    skipped, with its reason."""
     wide_config = config if mini_batch_given else {**config, "mini_batch_size": WIDE_MINI_BATCH_SIZE}
-    checker = _Checker(spec, wide_config, WIDE_HEAD_DIM, dtype, device, seed, tolerance, report)
-    k = checker.mini_batch_size
-    checker.run(KernelCase(WIDE_HEAD_DIM, 3 * k + k // 2 + 1, True, (k + 1,), "grad", wide=True))
+    other_base_lr = None if "base_lr" in config else WIDE_BASE_LR
+    for head_dim, base_lr in ((WIDE_HEAD_DIM, None), (WIDE_UNEVEN_HEAD_DIM, other_base_lr)):
+        layer_config = wide_config if base_lr is None else {**wide_config, "base_lr": base_lr}
+        checker = _Checker(spec, layer_config, head_dim, dtype, device, seed, tolerance, report)
+        k = checker.mini_batch_size
+        case = KernelCase(head_dim, 3 * k + k // 2 + 1, True, (k + 1,), "grad", wide=True, base_lr=base_lr)
+        checker.run(case)
 
 
 def _kernel_spec(kernel: str | KernelSpec) -> KernelSpec:

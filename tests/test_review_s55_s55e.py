@@ -5,6 +5,7 @@ Lightning's Timer, and the testing kit's default checks against deliberately wro
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -151,3 +152,41 @@ def test_check_kernels_wide_cases_meet_k32_an_uneven_head_dim_and_another_base_l
         )
     assert [entry[:3] for entry in ran] == [(32, 32, 1.0), (40, 32, 2.5), (32, 8, 0.5), (40, 8, 0.5)]
     assert "base_lr 2.5" in ran[1][3] and "base_lr" not in ran[3][3]
+
+
+# --- trainer.max_time: Lightning's DD:HH:MM:SS as YAML reads it ------------------------------------
+
+
+@pytest.mark.parametrize(("written", "read"), [("1:00:00:00", 216000), ("10:00:00:00", 2160000)])
+def test_a_max_time_yaml_read_as_a_base_60_number_is_refused_saying_how_to_write_it(
+    written: str, read: int
+) -> None:
+    """Lightning's Timer takes ``(\\d+):(\\d\\d):(\\d\\d):(\\d\\d)`` (days of any digits), and innerloop the same
+    pattern; but YAML (PyYAML's and OmegaConf's) reads an unquoted ``1:00:00:00`` or ``10:00:00:00``, whose
+    first digit is not 0, as one base-60 number. The error named only that number ('216000 (int) is not a
+    time limit'), which the user never wrote; it now says how YAML read it and how to write it."""
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.from_dotlist([f"trainer.max_time={written}"]).trainer.max_time == read
+    with pytest.raises(ValueError, match=rf"trainer.max_time={read} .*{written}.*quote it") as error:
+        trainer_args.check_lightning_arguments({"max_time": read}, ValueError)
+    assert "DD:HH:MM:SS" in str(error.value)
+    trainer_args.check_lightning_arguments({"max_time": f"0{written}"}, ValueError)  # a leading 0: text
+
+
+@pytest.mark.slow  # builds Lightning's Timer (its first use imports Lightning: ~3 s under load)
+def test_a_max_time_stop_past_ten_days_suggests_a_limit_yaml_reads_as_text() -> None:
+    """A run given 6 days and stopped by it is told ``trainer.max_time`` = 12 days: written ``12:00:00:00``,
+    YAML read that as the number 2592000 and the told command was refused; the days now keep a leading 0."""
+    from omegaconf import OmegaConf
+    from test_review_s54_s54a import _stopped_timer
+
+    from innerloop.train import run as run_module
+
+    six_days = 6 * 86400
+    trainer = SimpleNamespace(callbacks=[_stopped_timer(six_days, 0, six_days)])
+    said = run_module._continuing(SimpleNamespace(out_dir="runs/x"), trainer)
+    suggested = re.search(r"trainer\.max_time=([0-9:]+)", said).group(1)
+    read = OmegaConf.from_dotlist([f"trainer.max_time={suggested}"]).trainer.max_time
+    assert read == "012:00:00:00", said
+    trainer_args.check_lightning_arguments({"max_time": read}, ValueError)

@@ -326,11 +326,30 @@ def _time_limit(value: Any, error: type[ValueError]) -> timedelta:
                 raise error(f"{shown}: {unit!r} is not a unit of time; {forms}")
             _check_time_part(shown, unit, amount, forms, error)
     else:
-        raise error(f"{shown} ({type_name(value)}) is not a time limit: {forms}")
+        raise error(f"{shown} ({type_name(value)}) is not a time limit{_base_60_hint(value)}: {forms}")
     try:
         return timedelta(**parts)
     except OverflowError:
         raise error(f"{shown} is longer than a timedelta holds (999999999 days): {forms}") from None
+
+
+def _base_60_hint(value: Any) -> str:
+    """For a whole number ``trainer.max_time``, how YAML may have read it: PyYAML and OmegaConf read an
+    unquoted ``D:HH:MM:SS`` whose first digit is not 0 (``1:00:00:00``, ``10:00:00:00``; Lightning's
+    pattern takes days of any digits) as one base-60 number (216000), which the user never wrote."""
+    if type(value) is not int or value < 60:
+        return ""
+    days, rest = divmod(value, 60**3)
+    hours, rest = divmod(rest, 60**2)
+    written = (
+        f"{days}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+        if days
+        else f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    )
+    return (
+        f" (YAML reads an unquoted {written}, whose first digit is not 0, as this base-60 number: quote it, "
+        f"'{written}', or start the days with a 0, 0{written})"
+    )
 
 
 def _plain_mapping(value: Any) -> Any:

@@ -933,7 +933,8 @@ def _continuing(run: RunConfig, trainer: L.Trainer) -> str:
     known = type(at_start) in (int, float) and math.isfinite(at_start)
     given = budget - at_start if known else budget
     seconds = math.ceil(timer.time_elapsed() + (given if given > 0 else budget))
-    longer = f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    # the days with a leading 0 always: YAML reads an unquoted 12:00:00:00 as a base-60 number (2592000)
+    longer = f"0{seconds // 86400}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
     resume = continuing_call(run.out_dir, f" trainer.max_time={longer}")
     return f"{resume} (the time spent and as long again as this launch was given; trainer.max_time=null for no limit)"
 

@@ -264,6 +264,13 @@ class TTTState:
                 "inner_loss= (the layer's layer.inner_loss); a language model's states pass it themselves"
             )
         name = getattr(inner_loss, "name", None)
+        if not isinstance(name, str) or not callable(getattr(inner_loss, "batched_carry_keys", None)):
+            raise TypeError(
+                f"TTTState.{method}: inner_loss= takes the inner loss object that wrote the state (an "
+                f"InnerLoss: the layer's layer.inner_loss), got {inner_loss!r} ({type(inner_loss).__name__}); "
+                "a registered name is not enough: pass the object, e.g. "
+                f"innerloop.get_registry().inner_loss({recorded!r})"
+            )
         if not is_label_of(recorded, name):  # its name, or its name and class (unregistered)
             raise ValueError(
                 f"TTTState.{method}: inner_loss is {name!r}, but the state was written by inner loss "

@@ -33,3 +33,38 @@ def test_a_state_given_its_layers_loss_still_selects_and_joins_rows() -> None:
     layer, state = _state_with_a_carry()
     assert state.index_select(torch.tensor([1, 1, 0]), inner_loss=layer.inner_loss).batch_size == 3
     assert TTTState.cat([state, state], inner_loss=layer.inner_loss).batch_size == 4
+
+
+def test_checkpoint_options_without_use_reentrant_are_refused_saying_what_to_add() -> None:
+    """docs/huggingface.md: the HF model checkpoints with the kwargs it is given; transformers hands a given dict
+    to torch's checkpoint as it is, so ``{"determinism_check": "none"}`` (no use_reentrant: torch's reentrant
+    default) was refused without saying the remedy, and ``{"bogus": 1}`` was refused for its missing
+    use_reentrant, not for the option that does not exist."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    from innerloop.models.lm import check_checkpoint_function
+
+    missing = functools.partial(checkpoint, determinism_check="none")
+    with pytest.raises(ValueError, match=r"use_reentrant=None \(torch's default.*add use_reentrant=False"):
+        check_checkpoint_function(missing, "gradient_checkpointing_kwargs")
+    unknown = functools.partial(checkpoint, bogus=1)
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs has \['bogus'\], not options"):
+        check_checkpoint_function(unknown, "gradient_checkpointing_kwargs")
+    check_checkpoint_function(functools.partial(checkpoint, use_reentrant=False, determinism_check="none"))
+
+
+@pytest.mark.slow  # imports transformers (seconds on a cold worker)
+def test_the_hf_model_takes_checkpoint_options_with_use_reentrant_false() -> None:
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    model = InnerloopForCausalLM(InnerloopConfig(model={"hidden_size": 16, "num_heads": 2, "num_layers": 2}))
+    with pytest.raises(ValueError, match=r"\['bogus'\], not options"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match=r"add use_reentrant=False"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"determinism_check": "none"})
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "determinism_check": "none"}
+    )
+    assert model.is_activation_checkpointing

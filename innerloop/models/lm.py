@@ -309,14 +309,26 @@ def check_checkpoint_function(function: Any, name: str = "gradient_checkpointing
         raise TypeError(f"{name} must be callable like torch.utils.checkpoint.checkpoint, got {function!r}")
     options = getattr(function, "keywords", None) or {}
     base = function.func if isinstance(function, functools.partial) else function
+    unknown = sorted(set(options) - CHECKPOINT_OPTIONS) if base is checkpoint else []
+    if unknown:  # transformers' partial of checkpoint with a user's dict: torch would pass them to the block
+        raise ValueError(
+            f"{name} has {unknown}, not options of torch.utils.checkpoint.checkpoint; "
+            f"valid: {sorted(CHECKPOINT_OPTIONS)}"
+        )
     # torch's checkpoint without use_reentrant is reentrant (with a warning; torch >= 2.9 may refuse it)
     reentrant = options.get("use_reentrant", None if base is checkpoint else False)
     if reentrant is not False:
         given = "torch's default, reentrant" if reentrant is None else "given"
+        remedy = (
+            "; add use_reentrant=False to the options (a dict given to transformers' checkpointing reaches "
+            "torch as it is)"
+            if reentrant is None
+            else ""
+        )
         raise ValueError(
             f"{name} has use_reentrant={reentrant!r} ({given}): innerloop's blocks are checkpointed "
             "non-reentrantly only (use_reentrant=False): a reentrant checkpoint passes no gradient through the "
-            "states the blocks carry, so the gradients would come out wrong"
+            f"states the blocks carry, so the gradients would come out wrong{remedy}"
         )
 
 

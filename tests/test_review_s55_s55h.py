@@ -68,3 +68,17 @@ def test_the_hf_model_takes_checkpoint_options_with_use_reentrant_false() -> Non
         activation_checkpointing_kwargs={"use_reentrant": False, "determinism_check": "none"}
     )
     assert model.is_activation_checkpointing
+
+
+def test_contributing_lists_every_field_of_an_inner_problem() -> None:
+    """CONTRIBUTING.md lists InnerProblem's fields ("its fields `state`, ..."); it left out ``decay_log``."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from innerloop.testing import InnerProblem
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    listed = re.search(r"`InnerProblem` \(its fields ([^:]*):", text)
+    assert listed, "CONTRIBUTING.md no longer lists InnerProblem's fields"
+    assert re.findall(r"`(\w+)`", listed.group(1)) == [f.name for f in dataclasses.fields(InnerProblem)]

@@ -82,3 +82,25 @@ def test_contributing_lists_every_field_of_an_inner_problem() -> None:
     listed = re.search(r"`InnerProblem` \(its fields ([^:]*):", text)
     assert listed, "CONTRIBUTING.md no longer lists InnerProblem's fields"
     assert re.findall(r"`(\w+)`", listed.group(1)) == [f.name for f in dataclasses.fields(InnerProblem)]
+
+
+def test_run_in_chunks_takes_a_rule_by_name_as_the_other_checks_do() -> None:
+    """README/CONTRIBUTING: innerloop.testing's checks take a plugin or its registered name (make_problem,
+    check_update_rule, rule_refusal); run_in_chunks("dual_form", ...) failed with "'str' object has no
+    attribute 'uses_token_scale'", and a problem given in the rule's place with "'str' object has no
+    attribute 'views'"."""
+    from innerloop.registry import get_registry
+    from innerloop.testing import make_problem, run_in_chunks
+
+    problem = make_problem("linear", "reconstruction", tokens=9)
+    by_name, state = run_in_chunks("dual_form", problem, [5])
+    by_object, state_too = run_in_chunks(get_registry().update_rule("dual_form"), problem, [5])
+    assert torch.equal(by_name, by_object) and state.position == state_too.position == 9
+    with pytest.raises(
+        TypeError, match=r"rule must be an instance of UpdateRule or a registered update rule's name"
+    ):
+        run_in_chunks(None, problem, [5])
+    with pytest.raises(
+        TypeError, match=r"problem must be an InnerProblem \(innerloop\.testing\.make_problem\)"
+    ):
+        run_in_chunks("dual_form", "dual_form", [5])

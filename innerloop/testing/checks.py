@@ -540,9 +540,10 @@ def _cuts_inside(cut_points: list[int], tokens: int, caller: str) -> list[int]:
 
 
 def run_in_chunks(
-    rule: UpdateRule, problem: InnerProblem, cut_points: list[int], what: str | None = None
+    rule: UpdateRule | str, problem: InnerProblem, cut_points: list[int], what: str | None = None
 ) -> tuple[torch.Tensor, TTTState]:
-    """Run ``rule`` over the problem's tokens cut at ``cut_points``, carrying the state.
+    """Run ``rule`` (a plugin or a registered name) over the problem's tokens cut at ``cut_points``,
+    carrying the state.
 
     A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
     lengths); repeated points count once. :func:`check_update_rule` refuses a list that cuts none of the
@@ -551,6 +552,9 @@ def run_in_chunks(
     first state (which the checks compare too), its pending sums, momentum, decay product and loss carry
     are not zeros (or absent), so that a write into them shows; so must the views, lr, token scales,
     decay and momentum the rule is given (:func:`_assert_inputs_unchanged`)."""
+    rule = _named("update_rule", rule)
+    if not isinstance(problem, InnerProblem):
+        raise TypeError(f"problem must be an InnerProblem (innerloop.testing.make_problem), got {problem!r}")
     tokens = problem.views.query.shape[2]
     bounds = [0, *_cuts_inside(cut_points, tokens, "run_in_chunks"), tokens]
     state, outputs = problem.state, []

@@ -12,12 +12,14 @@ module holding them is cast to a low precision (:class:`Float64States`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 from torchmetrics.utilities.distributed import gather_all_tensors
 
@@ -38,7 +40,45 @@ def _kept_copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-class Float64States(Metric):
+def _kept_reference(value: Any) -> Any:
+    """What puts a state back after an update that writes it out of place: the tensor itself (the
+    update replaces it, never changes it), a list state's elements (a list is appended to in place)."""
+    return list(value) if isinstance(value, list) else value
+
+
+class AllOrNothingUpdate(Metric):
+    """A metric whose ``update`` adds a batch to its states wholly or not at all: an update that raises,
+    a ``KeyboardInterrupt`` too (Ctrl-C between ``total = ...`` and ``count = ...``), leaves the states
+    and the update count as before the call, so a later ``compute()`` is of the batches taken (a half
+    write made it silently wrong: the sum of a batch over the counts of those before).
+
+    The states are put back from references kept before the call, no copy: a subclass's ``update``
+    writes each state out of place (``self.total = self.total + ...``, never ``+=`` or an indexed
+    write), as torchmetrics' stat scores (accuracy) do. ``forward`` calls this ``update`` too."""
+
+    def _wrap_update(self, update: Callable) -> Callable:
+        counted_update = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def all_or_nothing(*args: Any, **kwargs: Any) -> None:
+            names = (*self._defaults, "_update_count", "_computed")
+            kept = {name: _kept_reference(getattr(self, name)) for name in names}
+            try:
+                counted_update(*args, **kwargs)
+            except BaseException:
+                for name, value in kept.items():
+                    setattr(self, name, value)
+                raise
+
+        return all_or_nothing
+
+
+class AllOrNothingAccuracy(AllOrNothingUpdate, MulticlassAccuracy):
+    """torchmetrics' ``MulticlassAccuracy`` (four count states) adding a batch wholly or not at all
+    (:class:`AllOrNothingUpdate`): its ``update`` writes its states out of place already."""
+
+
+class Float64States(AllOrNothingUpdate):
     """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
     module is cast, as Lightning's ``bf16-true`` and ``16-true`` precisions cast the whole
     LightningModule: a bfloat16 count stops growing at 256, so a cast metric would report silently
@@ -138,8 +178,9 @@ class Float64Perplexity(Float64States, Perplexity):
             )
         picked = logits.gather(1, target.where(scored, 0)[:, None]).squeeze(1)  # [N] the targets' logits
         negative_log_probs = (torch.logsumexp(logits, dim=-1) - picked)[scored]
-        self.total_log_probs += negative_log_probs.double().sum()
-        self.count += scored.sum()
+        # out of place, so that an interrupted update is undone (AllOrNothingUpdate)
+        self.total_log_probs = self.total_log_probs + negative_log_probs.double().sum()
+        self.count = self.count + scored.sum()
 
     def scored_tokens(self) -> int:
         """The number of tokens scored since the last reset, over every process as :meth:`compute` counts
@@ -270,10 +311,13 @@ class LossByPosition(Float64States):
             )
         length = token_loss.shape[1]
         self._check_length(length)
-        self._grow_to(length)
+        longest = max(length, self.loss_by_position.numel())
         losses = torch.where(mask, token_loss.detach().to(torch.float64), 0.0).sum(dim=0)  # [T]
-        self.loss_by_position[:length] += losses
-        self.count_by_position[:length] += mask.sum(dim=0).to(torch.float64)
+        counts = mask.sum(dim=0).to(torch.float64)  # [T]
+        # out of place, each state first extended to the longest length, so that an interrupted update
+        # is undone (AllOrNothingUpdate); a position past this batch's length adds 0.0 (exactly)
+        self.loss_by_position = _padded(self.loss_by_position, longest) + _padded(losses, longest)
+        self.count_by_position = _padded(self.count_by_position, longest) + _padded(counts, longest)
 
     def _check_length(self, length: int) -> None:
         """Without ``varying_lengths``, refuse a batch of another length than the first update's."""
@@ -305,10 +349,9 @@ class LossByPosition(Float64States):
 
     def _grow_to(self, length: int) -> None:
         """Extend the per-position sums with zeros to ``length`` positions (if shorter)."""
-        missing = length - self.loss_by_position.numel()
-        if missing > 0:
-            self.loss_by_position = F.pad(self.loss_by_position, (0, missing))
-            self.count_by_position = F.pad(self.count_by_position, (0, missing))
+        if length > self.loss_by_position.numel():
+            self.loss_by_position = _padded(self.loss_by_position, length)
+            self.count_by_position = _padded(self.count_by_position, length)
 
     def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
         """Sum the per-position states across processes, first extended to the longest length any
@@ -341,6 +384,12 @@ class LossByPosition(Float64States):
         what a float64 model's validation logs. ``[len(buckets())]``, NaN for an empty bucket."""
         with self.sync_context():
             return self.loss_sum / self.count
+
+
+def _padded(by_position: torch.Tensor, length: int) -> torch.Tensor:
+    """``by_position`` extended with zeros to ``length`` positions (itself when that long)."""
+    missing = length - by_position.numel()
+    return F.pad(by_position, (0, missing)) if missing > 0 else by_position
 
 
 class InnerLossDiagnostics(Float64States):
@@ -383,9 +432,15 @@ class InnerLossDiagnostics(Float64States):
                 f"before and after must both be floating-point tensors [batch], got {described(before)} and "
                 f"{described(after)}"
             )
-        self.before_sum[index] += before.detach().to(torch.float64).sum()
-        self.after_sum[index] += after.detach().to(torch.float64).sum()
-        self.count[index] += before.numel()
+        # [3, L]: this batch's sums of layer `index` (0.0, exactly, for the other layers), added out of
+        # place so that an interrupted update is undone (AllOrNothingUpdate)
+        added = torch.zeros(3, self.num_layers, dtype=torch.float64, device=self.count.device)
+        added[0, index] = before.detach().to(torch.float64).sum()
+        added[1, index] = after.detach().to(torch.float64).sum()
+        added[2, index] = before.numel()
+        self.before_sum = self.before_sum + added[0]
+        self.after_sum = self.after_sum + added[1]
+        self.count = self.count + added[2]
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         """Add another state of this metric (``forward``'s, ``merge_state``'s): of as many layers."""

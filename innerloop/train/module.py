@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy
 
 from innerloop.checkpoints import (
     PLUGIN_SOURCES_KEY,
@@ -90,7 +89,12 @@ from innerloop.models.lm import check_token_ids
 from innerloop.registry.modules import OPTION, load_plugin_module, loaded_plugin_modules
 from innerloop.train.data import IGNORE_INDEX, Batch
 from innerloop.train.interrupt import optimizer_step_ends_here
-from innerloop.train.metrics import Float64Perplexity, InnerLossDiagnostics, LossByPosition
+from innerloop.train.metrics import (
+    AllOrNothingAccuracy,
+    Float64Perplexity,
+    InnerLossDiagnostics,
+    LossByPosition,
+)
 from innerloop.train.schedules import Schedule, make_schedule
 from innerloop.train.schedules import warmup_cosine as warmup_cosine  # re-exported: its old home
 
@@ -366,7 +370,7 @@ class LanguageModelModule(L.LightningModule):
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)
         # given the logits' argmax ids (_evaluate_batch), so a one-token vocabulary (vocab_size=1, which
         # torchmetrics refuses as num_classes) counts as one of two classes, the second never seen
-        self.val_acc = MulticlassAccuracy(
+        self.val_acc = AllOrNothingAccuracy(
             num_classes=max(2, self.model.config.vocab_size), average="micro", ignore_index=IGNORE_INDEX
         )
         self.val_loss_by_position = LossByPosition(num_position_buckets, varying_lengths=True)

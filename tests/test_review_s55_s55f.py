@@ -128,3 +128,45 @@ def test_every_evaluation_metric_of_the_module_updates_all_or_nothing() -> None:
     assert {"val_ppl", "val_acc", "val_loss_by_position", "inner_diagnostics"} <= metrics.keys()
     assert all(len(m._defaults) > 1 for m in metrics.values())
     assert [name for name, m in metrics.items() if not isinstance(m, AllOrNothingUpdate)] == []
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this one process, so that torchmetrics syncs the metric states (it does
+    whenever torch.distributed is initialized) as under several processes; destroyed afterwards."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("reason: a process group is already initialized in this test process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # builds a module and a process group: about 0.6 s
+def test_an_evaluation_syncs_the_perplexity_once(one_process_group, monkeypatch) -> None:
+    """The evaluation's end synced ``val_ppl``'s two sums once for its loss and again for its count of
+    scored tokens (and once more for the several-process check: 3 syncs, 6 gathers and 3 barriers per
+    validation and process under ``ddp_spawn`` at s55f): each state's sync is a collective, so one sync
+    reads them all. The logged values are those of the sums."""
+    torch.manual_seed(0)
+    module = LanguageModelModule(
+        model={"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32},
+        num_position_buckets=4,
+        diagnostics_batches=0,
+    ).eval()
+    with torch.no_grad():
+        ids = torch.randint(0, 256, (2, 9))
+        module._evaluate_batch((ids[:, :-1], ids[:, 1:]), 0)
+    total, count = float(module.val_ppl.total_log_probs), float(module.val_ppl.count)
+    syncs = []
+    real_sync = type(module.val_ppl).sync
+    monkeypatch.setattr(
+        type(module.val_ppl), "sync", lambda self, *a, **k: syncs.append(1) or real_sync(self, *a, **k)
+    )
+    values = {name: value for name, value, _ in module._evaluation_values("val_", "")}
+    assert len(syncs) == 1
+    assert float(values["val_loss"]) == pytest.approx(total / count, rel=1e-6) and count == 16

@@ -943,17 +943,16 @@ class LanguageModelModule(L.LightningModule):
         def log(name: str, value: Any, **options: Any) -> None:
             values.append((name, value, options))
 
-        self._check_metrics_combined(prefix)
         # val_loss is the mean over scored tokens (not over batches, which may differ in size or padding),
         # from the float64 sums (synced across processes once); val_ppl = exp(val_loss), inf once the mean
         # passes about 709.8 nats, where log(val_ppl) would be too (val_loss logged in float32, as before)
-        mean_loss = self.val_ppl.mean_loss()
+        mean_loss, scored_tokens = self._perplexity_sums_combined(prefix)
         # float64 where the weights are (64-true), not rounded to float32 beside a float64 val_ppl
         logged = torch.promote_types(widest_parameter_dtype(self) or torch.float32, torch.float32)
         log(f"{prefix}loss", mean_loss.to(logged), prog_bar=True)
         log(f"{prefix}ppl", torch.exp(mean_loss), prog_bar=True)
         # torchmetrics' accuracy of no scored token is 0/0 -> 0.0, a number beside the loss's NaN
-        log(f"{prefix}acc", self._accuracy().to(logged) if self.val_ppl.scored_tokens() > 0 else math.nan)
+        log(f"{prefix}acc", self._accuracy().to(logged) if scored_tokens > 0 else math.nan)
         self.val_ppl.reset()
         self.val_acc.reset()
         for b, loss in enumerate(_per_item(self.val_loss_by_position.means().to(logged))):
@@ -975,16 +974,23 @@ class LanguageModelModule(L.LightningModule):
             correct, wrong = self.val_acc.tp.sum(), self.val_acc.fn.sum()
             return correct.double() / (correct + wrong).double()
 
-    def _check_metrics_combined(self, prefix: str) -> None:
-        """Under several processes, raise unless the evaluation metrics' count of scored tokens, synced
-        across the processes, is the sum of every process's own count (an all-reduce apart from
+    def _perplexity_sums_combined(self, prefix: str) -> tuple[torch.Tensor, int]:
+        """``val_ppl``'s mean loss (float64) and count of scored tokens over every process, from one sync
+        of its sums (each state's sync is a collective: the loss, the count and the check below synced
+        them three times), checked combined (:meth:`_check_metrics_combined`)."""
+        own = self.val_ppl.count.detach().clone()
+        with self.val_ppl.sync_context():
+            total, count = self.val_ppl.total_log_probs.clone(), self.val_ppl.count.clone()
+        self._check_metrics_combined(prefix, own, count)
+        return total / count, int(count)
+
+    def _check_metrics_combined(self, prefix: str, own: torch.Tensor, synced: torch.Tensor) -> None:
+        """Under several processes, raise unless the evaluation metrics' count of scored tokens, ``synced``
+        across the processes, is the sum of every process's ``own`` count (an all-reduce apart from
         torchmetrics' sync): one process's shard must never be logged as the whole evaluation's number."""
         if self._trainer is None or self.trainer.world_size < 2:
             return
-        own = self.val_ppl.count.detach().clone()
         summed = self.trainer.strategy.reduce(own.clone(), reduce_op="sum")  # reduced in place
-        with self.val_ppl.sync_context():
-            synced = self.val_ppl.count.detach().clone()
         if int(summed) != int(synced):
             raise RuntimeError(
                 f"the {prefix}* metrics were not combined across the {self.trainer.world_size} processes: they "

@@ -89,6 +89,29 @@ def test_a_run_stopped_by_a_signal_and_resumed_logs_the_uninterrupted_rows(
     assert _logged_rows(tmp_path) == uninterrupted
 
 
+class _CtrlCInValidation(L.Callback):
+    """Sends this process SIGINT inside the validation after optimizer step ``after``, before its batch
+    is scored."""
+
+    def __init__(self, after: int):
+        self.after = after
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == self.after and trainer.state.fn == "fit":
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow  # reason: a stopped and a resumed training run (~10 s on a busy 2-core machine)
+def test_a_ctrl_c_inside_a_validation_resumes_to_the_uninterrupted_rows(tmp_path, uninterrupted) -> None:
+    # the validation after step 3 finishes and is logged, the next step (4) is the last one: measured
+    # (s55f) with 2 validation batches too, the resumed weights equal the uninterrupted run's bitwise
+    with pytest.raises(TrainingInterrupted, match=rf"after 4 of {STEPS} steps"):
+        _train(tmp_path, callbacks=[_CtrlCInValidation(after=3)])
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 4
+    _train(tmp_path, resume=True)
+    assert _logged_rows(tmp_path) == uninterrupted
+
+
 @pytest.mark.slow  # reason: two short training runs (~10 s on a busy 2-core machine)
 def test_a_finished_run_extended_with_resume_logs_the_uninterrupted_rows(tmp_path, uninterrupted) -> None:
     _train(tmp_path, steps=5)  # its checkpoint is the end-of-run one (checkpoint_every=4)

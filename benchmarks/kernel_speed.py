@@ -14,7 +14,7 @@ time the kernel's lower-precision build, called directly. The naive reference al
 Usage: python benchmarks/kernel_speed.py [--model linear|mlp|both] [--batch 1] [--heads 12]
        [--head-dim 64] [--mini-batch 16] [--dtype float32] [--backward] [--max-len 32768]
 
-On a machine without CUDA it prints a message and exits with status 0.
+On a machine without CUDA (or without Triton) it says so on stderr and exits with status 1: nothing timed.
 """
 
 from __future__ import annotations
@@ -134,13 +134,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "kernel_speed: no CUDA device available; the Triton kernels are benchmarked on CUDA only. Skipping."
+            f"kernel_speed: no CUDA device (torch {torch.__version__}): nothing was timed; the Triton kernels "
+            "run on CUDA only (run this on a GPU machine)",
+            file=sys.stderr,
         )
-        return 0
+        return 1
     from innerloop.kernels.triton.common import triton_missing
 
     if triton_missing() is not None:
-        print(f"kernel_speed: {triton_missing()}")
+        print(f"kernel_speed: {triton_missing()}", file=sys.stderr)
         return 1
     from innerloop.kernels.triton import ttt_linear, ttt_mlp
 

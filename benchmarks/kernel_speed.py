@@ -20,6 +20,7 @@ On a machine without CUDA (or without Triton) it says so on stderr and exits wit
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def cuda_time_ms(fn, repeats: int) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)  # the mean of the middle two for an even --repeats, as the other scripts
 
 
 def make_inputs(model: str, B: int, H: int, T: int, f: int, K: int, dtype, requires_grad: bool):

@@ -69,3 +69,33 @@ def test_triton_gpu_check_fails_every_check_whose_kernel_did_not_run(monkeypatch
     failed = [what for _, _, what in failures]
     assert failed == ["forward", "final state", "every gradient", "prefill + decode", "bf16 autocast"], lines
     assert all("cpu_ttt_mlp did not run" in line for line in lines[:5]), lines
+
+
+class _FakeCudaEvent:
+    """``torch.cuda.Event`` on a fake clock: ``record`` reads it, ``elapsed_time`` is in its units."""
+
+    clock = [0.0]
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.at = None
+
+    def record(self) -> None:
+        self.at = self.clock[0]
+
+    def elapsed_time(self, end: _FakeCudaEvent) -> float:
+        return end.at - self.at
+
+
+@pytest.mark.parametrize(("costs", "median"), [([100.0, 1.0, 4.0], 2.5), ([100.0, 3.0, 1.0, 2.0], 2.0)])
+def test_kernel_speed_times_the_median_of_its_rounds_after_the_warm_up(costs, median, monkeypatch):
+    # s55g (LOW): sorted(times)[n // 2] is the larger middle value for an even --repeats (4.0 for 1 and 4)
+    script = benchmark_script("kernel_speed")
+    monkeypatch.setattr(_FakeCudaEvent, "clock", [0.0])
+    monkeypatch.setattr(torch.cuda, "Event", _FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    spent = iter(costs)  # the warm-up first
+
+    def call() -> None:
+        _FakeCudaEvent.clock[0] += next(spent)
+
+    assert script.cuda_time_ms(call, repeats=len(costs) - 1) == median

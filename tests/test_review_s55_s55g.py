@@ -4,9 +4,12 @@ computes (not only that it runs)."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from benchmark_testing import benchmark_script
+from torch import nn
 
 import innerloop
 
@@ -41,7 +44,7 @@ def test_triton_gpu_check_without_cuda_fails_and_says_why(capsys, monkeypatch):
     assert "no CUDA device" in error and "--dry-run-on-cpu" in error
 
 
-# reason: two TTT-MLP layers' forward, gradients, decoding and bf16 at a small shape (~1 s)
+# reason: two TTT-Linear layers: forward, gradients, decoding, bf16 at a small shape (~1-2 s)
 @pytest.mark.slow
 def test_triton_gpu_check_fails_every_check_whose_kernel_did_not_run(monkeypatch):
     """s55g (HIGH): the check compared ``kernel="auto"`` with ``kernel="torch"`` whatever auto picked. Where
@@ -50,7 +53,7 @@ def test_triton_gpu_check_fails_every_check_whose_kernel_did_not_run(monkeypatch
     path (fused_torch_*, torch for decoding) and every line said ok: "every check passed" with the kernel
     never run. Now a check whose calls did not run the kernel fails, naming it."""
     script = benchmark_script("triton_gpu_check")
-    monkeypatch.setattr(script, "DEVICE", "cpu")  # the dry run: the kernel checked is cpu_ttt_mlp
+    monkeypatch.setattr(script, "DEVICE", "cpu")  # the dry run: the kernel checked is cpu_ttt_linear
 
     def pair_on_another_path(model, hidden, heads, mini_batch):
         torch.manual_seed(0)
@@ -63,12 +66,12 @@ def test_triton_gpu_check_fails_every_check_whose_kernel_did_not_run(monkeypatch
     monkeypatch.setattr(script, "pair", pair_on_another_path)
     failures: list = []
     lines: list[str] = []
-    report = script.reporter("mlp", (2, 11, 2, 8, 4), failures)
+    report = script.reporter("linear", (1, 5, 2, 8, 4), failures)
     monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
-    script.check_float32("mlp", (2, 11, 2, 8, 4), report)
+    script.check_float32("linear", (1, 5, 2, 8, 4), report)
     failed = [what for _, _, what in failures]
     assert failed == ["forward", "final state", "every gradient", "prefill + decode", "bf16 autocast"], lines
-    assert all("cpu_ttt_mlp did not run" in line for line in lines[:5]), lines
+    assert all("cpu_ttt_linear did not run" in line for line in lines[:5]), lines
 
 
 class _FakeCudaEvent:
@@ -99,3 +102,110 @@ def test_kernel_speed_times_the_median_of_its_rounds_after_the_warm_up(costs, me
         _FakeCudaEvent.clock[0] += next(spent)
 
     assert script.cuda_time_ms(call, repeats=len(costs) - 1) == median
+
+
+# ---- numbers the scripts compute (their tests checked only that a quick run printed positive ones) ----
+
+
+class _FakeClock:
+    """``time.perf_counter`` / ``time.process_time`` that only move when a fake model spends time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Tokens:
+    """A fake decoding state: how many tokens were read (``nbytes``: 4 bytes a token, as a cache would)."""
+
+    def __init__(self, read: int) -> None:
+        self.read = read
+
+    def nbytes(self) -> int:
+        return 4 * self.read
+
+
+class _CacheCostLM(nn.Module):
+    """A fake language model on a fake clock whose token costs as many microseconds as the state holds
+    tokens (attention reading its cache): a round that continued the last would cost more."""
+
+    def __init__(self, clock: _FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def forward(self, ids: torch.Tensor, state: _Tokens | None = None):
+        read = 0 if state is None else state.read
+        if ids.shape[1] == 1:
+            self.clock.now += read * 1e-6
+        return torch.zeros(ids.shape[0], ids.shape[1], 256), _Tokens(read + ids.shape[1])
+
+
+@pytest.mark.slow  # reason: loading generate_speed.py imports innerloop.models (~0.6 s); the run is ms
+def test_generate_speed_tokens_per_second_is_tokens_over_a_round_from_the_prefilled_state(
+    monkeypatch, threads
+):
+    script = benchmark_script("generate_speed")
+    clock = _FakeClock()
+    monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=clock, process_time=clock))
+    monkeypatch.setattr(script, "build_models", lambda args: {"cache": _CacheCostLM(clock)})
+    argv = ["--contexts", "100", "1000", "--tokens", "10", "--repeats", "3", "--threads", "1"]
+    results = script.measure(script.parse_args(argv))["cache"]
+    for context in (100, 1000):  # an untimed token at position `context`, then 10 timed ones
+        seconds = sum(context + i for i in range(1, 11)) * 1e-6
+        assert results[context]["tokens_per_s"] == pytest.approx(10 / seconds, rel=1e-9)
+        assert results[context]["tokens_per_cpu_s"] == pytest.approx(10 / seconds, rel=1e-9)
+        assert results[context]["state_mib"] == 4 * context / 2**20
+
+
+class _BatchCostLayer(nn.Module):
+    """A fake layer: a call costs a millisecond per token of the batch."""
+
+    def __init__(self, clock: _FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def forward(self, x: torch.Tensor):
+        self.clock.now += x.shape[0] * x.shape[1] * 1e-3
+        return x, None
+
+
+def test_layer_speed_tokens_per_second_counts_every_sequence_of_the_batch(monkeypatch, capsys, threads):
+    script = benchmark_script("layer_speed")
+    clock = _FakeClock()
+    monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=clock))
+    monkeypatch.setattr(script, "ttt_layers", lambda *args: {"fake": _BatchCostLayer(clock)})
+    monkeypatch.setattr(script, "CausalAttention", lambda *args: _BatchCostLayer(clock))
+    script.main(["--hidden", "8", "--heads", "2", "--lengths", "16", "48", "--batch", "3", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| layer | T=16 | T=48 |"
+    assert rows[1:] == ["| fake | 1,000 | 1,000 |", "| attention (SDPA) | 1,000 | 1,000 |"]  # 3 x T a call
+
+
+def test_delta_speed_reads_each_row_against_ttt_linear_at_its_own_length(monkeypatch, capsys, threads):
+    script = benchmark_script("delta_speed")
+    clock = _FakeClock()
+    monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=clock, process_time=clock))
+    costs = {"DeltaNet (chunk 64)": 3.0, "TTT-Linear": 2.0, "DeltaNet (token loop)": 5.0}
+    costs["TTT-Linear (loop length)"] = 0.5
+
+    def steps(args):
+        def step(cost):
+            def run() -> None:
+                clock.now += cost
+
+            return run
+
+        lengths = {name: args.loop_tokens if "loop" in name else args.tokens for name in costs}
+        return {name: step(cost) for name, cost in costs.items()}, lengths, nn.Linear(1, 1)
+
+    monkeypatch.setattr(script, "build_steps", steps)
+    script.main(["--hidden", "8", "--heads", "2", "--tokens", "64", "--loop-tokens", "16", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert rows == [
+        "| DeltaNet (chunk 64) | 64 | 3000 | 1.50 | 3000 | 1.50 |",
+        "| TTT-Linear | 64 | 2000 | 1.00 | 2000 | 1.00 |",
+        "| DeltaNet (token loop) | 16 | 5000 | 10.00 | 5000 | 10.00 |",
+        "| TTT-Linear (loop length) | 16 | 500 | 1.00 | 500 | 1.00 |",
+    ]

@@ -4,7 +4,10 @@ computes (not only that it runs)."""
 
 from __future__ import annotations
 
+import json
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +212,62 @@ def test_delta_speed_reads_each_row_against_ttt_linear_at_its_own_length(monkeyp
         "| DeltaNet (token loop) | 16 | 5000 | 10.00 | 5000 | 10.00 |",
         "| TTT-Linear (loop length) | 16 | 500 | 1.00 | 500 | 1.00 |",
     ]
+
+
+# ---- RESULTS.md's prose against its tables and result files -------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = (ROOT / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+
+
+def test_results_md_e2e_step_cost_ratios_are_the_runs_cpu_seconds_per_step():
+    # s55g (MED): "an E2E step costs about 2.1x a SWA step ... so in equal time it trained 576 steps against
+    # 1246": the runs' CPU seconds per step give 2.16 (1246 / 576 steps in equal time, the same); 2.1 is the
+    # pilot steps' estimate (0.301 / 0.142 s), not what the training runs spent
+    train = json.loads((ROOT / "benchmarks" / "results" / "e2e_demo" / "results.json").read_text())["train"]
+    per_step = {name: run["train_cpu_seconds"] / run["steps"] for name, run in train.items()}
+    e2e, full = per_step["e2e"] / per_step["swa"], per_step["full"] / per_step["swa"]
+    assert f"an E2E step costs about {e2e:.1f}x a SWA step" in RESULTS
+    assert f"a step\ncosts {full:.1f}x SWA's" in RESULTS or f"a step costs {full:.1f}x SWA's" in RESULTS
+
+
+def _number_after(text: str, before: str) -> float:
+    return float(re.search(re.escape(before) + r"([0-9.]+)", text).group(1))
+
+
+def test_results_md_decoding_and_layer_speed_prose_follow_from_their_tables():
+    """Checked and found right (s55g): the ratios the layer-speed and both decoding sections' prose quote."""
+    layer = {r[0]: [float(c.replace(",", "")) for c in r[1:]] for r in _rows(RESULTS, "| layer | T=512 |")}
+    attention = layer["attention (SDPA)"]
+    assert f"({attention[2] / attention[4]:.1f}x from\nT=2048 to 8192)" in RESULTS
+    decode = {r[0]: [float(c) for c in r[1:]] for r in _rows(RESULTS, "| layer (ms per token) |")}
+    kv, linear, mlp = decode["attention (KV cache)"], decode["TTT-Linear"], decode["TTT-MLP"]
+    assert f"({kv[1] / kv[0]:.1f}x from 2k to 8k here)" in RESULTS
+    assert f"at 8k TTT-Linear is {kv[1] / linear[1]:.1f}x and TTT-MLP {kv[1] / mlp[1]:.1f}x faster" in RESULTS
+    saved = {
+        name: sorted(
+            round(100 * (1 - fast / slow))
+            for fast, slow in zip(decode[name], decode[f"{name} (torch)"], strict=True)
+        )
+        for name in ("TTT-Linear", "TTT-MLP")
+    }
+    assert (
+        f"{saved['TTT-Linear'][0]}-{saved['TTT-Linear'][1]}% faster than\ntorch ops for TTT-Linear" in RESULTS
+    )
+    assert f"{saved['TTT-MLP'][0]}-{saved['TTT-MLP'][1]}% faster for TTT-MLP" in RESULTS
+    lm = {r[0]: [float(c.replace(",", "")) for c in r[1:]] for r in _rows(RESULTS, "| model | tok/s @1024 |")}
+    kv_lm = lm["attention (KV cache)"]
+    assert _number_after(RESULTS, "attention with its cache is ") == round(kv_lm[0] / kv_lm[1], 1)
+    assert _number_after(RESULTS, "At 32k TTT-Linear decodes ") == round(lm["TTT-Linear"][1] / kv_lm[1], 1)
+
+
+def _rows(text: str, header: str) -> list[list[str]]:
+    """The data rows (cells) of the Markdown table whose header line starts with ``header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows

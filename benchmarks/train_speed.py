@@ -1,6 +1,7 @@
 """Training and low-precision throughput of TTT-Linear, TTT-MLP and a causal attention layer (issue 13).
 
-One run prints the issue's table, tokens/s per layer (columns) and setting (rows):
+One run prints the path each TTT column ran in each setting (``kernel='auto'`` takes the next path where
+the CPU kernel is missing or refused) and the issue's table, tokens/s per layer (columns) and setting (rows):
 
 - ``inference fp32`` and ``inference bf16 autocast``: forward only, no autograd;
 - ``training fwd+bwd fp32`` and ``training bf16 autocast``: forward, then backward of a scalar loss
@@ -61,6 +62,7 @@ from cli_args import (  # noqa: E402
     write_json,
 )
 from layer_speed import CausalAttention  # noqa: E402
+from ttt_paths import paths_taken  # noqa: E402
 
 import innerloop  # noqa: E402
 import innerloop.kernels.fused_torch.compiled as compiled_step  # noqa: E402
@@ -249,6 +251,30 @@ def timed_calls(
     return calls
 
 
+def dispatched_paths(
+    calls: dict[tuple[int, str, str], Callable], layers: dict[str, nn.Module], tokens: int
+) -> dict[str, dict[str, str]]:
+    """``{TTT column: {setting: the paths its call took}}`` at length ``tokens``, from one more call of each,
+    untimed (a TTT layer's ``dispatches`` are its last call's): ``kernel="auto"`` runs the next path where
+    the CPU kernel is missing or refused, and the table would time that path under the same label."""
+    paths: dict[str, dict[str, str]] = {}
+    for name in TTT_MODELS:
+        paths[name] = {}
+        for row in ROWS:
+            calls[tokens, row, name]()
+            paths[name][row] = paths_taken({path for path, _ in layers[name].dispatches}, "?")
+    return paths
+
+
+def path_lines(paths: dict[str, dict[str, str]]) -> list[str]:
+    """``# TTT-Linear ran cpu_ttt_linear: inference fp32, ...``: the settings each path ran, per column."""
+    lines = []
+    for name, by_row in paths.items():
+        for path in dict.fromkeys(by_row.values()):
+            lines.append(f"# {name} ran {path}: {', '.join(row for row in by_row if by_row[row] == path)}")
+    return lines
+
+
 def interleaved_median_seconds(calls: dict, repeats: int) -> dict:
     """Median seconds per call of each function, timed round-robin after one warm-up call each."""
     for call in calls.values():
@@ -367,7 +393,9 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         compiled_step.compile_backend(args.compile_backend),
         torch._dynamo.config.patch(recompile_limit=recompiles),
     ):
-        seconds = interleaved_median_seconds(timed_calls(args, layers), args.repeats)
+        calls = timed_calls(args, layers)
+        seconds = interleaved_median_seconds(calls, args.repeats)
+    paths = dispatched_paths(calls, layers, args.lengths[0])
     by_length: dict[int, dict[str, dict[str, float]]] = {t: {} for t in args.lengths}
     for (tokens, row, name), median in seconds.items():
         by_length[tokens].setdefault(row, {})[name] = args.batch * tokens / median
@@ -378,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         f"H={args.heads} K={args.mini_batch}, float32 weights; median of {args.repeats}"
     )
     print(f"memory allocator: {allocator_description()}")
+    print("\n".join(path_lines(paths)))
     for tokens, results in by_length.items():
         print(f"\nT={tokens}\n")
         print("\n".join(table(results, args.reference is not None)))
@@ -387,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     if args.json is not None:
         data = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
         data["machine"] = {"cpu": cpu_description(), "allocator": allocator_description()}
+        data["paths"] = paths
         data["tokens_per_second"] = {str(t): results for t, results in by_length.items()}
         write_json(args.json, data)
     return by_length

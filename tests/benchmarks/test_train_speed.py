@@ -64,7 +64,12 @@ def test_a_quick_run_prints_the_table_and_writes_json_atomically(tmp_path, capsy
         "this machine's bf16 / fp32 for the projections alone (the bound on a layer made of them)" in output
     )
     assert "share of the projections' limit: TTT-Linear inference fp32 " in output
+    # s55g: the path each TTT column ran (kernel="auto" runs the next path where the CPU kernel is missing
+    # or refused, and the table would time that, unsaid): every setting on the compiled CPU kernel here
+    for name, model in (("TTT-Linear", "linear"), ("TTT-MLP", "mlp")):
+        assert f"# {name} ran cpu_ttt_{model}: {', '.join(rows)}" in output, output
     data = json.loads(out.read_text())
+    assert data["paths"]["TTT-Linear"] == dict.fromkeys(rows, "cpu_ttt_linear")
     assert data["tokens_per_second"]["64"] == results[64]
     assert [p.name for p in tmp_path.iterdir()] == ["speed.json"]  # no temporary file left
     # the allocator settings change every number (page faults): the run says which it had

@@ -40,7 +40,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, train_speed: beside this
 from cli_args import add_layer_arguments, apply_quick, check_heads, json_path, positive_int, write_json  # noqa: E402
-from train_speed import COLUMNS, ROWS, build_layers, cpu_description, make_call  # noqa: E402
+from train_speed import COLUMNS, ROWS, TTT_MODELS, build_layers, cpu_description, make_call, path_lines  # noqa: E402
+from ttt_paths import paths_taken  # noqa: E402
 
 PARTS = (
     "inner scan",
@@ -131,26 +132,44 @@ def table(row: str, splits: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def profile_every_call(
+    layers: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int
+) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, dict[str, str]]]:
+    """``({row: {layer: split}}, {TTT layer: {row: the paths its calls took}})``: a fallback from the CPU
+    kernel (``kernel="auto"`` runs the next path where it is missing or refused) has no inner scan, its
+    work in other parts, so the run says which path each TTT layer's profiled calls took."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    paths: dict[str, dict[str, str]] = {name: {} for name in TTT_MODELS}
+    for row in ROWS:
+        results[row] = {}
+        for name in COLUMNS:
+            results[row][name] = split_of_call(make_call(row, layers[name], x), repeats)
+            if name in paths:  # a TTT layer's dispatches are its last call's
+                paths[name][row] = paths_taken({path for path, _ in layers[name].dispatches}, "?")
+    return results, paths
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Profile every setting and layer, print a table per setting; returns ``{row: {layer: {part: ms}}}``."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     layers = build_layers(args)
     x = torch.randn(args.batch, args.length, args.hidden)
-    results = {
-        row: {name: split_of_call(make_call(row, layers[name], x), args.repeats) for name in COLUMNS}
-        for row in ROWS
-    }
+    results, paths = profile_every_call(layers, x, args.repeats)
     print(
         f"\nmachine: {cpu_description()}, {os.cpu_count()} cpus, threads={args.threads}; "
         f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; B={args.batch} T={args.length} "
         f"D={args.hidden} H={args.heads} K={args.mini_batch}, float32 weights; {args.repeats} calls each"
     )
+    print("\n".join(path_lines(paths)))
     for row, splits in results.items():
         print("\n" + "\n".join(table(row, splits)))
     if args.json is not None:
         arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        write_json(args.json, {"args": arguments, "machine": cpu_description(), "ms_per_call": results})
+        write_json(
+            args.json,
+            {"args": arguments, "machine": cpu_description(), "paths": paths, "ms_per_call": results},
+        )
     return results
 
 

@@ -65,6 +65,10 @@ def test_a_quick_run_prints_a_split_per_setting_and_writes_json(tmp_path, capsys
             total = sum(value for part, value in parts.items() if part not in ("total", "unprofiled"))
             assert total == pytest.approx(parts["total"], rel=1e-6)
     assert results["training fwd+bwd fp32"]["TTT-MLP"]["hoisting"] > 0
+    # s55g: the path each TTT layer's profiled calls took (a fallback from the CPU kernel shows as an
+    # inner scan of 0 ms, its work in other columns)
+    for name, model in (("TTT-Linear", "linear"), ("TTT-MLP", "mlp")):
+        assert f"# {name} ran cpu_ttt_{model}: inference fp32, inference bf16 autocast, training" in output
     assert json.loads(out.read_text())["ms_per_call"] == results
     assert [p.name for p in tmp_path.iterdir()] == ["profile.json"]
 

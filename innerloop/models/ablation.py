@@ -2,9 +2,11 @@
 
 ``with no_test_time_training(model): logits, _ = model(ids)`` runs ``model`` with
 
-- every :class:`~innerloop.core.layer.TTTLayer` (any inner model, loss and update rule) at inner
-  learning rate 0 (``base_lr = 0``): every token's inner step is zero, so the inner weights stay at the
-  learned initial ones for the whole sequence, and each output is the initial inner model's;
+- every :class:`~innerloop.core.layer.TTTLayer` (any inner model and loss) at inner learning rate 0
+  (``base_lr = 0``): every token's inner step is zero, so the inner weights stay at the learned initial
+  ones for the whole sequence, and each output is the initial inner model's. An update rule whose step
+  does not vanish at learning rate 0 (a plugin's own optimizer) would still move them: that is measured
+  on each layer as it is switched (:func:`weights_moved_at_zero_lr`) and refused with a ``ValueError``;
 - an :class:`~innerloop.models.E2ELM` with ``e2e.test_time_training`` off: the prime MLPs stay fixed at
   their meta-learned weights (the same network as a sliding-window Transformer).
 
@@ -18,9 +20,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
+import torch
 from torch import nn
 
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, plugin_label
+from innerloop.core.scan import run_scan
 from innerloop.models.e2e import E2ELM
 
 
@@ -33,6 +37,46 @@ def modules_learning_at_test_time(model: nn.Module) -> list[str]:
         if (isinstance(module, TTTLayer) and module.base_lr > 0)
         or (isinstance(module, E2ELM) and module.config.e2e.test_time_training)
     ]
+
+
+def weights_moved_at_zero_lr(layer: TTTLayer, seed: int = 0) -> str | None:
+    """None if ``layer``'s update rule keeps the inner weights where they start at inner learning rate 0
+    (measured), else what moved: the rule that moved them and by how much.
+
+    ``layer`` runs at ``base_lr == 0`` (as :func:`no_test_time_training` sets it): two mini-batches of
+    random input (``seed``) go through the layer's own reading, gates and scan, and the outputs must be
+    the initial inner model's, ``f(XQ_t; W_0)``, and the weights after them ``W_0``. The mini-batch rules
+    built on gradient descent pass (their step is ``lr`` times a gradient, checked at registration
+    against the naive token loop); a plugin rule that is another inner optimizer (its own
+    ``reference``) may step without ``lr``: a sign step of fixed size, an added constant."""
+    tokens = 2 * layer.mini_batch_size  # ends on a mini-batch boundary: the state's weights are W_T
+    reference = next(iter(layer.initial_params.values()))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, tokens, layer.hidden_size, generator=generator, dtype=torch.float64)
+    x = x.to(reference.device, reference.dtype)
+    with torch.no_grad():
+        state = layer.init_state(1, x)
+        views, lr, tau, _ = layer._read(x, state)
+        decay, momentum, decay_log = layer.scan_gates(x)
+        if not layer.update_rule.uses_token_scale:
+            tau = None
+        views, gates = layer.in_scan_dtype(views, lr, tau, decay, momentum, decay_log)
+        task = layer.inner_task()
+        outputs, new_state = run_scan(layer.update_rule, state, task, views, *gates[:4], decay_log=gates[4])
+        fixed = task.predict(state.params, views.query)
+        moved = max(
+            (outputs - fixed).abs().max().item(),
+            *((new_state.params[k] - state.params[k]).abs().max().item() for k in state.params),
+        )
+    scale = max(1.0, fixed.abs().max().item())
+    if moved <= 64 * torch.finfo(fixed.dtype).eps * scale:  # the built-in rules: 0 or rounding
+        return None
+    return (
+        f"the {plugin_label('update_rule', layer.update_rule)} moves the inner weights at inner learning "
+        f"rate 0 (outputs or weights off the initial inner model's by {moved:.3g} over {tokens} random "
+        "tokens): its step does not scale with the learning rate, so test-time training cannot be "
+        "switched off by setting it to 0"
+    )
 
 
 @contextmanager
@@ -49,6 +93,9 @@ def no_test_time_training(model: nn.Module) -> Iterator[int]:
             if isinstance(module, TTTLayer) and module.base_lr > 0:
                 restore.append((module, "base_lr", module.base_lr))
                 module.base_lr = 0.0
+                moved = weights_moved_at_zero_lr(module)
+                if moved is not None:
+                    raise ValueError(f"no_test_time_training (--no-ttt): {moved}")
             elif isinstance(module, E2ELM) and module.config.e2e.test_time_training:
                 config = module.config
                 restore.append((module, "config", config))

@@ -3,6 +3,10 @@ family members' inner-loss check, the Hugging Face folders' plugin source digest
 
 from __future__ import annotations
 
+import json
+import sys
+import warnings
+
 import pytest
 import torch
 
@@ -56,3 +60,52 @@ def test_the_built_in_rules_keep_the_weights_at_lr_0(model, rule):
         16, 2, inner_model=model, update_rule=rule, mini_batch_size=4, base_lr=0.0, kernel="torch"
     )
     assert weights_moved_at_zero_lr(layer) is None
+
+
+# -- a Hugging Face folder saved with a plugin whose code changed since: loaded silently --------------------
+
+
+@pytest.mark.slow  # reason: builds the process registry with an entry point twice, and a folder (~1 s)
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_a_hugging_face_folder_whose_plugin_code_changed_since_is_warned_of(tmp_path, monkeypatch):
+    """Training checkpoints recorded each plugin's source digest (s54l); a Hugging Face folder recorded only
+    the plugin's distribution and version, so an editable install's edited plugin loaded it silently."""
+    from test_review_s54_s54l import DISTRIBUTION_MODULE, _install
+
+    from innerloop.checkpoints import PluginChangedWarning
+    from innerloop.hf.export import to_hugging_face
+    from innerloop.hf.modeling import InnerloopForCausalLM
+    from innerloop.models import ModelConfig, TTTConfig, build_model
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, DISTRIBUTION_MODULE, raising=False)
+    _install(tmp_path, "1e-6")
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        ttt=TTTConfig(inner_loss="review_s54l_cosine"),
+    )
+    torch.manual_seed(0)
+    to_hugging_face(build_model(config)).save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "review_s54l_cosine" in saved["innerloop_plugin_sources"]["inner_loss"]
+
+    _install(tmp_path, "1e-3")  # the plugin's code edited, its version the same
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        InnerloopForCausalLM.from_pretrained(tmp_path / "hf")
+    messages = [str(w.message) for w in caught if issubclass(w.category, PluginChangedWarning)]
+    assert len(messages) == 1, messages
+    assert "'review_s54l_cosine'" in messages[0] and "its code changed" in messages[0]
+
+
+def test_a_plugin_whose_source_cannot_be_read_records_no_digest():
+    """As docs/training.md says: a class defined by ``exec`` (or in ``python -c``) has no source to digest."""
+    from innerloop.checkpoints import plugin_source_digest
+
+    namespace: dict = {"__name__": "s55b_exec_defined"}
+    exec("from innerloop import HalfSquaredError\nclass Loss(HalfSquaredError):\n    name = 'x'\n", namespace)
+    assert plugin_source_digest(namespace["Loss"]) is None
+    assert plugin_source_digest(_LrFloorStep) is not None

@@ -168,6 +168,11 @@ class InnerloopConfig(PreTrainedConfig):
             ``from_pretrained`` warns when another plugin (another distribution, version or class:
             :func:`innerloop.checkpoints.same_plugin`) is registered now under one of those names.
             None: not recorded (a config built in Python, an older export).
+        innerloop_plugin_sources: the SHA-256 of the source of each plugin not built in that the model
+            uses, when the folder was saved (:func:`innerloop.checkpoints.plugin_sources`, written by
+            ``save_pretrained``; a training checkpoint's :data:`innerloop.checkpoints.PLUGIN_SOURCES_KEY`):
+            ``from_pretrained`` warns when the same plugin's source differs now. A plugin whose source
+            cannot be read records none. None: not recorded (a config built in Python, an older export).
         innerloop_token_index_dtype: the dtype in which the saved float64 model's TTT layers made their
             token index ``1 / (i + 1)``, which the model built from this config makes again where it is
             float64 (``InnerloopForCausalLM(config)``, ``from_config``, ``from_pretrained``): ``"float32"``
@@ -186,6 +191,7 @@ class InnerloopConfig(PreTrainedConfig):
 
     model: dict[str, Any] | None = None
     innerloop_plugins: dict[str, Any] | None = None
+    innerloop_plugin_sources: dict[str, Any] | None = None
     innerloop_token_index_dtype: str | list[str | None] | None = None
     use_cache: bool = True
     bos_token_id: int | None = None

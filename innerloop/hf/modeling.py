@@ -53,6 +53,7 @@ from innerloop.checkpoints import (
     check_plugin_settings,
     missing_keys_note,
     plugin_record,
+    plugin_sources,
     remake_token_index,
     token_index_made_in,
     warn_changed_plugins,
@@ -1280,7 +1281,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
         A folder that records where its plugins came from (``config.innerloop_plugins``) is compared
         with the plugins registered now: a :class:`~innerloop.checkpoints.PluginChangedWarning` names
-        each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`); the
+        each name registered now by another plugin (:func:`~innerloop.checkpoints.same_plugin`), or by the
+        same plugin whose source digest differs from ``config.innerloop_plugin_sources``'s; the
         same plugin registered with other settings than recorded is refused
         (:func:`~innerloop.checkpoints.check_plugin_settings`).
 
@@ -1323,8 +1325,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         if folder is not None:  # after the checks above, which name what is wrong more precisely
             check_export_record(folder)
             warn_an_earlier_exports_tokenizer(folder)
-        warn_changed_plugins(source, model.config.innerloop_plugins, model.config.model)
-        check_plugin_settings(source, model.config.innerloop_plugins, model.config.model)
+        check_recorded_plugins(source, model.config)
         model._refresh_non_persistent_buffers()
         move_to_aligned_memory(model)
         return (model, info) if wants_info else model
@@ -1334,7 +1335,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         names (:mod:`innerloop.hf.remote_code`), so that the folder also loads with
         ``trust_remote_code=True`` where innerloop is installed but not imported; and in
         ``innerloop_plugins``, where each plugin the model uses came from
-        (:func:`~innerloop.checkpoints.plugin_record`), which ``from_pretrained`` checks. Saved into an
+        (:func:`~innerloop.checkpoints.plugin_record`), and in ``innerloop_plugin_sources`` the source
+        digests of those not built in (:func:`~innerloop.checkpoints.plugin_sources`), which
+        ``from_pretrained`` checks. Saved into an
         export, the files it replaces leave the export's record (:func:`forget_replaced_export_files`):
         they load as the files saved. An empty ``save_directory`` is refused, as transformers' own does
         (``Path("")`` would be the current directory)."""
@@ -1347,6 +1350,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         self.config.innerloop_token_index_dtype = token_index_made_in(self)
         self.config.innerloop_plugins = plugin_record(self.config.model, self.config.innerloop_plugins)
+        self.config.innerloop_plugin_sources = plugin_sources(
+            self.config.model, self.config.innerloop_plugin_sources
+        )
 
         transformers_save = super().save_pretrained
 
@@ -1400,6 +1406,17 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
 TOKEN_INDEX_FIELD = "config.json's innerloop_token_index_dtype"
 """How a token-index record that does not fit the model is named (``InnerloopConfig``'s field)."""
+
+
+def check_recorded_plugins(source: str, config: InnerloopConfig) -> None:
+    """Compare the plugins a loaded folder's ``config`` records (``innerloop_plugins`` and their source
+    digests, ``innerloop_plugin_sources``) with those registered now, as a checkpoint's load does
+    (:func:`~innerloop.checkpoints.warn_changed_plugins`, :func:`~innerloop.checkpoints.check_plugin_settings`);
+    ``source`` names the folder."""
+    record = config.innerloop_plugins
+    warn_changed_plugins(source, record, config.model, sources=config.innerloop_plugin_sources)
+    check_plugin_settings(source, record, config.model)
+
 
 SAVE_STAGING_PREFIX = ".innerloop-saving-"
 """The name prefix of the hidden folder in which ``save_pretrained`` stages a save inside its folder."""

@@ -264,7 +264,7 @@ def test_gated_deltanet_refuses_an_inner_loss_its_value_map_does_not_hold_for() 
 
     with pytest.raises(
         ValueError,
-        match=r"GatedDeltaNetLayer takes the inner losses .*reconstruction.*got the inner loss .s48d_residual_targets",
+        match=r"GatedDeltaNetLayer got inner_loss='s48d_residual_targets'.*its targets are not the values.*valid: .*reconstruction",
     ):
         GatedDeltaNetLayer(8, 2, inner_loss=_ResidualTargets())
     for loss in ("reconstruction", "next_token", "dot_product"):

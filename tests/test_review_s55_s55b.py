@@ -10,9 +10,12 @@ import warnings
 import pytest
 import torch
 
+from innerloop import HalfSquaredError, LossPairs
+from innerloop.core.family_layers import VALUE_MAP_LOSSES, GatedDeltaNetLayer, value_map_mismatch
 from innerloop.core.layer import TTTLayer
 from innerloop.models.ablation import no_test_time_training, weights_moved_at_zero_lr
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
+from innerloop.registry import get_registry
 
 
 class _LrFloorStep(MiniBatchGD):
@@ -109,3 +112,69 @@ def test_a_plugin_whose_source_cannot_be_read_records_no_digest():
     exec("from innerloop import HalfSquaredError\nclass Loss(HalfSquaredError):\n    name = 'x'\n", namespace)
     assert plugin_source_digest(namespace["Loss"]) is None
     assert plugin_source_digest(_LrFloorStep) is not None
+
+
+# -- Gated DeltaNet took an inner loss by its name and built-in origin, not by what it computes -------------
+
+
+class _ValueRegression(HalfSquaredError):
+    """A third party's 1/2 ||f(k) - v||^2 (the built-in reconstruction under another name)."""
+
+    name = "s55b_value_regression"
+
+    def pairs(self, views, carry):
+        return LossPairs(views.key, views.value)
+
+
+class _ResidualTargets(_ValueRegression):
+    """Targets v - k: not the values as given."""
+
+    name = "s55b_residual_targets"
+
+    def pairs(self, views, carry):
+        return LossPairs(views.key, views.value - views.key)
+
+
+class _Huber(_ValueRegression):
+    """Huber loss (delta 0.5): its gradient is not of degree 1 in prediction and target."""
+
+    name = "s55b_huber"
+
+    def token_loss(self, prediction, target):
+        return torch.nn.functional.huber_loss(prediction, target, reduction="none", delta=0.5).sum(-1)
+
+    def token_loss_grad(self, prediction, target):
+        return (prediction - target).clamp(-0.5, 0.5)
+
+
+@pytest.mark.slow  # reason: two layers built and run in float64, the first use of the family (~0.5 s warm)
+def test_gated_deltanet_takes_a_plugin_loss_for_which_its_map_is_exact(monkeypatch):
+    """A third-party loss computing reconstruction was refused for its name and origin, which a built-in
+    could not be; now the property the map needs is measured, the same for every loss."""
+    monkeypatch.setattr("innerloop.registry.check_instance", lambda kind, instance: None)  # not under test
+    torch.manual_seed(0)
+    mine = GatedDeltaNetLayer(16, 2, inner_loss=_ValueRegression(), kernel="torch").double()
+    torch.manual_seed(0)
+    builtin = GatedDeltaNetLayer(16, 2, inner_loss="reconstruction", kernel="torch").double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    torch.testing.assert_close(mine(x)[0], builtin(x)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "reason"),
+    [
+        (_ResidualTargets(), r"its targets are not the values of their own token as given"),
+        (_Huber(), r"its gradient is not of degree 1 in the prediction and target"),
+    ],
+)
+def test_gated_deltanet_refuses_a_loss_that_breaks_its_map_saying_why(monkeypatch, loss, reason):
+    monkeypatch.setattr("innerloop.registry.check_instance", lambda kind, instance: None)
+    with pytest.raises(
+        ValueError, match=rf"GatedDeltaNetLayer got inner_loss='{loss.name}', .*: {reason}.*valid:"
+    ):
+        GatedDeltaNetLayer(16, 2, inner_loss=loss, kernel="torch")
+
+
+@pytest.mark.parametrize("name", VALUE_MAP_LOSSES)
+def test_the_built_in_value_map_losses_pass_the_measured_check(name):
+    assert value_map_mismatch(get_registry().inner_loss(name), 8) is None

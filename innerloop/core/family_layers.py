@@ -47,7 +47,6 @@ from innerloop.core.layer import (
     TTTLayer,
     gates_declared_by,
     inner_norm_initial_values,
-    is_built_in,
     is_real,
     plugin_label,
 )
@@ -61,8 +60,8 @@ L2_NORM_EPS = 1e-6  # FLA's l2norm: x / sqrt(sum x^2 + eps), the eps inside the 
 # factor is held at the floor: the layer keeps 1e-4 of the state where FLA keeps less (GatedDeltaNetLayer
 # says how far that moves it).
 DECAY_FACTOR_FLOOR = 1e-4
-# The built-in inner losses whose targets are the value views as given (or whose gradient does not read W):
-# for them Gated DeltaNet's map (values v / a, lr = a * beta) is exact; GatedDeltaNetLayer refuses others.
+# The built-in inner losses for which Gated DeltaNet's map (values v / a, lr = a * beta) is exact
+# (value_map_mismatch measures it, for these and any plugin alike; GatedDeltaNetLayer refuses the others).
 VALUE_MAP_LOSSES = ("reconstruction", "next_token", "dot_product")
 CONV_NAMES = ("q", "k", "v")
 DEFAULT_CONV_KERNEL = 4  # FLA's short convs
@@ -207,6 +206,47 @@ def _redraw_forget_gate(layer: nn.Module) -> None:
         (layer.A_log, layer.dt_bias), _forget_gate_draws(layer.num_heads), strict=True
     ):
         parameter.copy_(value)
+
+
+def value_map_mismatch(loss: InnerLoss, head_dim: int) -> str | None:
+    """None if Gated DeltaNet's map is exact for ``loss``, else what breaks it (measured in float64 on
+    random views of 2 sequences, 2 heads and 5 tokens at ``head_dim``, per-token ``a`` in [0.1, 1)).
+
+    Gated DeltaNet decays before its step, ``S_t = a S - beta grad L(a S; v)``, and runs as scan's rule
+    with values ``v / a`` and ``lr = a * beta`` at the undecayed ``S``, which is the same step exactly when
+    ``grad L(a S; v) = a grad L(S; v / a)``: the loss's targets are the values of their own token as given
+    (``pairs`` of values ``v / a`` gives targets ``/ a``, the same inputs and valid), and its gradient
+    w.r.t. the prediction is homogeneous of degree 1 in the prediction and target together
+    (``token_loss_grad(a p, y) = a token_loss_grad(p, y / a)``). The built-in ``reconstruction``,
+    ``next_token`` and ``dot_product`` are such losses; a cosine or Huber loss, or targets ``v - k``, are not.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, 2, 5, head_dim)
+    query, key, value, prediction = (
+        torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4)
+    )
+    a = 0.1 + 0.9 * torch.rand(shape[:3], generator=generator, dtype=torch.float64)[..., None]
+    try:
+        carry = loss.init_carry(shape[0], shape[1], head_dim, query)
+        plain = loss.pairs(Views(query, key, value), carry)
+        scaled = loss.pairs(Views(query, key, value / a), carry)
+        gradients = (
+            loss.token_loss_grad(a * prediction, plain.targets),
+            a * loss.token_loss_grad(prediction, plain.targets / a),
+        )
+    except Exception as error:  # noqa: BLE001 (a plugin's own failure, reported as the reason)
+        return f"it failed on float64 views: {type(error).__name__}: {error}"
+    checks = {
+        "its targets are not the values of their own token as given (pairs of v / a gave other targets than its "
+        "targets of v divided by a)": (scaled.targets, plain.targets / a),
+        "its inputs read the values": (scaled.inputs, plain.inputs),
+        "its gradient is not of degree 1 in the prediction and target (token_loss_grad(a p, y) differs from "
+        "a * token_loss_grad(p, y / a))": gradients,
+    }
+    for reason, (got, wanted) in checks.items():
+        if got.shape != wanted.shape or not torch.allclose(got, wanted, rtol=1e-9, atol=1e-12):
+            return reason
+    return None
 
 
 class FamilyLayer(TTTLayer):
@@ -621,12 +661,14 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         options.setdefault("output_gate", True)
         super().__init__(hidden_size, num_heads, **options)
         loss = self.inner_loss
-        if loss.name not in VALUE_MAP_LOSSES or not is_built_in("inner_loss", loss):
+        mismatch = value_map_mismatch(loss, self.head_dim)
+        if mismatch is not None:
             raise ValueError(
-                f"GatedDeltaNetLayer takes the inner losses whose targets are the values as given, "
-                f"{list(VALUE_MAP_LOSSES)}, got the {plugin_label('inner_loss', loss)}: it decays before "
-                "its gradient step and runs as scan's rule through lr = a * beta and values v / a, which equals "
-                "that only when the loss reads v as it is (DeltaNetLayer takes any loss)"
+                f"GatedDeltaNetLayer got inner_loss={loss.name!r}, the {plugin_label('inner_loss', loss)}: "
+                f"{mismatch}. It decays before its gradient step and runs as scan's rule through lr = a * "
+                "beta and values v / a, which equals that only for a loss whose targets are the values as "
+                "given and whose gradient is of degree 1 in prediction and target (value_map_mismatch); valid: "
+                f"such a loss, as the built-in {list(VALUE_MAP_LOSSES)} (DeltaNetLayer takes any loss)"
             )
 
     def _build_gates(self) -> None:

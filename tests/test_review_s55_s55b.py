@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from innerloop import HalfSquaredError, LossPairs
-from innerloop.core.family_layers import VALUE_MAP_LOSSES, GatedDeltaNetLayer, value_map_mismatch
+from innerloop.core.family_layers import (
+    VALUE_MAP_LOSSES,
+    DeltaNetLayer,
+    GatedDeltaNetLayer,
+    LinearAttentionLayer,
+    TitansLayer,
+    value_map_mismatch,
+)
 from innerloop.core.layer import TTTLayer
 from innerloop.models.ablation import no_test_time_training, weights_moved_at_zero_lr
 from innerloop.plugins.optimizers.minibatch_gd import MiniBatchGD
@@ -178,3 +185,27 @@ def test_gated_deltanet_refuses_a_loss_that_breaks_its_map_saying_why(monkeypatc
 @pytest.mark.parametrize("name", VALUE_MAP_LOSSES)
 def test_the_built_in_value_map_losses_pass_the_measured_check(name):
     assert value_map_mismatch(get_registry().inner_loss(name), 8) is None
+
+
+@pytest.mark.parametrize(
+    ("member", "kind", "name"),
+    [
+        (DeltaNetLayer, "update_rule", "dual_form"),
+        (DeltaNetLayer, "inner_model", "matrix"),
+        (LinearAttentionLayer, "inner_loss", "dot_product"),
+        (TitansLayer, "update_rule", "momentum"),
+    ],
+)
+def test_a_member_takes_the_registered_object_of_the_plugin_it_fixes(member, kind, name):
+    """A member fixing update_rule="dual_form" refused the registered dual_form object itself (compared
+    with the string by ==): the same plugin, refused for being given as an object."""
+    registered = get_registry().get(kind, name)
+    torch.manual_seed(0)
+    by_object = member(16, 2, **{kind: registered})
+    torch.manual_seed(0)
+    by_name = member(16, 2)
+    assert getattr(by_object, kind) is getattr(by_name, kind)
+    with pytest.raises(
+        ValueError, match=rf"{member.__name__} fixes {kind}='{name}', got {kind}=the .*s55b_huber.*_Huber"
+    ):
+        member(16, 2, **{kind: _Huber()})

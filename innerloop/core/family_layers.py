@@ -44,11 +44,13 @@ from innerloop.core.functional import (
     overflow_safe_rows,
 )
 from innerloop.core.layer import (
+    PLUGIN_OPTIONS,
     TTTLayer,
     gates_declared_by,
     inner_norm_initial_values,
     is_real,
     plugin_label,
+    registered_entry,
 )
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
 from innerloop.core.state import TTTState
@@ -171,6 +173,16 @@ def _same_value(given: Any, fixed: Any) -> bool:
         return False
 
 
+def _is_registered_as(kind: str, given: Any, name: Any) -> bool:
+    """Whether ``given`` (an argument of ``kind``) is the plugin object registered under ``name``, or a
+    copy of it (:func:`~innerloop.core.layer.registered_entry`): the registered ``dual_form`` object
+    passed where a member fixes ``update_rule="dual_form"`` is that rule, as its name is."""
+    if kind not in PLUGIN_OPTIONS or isinstance(given, str) or not isinstance(name, str):
+        return False
+    entry = registered_entry(kind, given)
+    return entry is not None and entry.name == name
+
+
 def with_fixed_options(
     layer: str, options: dict[str, Any], fixed: dict[str, tuple[Any, str]]
 ) -> dict[str, Any]:
@@ -180,10 +192,18 @@ def with_fixed_options(
     that says the member fixes it, to which value and why (instead of Python's "got multiple values").
     """
     for name, (value, why) in fixed.items():
-        if name in options and not _same_value(options[name], value):
-            raise ValueError(
-                f"{layer} fixes {name}={value!r}, got {name}={options[name]!r}: {why}; drop {name}"
+        if (
+            name in options
+            and not _same_value(options[name], value)
+            and not _is_registered_as(name, options[name], value)
+        ):
+            given = options[name]
+            shown = (
+                f"the {plugin_label(name, given)}"
+                if name in PLUGIN_OPTIONS and not isinstance(given, str)
+                else repr(given)
             )
+            raise ValueError(f"{layer} fixes {name}={value!r}, got {name}={shown}: {why}; drop {name}")
     return {**options, **{name: value for name, (value, _) in fixed.items()}}
 
 

@@ -557,7 +557,7 @@ def _kernels_running(model: InnerModel, loss: InnerLoss) -> str:
     return f"the kernels that run (inner_model={model.name!r}, inner_loss={loss.name!r}) are {listed}"
 
 
-def _registered_entry(kind: str, obj: Any) -> Any:
+def registered_entry(kind: str, obj: Any) -> Any:
     """The registry's entry whose object is ``obj`` itself, else one of ``obj``'s class and name (a copy
     of it: ``copy.deepcopy`` of a layer, ``torch.load`` of a pickled one); None: not registered."""
     from innerloop.registry import get_registry  # late import: core must not depend on registry
@@ -576,7 +576,7 @@ def is_built_in(kind: str, obj: Any) -> bool:
     """Whether ``obj`` is one of innerloop's own plugins, registered as such (origin ``builtin:...``)."""
     from innerloop.registry.manager import BUILTIN_PREFIX  # late import: core must not depend on registry
 
-    entry = _registered_entry(kind, obj)
+    entry = registered_entry(kind, obj)
     return entry is not None and entry.origin.startswith(BUILTIN_PREFIX)
 
 
@@ -585,7 +585,7 @@ def plugin_label(kind: str, obj: Any) -> str:
     ``innerloop plugins`` shows it), or its class when it is not the registered object."""
     from innerloop.registry import get_registry  # late import: core must not depend on registry
 
-    entry = _registered_entry(kind, obj)
+    entry = registered_entry(kind, obj)
     cls = type(obj)
     if entry is None:
         origin = f"not registered: {cls.__module__}.{cls.__qualname__}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import warnings
 
 import pytest
@@ -60,6 +61,27 @@ def test_no_test_time_training_refuses_a_rule_that_moves_the_weights_at_lr_0(mon
     ):
         pass  # pragma: no cover
     assert layer.base_lr == 1.0  # restored
+
+
+@pytest.mark.slow  # 0.5 s after the plugins' imports (3 s in a fresh process)
+def test_eval_refuses_no_ttt_for_such_a_rule_before_reading_any_window(monkeypatch):
+    """innerloop eval's check (before any window is read) names --no-ttt, the checkpoint, the layer and
+    the rule, as a one-line ConfigError; the model is left as it was."""
+    from innerloop.config.load import ConfigError
+    from innerloop.train.run import _refuse_no_ttt_without_ttt
+
+    monkeypatch.setattr("innerloop.registry.check_instance", lambda kind, instance: None)
+    layer = TTTLayer(
+        16, 2, inner_model="linear", update_rule=_LrFloorStep(), mini_batch_size=4, kernel="torch"
+    )
+    module = types.SimpleNamespace(model=torch.nn.Sequential(layer))
+    with pytest.raises(
+        ConfigError,
+        match=r"(--no-ttt|no_ttt): 'run/last.safetensors': the TTT layer '0': the update rule 's55b_lr_floor_step'",
+    ):
+        _refuse_no_ttt_without_ttt(module, "run/last.safetensors", no_ttt=True)
+    assert layer.base_lr == 1.0
+    _refuse_no_ttt_without_ttt(module, "run/last.safetensors", no_ttt=False)  # nothing measured without it
 
 
 @pytest.mark.parametrize("rule", ["dual_form", "minibatch_gd", "momentum"])

@@ -79,6 +79,24 @@ def weights_moved_at_zero_lr(layer: TTTLayer, seed: int = 0) -> str | None:
     )
 
 
+def zero_lr_refusal(model: nn.Module) -> str | None:
+    """Why :func:`no_test_time_training` refuses ``model``: the first TTT layer (by name) whose update
+    rule moves the inner weights at learning rate 0 (:func:`weights_moved_at_zero_lr`, measured at
+    ``base_lr = 0`` and then restored), or None when none does. ``innerloop eval`` and ``compare`` ask
+    before reading any window."""
+    for name, module in model.named_modules():
+        if isinstance(module, TTTLayer) and module.base_lr > 0:
+            base_lr = module.base_lr
+            module.base_lr = 0.0
+            try:
+                moved = weights_moved_at_zero_lr(module)
+            finally:
+                module.base_lr = base_lr
+            if moved is not None:
+                return f"the TTT layer {name or '(the model itself)'!r}: {moved}"
+    return None
+
+
 @contextmanager
 def no_test_time_training(model: nn.Module) -> Iterator[int]:
     """Switch test-time training off in ``model`` inside the ``with`` block (see the module doc).
@@ -87,15 +105,15 @@ def no_test_time_training(model: nn.Module) -> Iterator[int]:
     test-time training to switch off. Not thread-safe: the model is changed in place while the block
     runs.
     """
+    refusal = zero_lr_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"no_test_time_training: {refusal}")
     restore: list[tuple[nn.Module, str, object]] = []
     try:
         for module in model.modules():
             if isinstance(module, TTTLayer) and module.base_lr > 0:
                 restore.append((module, "base_lr", module.base_lr))
                 module.base_lr = 0.0
-                moved = weights_moved_at_zero_lr(module)
-                if moved is not None:
-                    raise ValueError(f"no_test_time_training (--no-ttt): {moved}")
             elif isinstance(module, E2ELM) and module.config.e2e.test_time_training:
                 config = module.config
                 restore.append((module, "config", config))

@@ -60,7 +60,11 @@ from innerloop.data.packing import document_side, first_document_of
 from innerloop.data.text import held_out_share, path_entries
 from innerloop.data.tokenizer import Tokenizer
 from innerloop.kernels.cpu.build import DISABLE_VARIABLE
-from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
+from innerloop.models.ablation import (
+    modules_learning_at_test_time,
+    no_test_time_training,
+    zero_lr_refusal,
+)
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 from innerloop.models.params import SIZE_TOLERANCE, count_parameters, same_size
 from innerloop.registry import get_registry
@@ -1031,6 +1035,9 @@ def _mark_no_ttt(models: list[ComparedModel]) -> None:
             f"{argument_name('no_ttt')}: none of the models compared has test-time training to switch off"
         )
     for model, has_ttt in zip(models, from_ablation, strict=True):
+        refusal = zero_lr_refusal(model.module.model) if has_ttt else None
+        if refusal is not None:
+            raise ConfigError(f"{argument_name('no_ttt')}: the compared model {model.name}: {refusal}")
         model.no_ttt = has_ttt
         if has_ttt:
             model.name = f"{model.name} (no TTT)"

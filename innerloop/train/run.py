@@ -126,7 +126,11 @@ from innerloop.data.tokenizer import ByteTokenizer, Tokenizer
 from innerloop.kernels.cpu import release_buffers
 from innerloop.kernels.dispatch import refused_named_kernels
 from innerloop.models import ModelConfig
-from innerloop.models.ablation import modules_learning_at_test_time, no_test_time_training
+from innerloop.models.ablation import (
+    modules_learning_at_test_time,
+    no_test_time_training,
+    zero_lr_refusal,
+)
 from innerloop.registry.modules import loaded_plugin_modules
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, checkpoint_stamp, holds_training_state
 from innerloop.train.data import (
@@ -2307,6 +2311,9 @@ def _refuse_no_ttt_without_ttt(module: LanguageModelModule, checkpoint: str | Pa
             f"{argument_name('no_ttt')}: {str(checkpoint)!r} has no test-time training to switch off "
             f"(model.mixer={module.model.config.mixer!r})"
         )
+    refusal = zero_lr_refusal(module.model) if no_ttt else None
+    if refusal is not None:
+        raise ConfigError(f"{argument_name('no_ttt')}: {str(checkpoint)!r}: {refusal}")
 
 
 def _eval_args(

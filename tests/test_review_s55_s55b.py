@@ -55,7 +55,7 @@ def test_no_test_time_training_refuses_a_rule_that_moves_the_weights_at_lr_0(mon
         pytest.raises(
             ValueError,
             match=r"update rule 's55b_lr_floor_step' .*moves the inner weights at inner "
-            r"learning rate 0 \(outputs or weights off the initial inner model's by \d",
+            r"learning rate 0 \(its weights or its outputs for other keys and values moved by \d",
         ),
         no_test_time_training(layer),
     ):

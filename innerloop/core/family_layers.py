@@ -243,9 +243,9 @@ def value_map_mismatch(loss: InnerLoss, head_dim: int) -> str | None:
     generator = torch.Generator().manual_seed(0)
     shape = (2, 2, 5, head_dim)
     query, key, value, prediction = (
-        torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4)
+        torch.randn(shape, generator=generator, dtype=torch.float64, device="cpu") for _ in range(4)
     )
-    a = 0.1 + 0.9 * torch.rand(shape[:3], generator=generator, dtype=torch.float64)[..., None]
+    a = 0.1 + 0.9 * torch.rand(shape[:3], generator=generator, dtype=torch.float64, device="cpu")[..., None]
     try:
         carry = loss.init_carry(shape[0], shape[1], head_dim, query)
         plain = loss.pairs(Views(query, key, value), carry)

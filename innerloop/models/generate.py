@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from innerloop.core.functional import is_integer
+from innerloop.core.functional import integer_or_given, is_integer
 from innerloop.core.layer import is_real
 from innerloop.models.lm import check_token_ids
 
@@ -97,13 +97,17 @@ def generate(
 
     Args:
         model: the language model (put in eval mode by the caller).
-        prompt_ids: ``[B, P]`` token ids with ``P >= 1``, each in ``[0, model.config.vocab_size)``.
+        prompt_ids: ``[B, P]`` token ids with ``B >= 1`` and ``P >= 1``, each in
+            ``[0, model.config.vocab_size)`` (a batch of 0 prompts is refused, as transformers' does).
         max_new_tokens: how many tokens to sample (an int >= 0).
         temperature: softmax temperature, a finite real number >= 0; 0 means greedy decoding.
         top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
+
+    Each number may be given as a Python number, a numpy scalar or a 0-d tensor (an int where an int is
+    asked: ``top_k=4.0`` and a tensor of more than one element are refused, naming the argument).
         generator: torch RNG for reproducible sampling, on the kind of device the model runs on (a CPU
             generator for a CUDA model is refused when sampling, temperature > 0).
-        eos_token_id: an end-of-sequence id (or several): a row that has sampled one yields the first
+        eos_token_id: an end-of-sequence id (or several: a list, or a 1-D tensor or numpy array): a row that has sampled one yields the first
             of them from then on, and the iterator ends once every row has (None: never). Each must
             be in the vocabulary (one outside it, which no row can sample, is refused as a mistaken id;
             ``innerloop generate`` drops a tokenizer's end id past the vocabulary, and Hugging Face
@@ -120,6 +124,12 @@ def generate(
     _check_model(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     check_token_ids(prompt_ids, vocab_size if is_integer(vocab_size) else None, "prompt_ids", min_length=1)
+    if prompt_ids.shape[0] == 0:
+        raise ValueError(
+            f"prompt_ids of batch size 0 (shape {list(prompt_ids.shape)}): there is no prompt to continue; "
+            "give at least one row [batch >= 1, length >= 1]"
+        )
+    max_new_tokens = integer_or_given(max_new_tokens)
     if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", is_integer(max_new_tokens))
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
@@ -159,7 +169,7 @@ def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:
     """``eos_token_id`` as a list of ids (empty for None), each an int in the vocabulary."""
     if eos_token_id is None:
         return []
-    ids = [eos_token_id] if is_integer(eos_token_id) else eos_token_id
+    ids = [eos_token_id] if is_integer(eos_token_id) else _listed(eos_token_id)
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids:
         raise TypeError(f"eos_token_id must be a token id, a non-empty list of them, or None, got {ids!r}")
     for token in ids:
@@ -169,8 +179,29 @@ def _checked_eos(eos_token_id: object, vocab_size: int | None) -> list[int]:
     return [int(token) for token in ids]
 
 
+def _listed(ids: object) -> object:
+    """A 1-D tensor or numpy array of ids as the list of its elements (transformers' ``generate()`` takes
+    ``eos_token_id`` so), each then checked as an id; anything else as it is."""
+    array = isinstance(ids, torch.Tensor) or type(ids).__name__ == "ndarray"  # numpy is not imported here
+    if array and getattr(ids, "ndim", None) == 1:
+        return list(ids)
+    return ids
+
+
+def _real_or_given(value: object) -> object:
+    """A 0-d real tensor (not bool, not complex) as the Python number it holds, else ``value`` itself: a
+    real argument is taken as a Python number, a numpy scalar or a 0-d tensor, as an integer one is
+    (:func:`~innerloop.core.functional.as_integer`)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        if not value.dtype.is_complex:
+            return value.item()
+    return value
+
+
 def _checked_sampling(temperature: object, top_k: object, generator: object) -> tuple[float, int | None]:
-    """``(temperature, top_k)`` as a float and an int (or None), each checked and named if wrong."""
+    """``(temperature, top_k)`` as a float and an int (or None), each checked and named if wrong; each a
+    Python number, a numpy scalar or a 0-d tensor."""
+    temperature = _real_or_given(temperature)
     if not (is_real(temperature) and temperature >= 0):  # is_real: finite (10**400 too), not a bool
         raise _bad(
             "temperature", temperature, "a finite real number >= 0 (0 is greedy)", _is_real(temperature)

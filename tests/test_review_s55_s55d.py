@@ -103,3 +103,116 @@ def test_a_batch_of_no_prompts_is_refused_when_called(tiny_lm, max_new_tokens) -
     transformers' generate() (and the wrapper's) refuse it: now refused here too, naming prompt_ids."""
     with pytest.raises(ValueError, match=r"prompt_ids of batch size 0 \(shape \[0, 5\]\)"):
         generate(tiny_lm, torch.zeros(0, 5, dtype=torch.long), max_new_tokens)
+
+
+# -- Hugging Face beam search against a beam search over whole forwards ----------------------------------
+
+_VOCAB = 7
+_BEAM_PROMPT_SEED = 2  # one whose beams cross in every mixer: without the reorder each fails
+_FAMILY = {
+    "swa": {"mixer": "swa", "window": 5},
+    "linear_attention": {"mixer": "linear_attention", "family": {"mini_batch_size": 4}},
+    "deltanet": {"mixer": "deltanet"},
+    "gated_deltanet": {"mixer": "gated_deltanet"},
+    "titans": {"mixer": "titans", "family": {"mini_batch_size": 4}},
+}
+
+
+def _hf_model(mixer: str):
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    shape = _TINY | {"vocab_size": _VOCAB}
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(InnerloopConfig(model=shape | _FAMILY[mixer])).eval().double()
+    with torch.no_grad():  # away from the initialisation, so that the beams' scores are well apart
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    return model
+
+
+def _beams_over_whole_forwards(
+    model, prompt: list[int], beams: int, steps: int
+) -> list[tuple[list[int], float]]:
+    """Beam search by hand: each step reads every beam's whole sequence again (no cache), keeps the
+    ``beams`` best of beams x vocabulary by summed log-probability (float32 log-softmax, as transformers)."""
+    kept = [(prompt, 0.0)]
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq for seq, _ in kept]), use_cache=False).logits[:, -1]
+        scores = torch.log_softmax(logits.float(), -1).double()
+        grown = [
+            (seq + [t], score + scores[i, t].item())
+            for i, (seq, score) in enumerate(kept)
+            for t in range(_VOCAB)
+        ]
+        kept = sorted(grown, key=lambda beam: -beam[1])[:beams]
+    return kept
+
+
+@pytest.mark.slow  # two float64 beam searches and a search by hand: 0.5-2 s each on a loaded CPU
+@pytest.mark.parametrize("mixer", sorted(_FAMILY))
+def test_hf_beam_search_of_each_family_member_is_the_search_over_whole_forwards(mixer) -> None:
+    """The cache reordered per beam (state of each family member), left padding read row by row:
+    measured, every mixer (TTT linear/MLP, attention, E2E, these) gives the by-hand search's sequences,
+    scores within 6e-8 (float32 log-softmax), and a left-padded row the sequences of the row alone."""
+    model = _hf_model(mixer)
+    prompt = torch.randint(0, _VOCAB, (2, 9), generator=torch.Generator().manual_seed(_BEAM_PROMPT_SEED))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0  # row 0: 3 pads, then its prompt of 6 tokens
+    search = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 4, "do_sample": False}
+    out = model.generate(
+        prompt, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **search
+    )
+    for row, start in ((0, 3), (1, 0)):
+        expected = _beams_over_whole_forwards(model, prompt[row, start:].tolist(), 3, 4)[:2]
+        for k, (sequence, score) in enumerate(expected):
+            assert out.sequences[2 * row + k, start:].tolist() == sequence
+            assert abs(out.sequences_scores[2 * row + k].item() - score / 4) < 1e-6  # length penalty 1
+
+
+def _held_by(cache) -> tuple[int, int]:
+    """(bytes of the storages the cache's tensors keep alive, its nbytes()), the cache walked whole."""
+    found: dict[int, int] = {}
+    pending, seen = [cache], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif hasattr(item, "__dict__") and not isinstance(item, type):
+            pending.extend(vars(item).values())
+    return sum(found.values()), cache.nbytes()
+
+
+@pytest.mark.slow  # a 2,048-token prompt read by the wrapper, beams of 2: 0.5-3 s on a loaded CPU
+@pytest.mark.parametrize("mixer", ["ttt-linear", "gated_deltanet", "attention"])
+def test_the_hf_generate_cache_is_flat_in_the_prompt_length_but_full_attentions(mixer) -> None:
+    """The cache transformers' generate() returns (left padded, beams of 2: a LeftPaddedCache) holds as
+    many bytes after a 2,048-token prompt as after 128; full attention's grows, so the measure can fail.
+    Measured too (not kept, minutes): 128 vs 8,000 tokens equal for TTT linear/MLP, swa, every family
+    member (Titans, Titans-MLP to 512) and E2E (chunk 64, to 512); attention 196,480 -> 5,119,616 bytes
+    held (a key-value buffer of some room: 196,480 -> 1,310,336 at 2,048)."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    kinds = {"ttt-linear": {"mixer": "ttt", "ttt": {"mini_batch_size": 4}}} | {
+        name: {"mixer": name} for name in ("gated_deltanet", "attention")
+    }
+    torch.manual_seed(0)
+    model = InnerloopForCausalLM(InnerloopConfig(model=_TINY | kinds[mixer])).eval()
+    held = []
+    for length in (128, 2048):
+        prompt = torch.randint(0, 40, (2, length), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(prompt)
+        mask[0, :3] = 0
+        search = {"num_beams": 2, "max_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True}
+        held.append(_held_by(model.generate(prompt, attention_mask=mask, **search).cache))
+    if mixer == "attention":
+        assert held[1][0] > 4 * held[0][0] and held[1][1] > 8 * held[0][1], held  # 6.7x, 16x measured
+    else:
+        assert held[0] == held[1], held

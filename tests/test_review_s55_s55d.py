@@ -216,3 +216,35 @@ def test_the_hf_generate_cache_is_flat_in_the_prompt_length_but_full_attentions(
         assert held[1][0] > 4 * held[0][0] and held[1][1] > 8 * held[0][1], held  # 6.7x, 16x measured
     else:
         assert held[0] == held[1], held
+
+
+@pytest.mark.parametrize(
+    ("setting", "search"),
+    [
+        ({"length_penalty": float("nan")}, {"num_beams": 2}),
+        ({"length_penalty": float("inf")}, {"num_beams": 2}),
+        ({"repetition_penalty": float("inf")}, {}),
+        ({"exponential_decay_length_penalty": (1, float("nan"))}, {"eos_token_id": 3}),
+    ],
+)
+def test_a_penalty_that_is_not_finite_is_refused_by_name(tiny_hf_model, setting, search) -> None:
+    """transformers ran each silently: length_penalty=nan in a beam search returned 2 of the 3 tokens asked
+    with scores nan, inf scores -0.0 for every beam; repetition_penalty=inf and a nan decay factor
+    generated without a word. Refused now, naming the setting, as a temperature that is not finite."""
+    name = next(iter(setting))
+    prompt = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with pytest.raises(ValueError, match=rf"generate\({name}="):
+        tiny_hf_model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, **setting, **search
+        )
+
+
+def test_finite_penalties_still_run(tiny_hf_model) -> None:
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    settings = {
+        "length_penalty": -1.0,
+        "repetition_penalty": 1.3,
+        "exponential_decay_length_penalty": (1, 1.5),
+    }
+    out = tiny_hf_model.generate(prompt, max_new_tokens=2, num_beams=2, eos_token_id=3, **settings)
+    assert out.shape[0] == 1

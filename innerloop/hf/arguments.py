@@ -475,6 +475,27 @@ def check_sampling_values(generation_config: Any) -> None:
             raise ValueError(f"generate({name}={value!r}): {name} must be {valid} when sampling ({off})")
 
 
+def check_penalty_values(generation_config: Any) -> None:
+    """``ValueError`` naming the setting, before anything runs, for a penalty that is not finite:
+    ``length_penalty`` in a beam search (``num_beams > 1``, the search that reads it),
+    ``repetition_penalty``, and ``exponential_decay_length_penalty``'s factor. transformers checks a
+    repetition penalty > 0 only, and ran each silently: ``length_penalty=nan`` returned fewer tokens than
+    asked with scores NaN, ``inf`` scored every beam -0.0."""
+    penalties = {
+        "repetition_penalty": getattr(generation_config, "repetition_penalty", None),
+        "length_penalty": getattr(generation_config, "length_penalty", None)
+        if (getattr(generation_config, "num_beams", None) or 1) > 1
+        else None,
+    }
+    decay = getattr(generation_config, "exponential_decay_length_penalty", None)
+    if isinstance(decay, (tuple, list)) and len(decay) == 2:
+        penalties["exponential_decay_length_penalty"] = decay[1]
+    for name, value in penalties.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+            given = decay if name == "exponential_decay_length_penalty" else value
+            raise ValueError(f"generate({name}={given!r}): its penalty must be a finite real number")
+
+
 ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 """The generation settings that turn greedy search or sampling into assisted generation, besides
 ``generate(assistant_model=...)``."""

@@ -83,6 +83,7 @@ from innerloop.hf.arguments import (
     check_num_items_in_batch,
     check_one_sequence,
     check_other_arguments,
+    check_penalty_values,
     check_sampling_values,
     hidden_states_wanted,
     one_cache,
@@ -2038,12 +2039,14 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
     def _validate_generation_mode(self, generation_mode: Any, generation_config: Any, *args: Any) -> None:
         """transformers' own, then the counts of ``generate()`` (beams, sequences, tokens) checked:
         :func:`~innerloop.hf.arguments.check_generation_counts`, and sampling's temperature and top_p
-        (:func:`~innerloop.hf.arguments.check_sampling_values`); assisted generation refused first
+        (:func:`~innerloop.hf.arguments.check_sampling_values`) and the penalties
+        (:func:`~innerloop.hf.arguments.check_penalty_values`); assisted generation refused first
         (:func:`~innerloop.hf.arguments.check_not_assisted`)."""
         check_not_assisted(generation_mode, generation_config, args[0] if args else None)
         super()._validate_generation_mode(generation_mode, generation_config, *args)
         check_generation_counts(generation_config)
         check_sampling_values(generation_config)
+        check_penalty_values(generation_config)
 
     def _get_logits_processor(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' processors, its temperature warper replaced by

@@ -1,6 +1,6 @@
 """The protocol and the generic TTT layer. Imports no concrete plugin."""
 
-from innerloop.core.layer import ModelTooLargeError, TTTLayer
+from innerloop.core.layer import ModelTooLargeError, NonFiniteRowsError, TTTLayer
 from innerloop.core.protocol import (
     GELU_TANH,
     Activation,
@@ -26,6 +26,7 @@ __all__ = [
     "InnerTask",
     "LossPairs",
     "ModelTooLargeError",
+    "NonFiniteRowsError",
     "StackModel",
     "StateSignature",
     "TTTLayer",

@@ -23,7 +23,7 @@ import numbers
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -708,6 +708,46 @@ def _listed(indices: list[int], most: int = 8) -> str:
     """``indices`` as a short list for a message: the first ``most``, then how many more."""
     shown = ", ".join(str(i) for i in indices[:most])
     return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
+
+
+class NonFiniteRowsError(ValueError):
+    """A call's check found NaN or inf (``non_finite="raise"``): ``rows``, the batch rows (sequences) that
+    went non-finite, and ``finite_rows``, those that stayed finite (None where not told). Each row is
+    computed on its own and the state given to the call is left as it was, so a caller may run
+    ``finite_rows`` again from ``state.index_select(torch.tensor(finite_rows))`` and drop the others."""
+
+    rows: list[int] | None = None
+    finite_rows: list[int] | None = None
+
+
+def non_finite_rows(batch: int, tensors: Iterable[torch.Tensor]) -> list[int]:
+    """The rows (first dimension, of size ``batch``) in which any of ``tensors`` holds NaN or inf;
+    tensors of another first size (shared by every row) are left out. Reads the device: for an error."""
+    broken = torch.zeros(batch, dtype=torch.bool)
+    for tensor in tensors:
+        if tensor.dim() and tensor.shape[0] == batch and tensor.numel() and tensor.is_floating_point():
+            broken |= ~torch.isfinite(tensor.detach()).reshape(batch, -1).all(1).cpu()
+    return broken.nonzero().flatten().tolist()
+
+
+def with_rows(error: ValueError, batch: int, rows: list[int]) -> NonFiniteRowsError:
+    """``error`` (a :class:`NonFiniteRowsError`, or a ValueError made one) with ``rows``, the batch rows
+    that went non-finite, and the others as ``finite_rows``, named at the end of its message."""
+    error = error if isinstance(error, NonFiniteRowsError) else NonFiniteRowsError(*error.args)
+    finite = [row for row in range(batch) if row not in set(rows)]
+    error.rows, error.finite_rows = rows, finite
+    if not rows:
+        said = "no batch row's final values are NaN or inf (an intermediate one was): rows not told"
+    elif finite:
+        said = (
+            f"batch rows [{_listed(rows)}] of {batch} went non-finite, rows [{_listed(finite)}] stayed "
+            "finite: each row is computed on its own and the state given to this call is unchanged, so "
+            "error.finite_rows can run again from state.index_select(torch.tensor(error.finite_rows))"
+        )
+    else:
+        said = f"batch rows [{_listed(rows)}] of {batch} went non-finite (every row)"
+    error.args = (f"{error.args[0]} [{said}]", *error.args[1:])
+    return error
 
 
 def autocasting(device_type: str) -> bool:
@@ -1676,10 +1716,16 @@ class TTTLayer(nn.Module):
         if output_finite and new_state.is_finite():
             return
         what = "non-finite outputs" if not output_finite else "a non-finite state"
+        rows = non_finite_rows(x.shape[0], (y, *new_state.tensors().values()))
         if given_state is not None and not given_state.is_finite():
-            raise ValueError(
-                f"{type(self).__name__} produced {what}: the state passed in already holds NaN or inf; "
-                "start from state=None, or construct the layer with non_finite='ignore' to let them propagate"
+            raise with_rows(
+                ValueError(
+                    f"{type(self).__name__} produced {what}: the state passed in already holds NaN or inf; "
+                    "start from state=None, or construct the layer with non_finite='ignore' to let them "
+                    "propagate"
+                ),
+                x.shape[0],
+                rows,
             )
         record = self._dispatch_record()
         saved_dispatches = list(record)  # the diagnosis below reruns parts of the call
@@ -1688,10 +1734,8 @@ class TTTLayer(nn.Module):
                 cause = self._non_finite_cause(x, given_state, new_state)
         finally:
             record[:] = saved_dispatches
-        raise ValueError(
-            f"{type(self).__name__} produced {what} from finite input{cause}; "
-            "non_finite='ignore' returns them as they are"
-        )
+        message = f"{type(self).__name__} produced {what} from finite input{cause}; non_finite='ignore' returns them as they are"
+        raise with_rows(ValueError(message), x.shape[0], rows)
 
     def _non_finite_cause(self, x: torch.Tensor, given_state: TTTState | None, new_state: TTTState) -> str:
         """Why finite input gave non-finite outputs or state, in words, after "from finite input" (for

@@ -56,7 +56,15 @@ from innerloop.core.functional import (
     owning,
     saved_tensors_hooks_suspended,
 )
-from innerloop.core.layer import holds_values, is_built_in, plugin_label, raise_if_unrecordable
+from innerloop.core.layer import (
+    NonFiniteRowsError,
+    holds_values,
+    is_built_in,
+    non_finite_rows,
+    plugin_label,
+    raise_if_unrecordable,
+    with_rows,
+)
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
 from innerloop.models.attention import (
@@ -756,9 +764,12 @@ def _raise_if_the_inner_loop_went_non_finite(
     )
 
 
-class NonFiniteInnerStepError(ValueError):
-    """A TTT-E2E inner step's plugin returned NaN or inf from finite inputs (``model.e2e.non_finite="raise"``,
-    :func:`_raise_if_a_plugin_went_non_finite`); training stops on it as on a divergence."""
+class NonFiniteInnerStepError(NonFiniteRowsError):
+    """A TTT-E2E call's inner loop went NaN or inf (``model.e2e.non_finite="raise"``): a plugin's NaN or inf
+    from finite inputs (:func:`_raise_if_a_plugin_went_non_finite`) or another cause
+    (:func:`_raise_if_the_inner_loop_went_non_finite`); training stops on it as on a divergence. A
+    ``ValueError``; ``rows`` and ``finite_rows`` name the batch rows that went non-finite and those that
+    stayed finite (:class:`~innerloop.core.layer.NonFiniteRowsError`)."""
 
 
 def _raise_if_a_plugin_went_non_finite(
@@ -1324,7 +1335,7 @@ class E2ELM(MaterialisableLM):
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(
             h, ids, caches, fast, done, checks
         )
-        self._raise_if_an_inner_step_went_non_finite(fast, checks or [])
+        self._raise_if_an_inner_step_went_non_finite(fast, checks or [], (h, logits))
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
             tuple(caches),
@@ -1338,12 +1349,25 @@ class E2ELM(MaterialisableLM):
         )
         return logits[:, -length:] if length else logits[:, :0], new_state
 
-    def _raise_if_an_inner_step_went_non_finite(self, fast: FastWeights, checks: list[torch.Tensor]) -> None:
+    def _raise_if_an_inner_step_went_non_finite(
+        self, fast: FastWeights, checks: list[torch.Tensor], values: tuple[torch.Tensor, ...] = ()
+    ) -> None:
         """The checks of this call's inner steps (``checks``: :func:`_step_sums` then :func:`_step_scales`
-        each, of fast weights like ``fast``): a plugin's own NaN, then where and why else the inner loop
-        went non-finite; one read-back per call, none per chunk."""
+        each, of fast weights like ``fast``, the call's last): a plugin's own NaN, then where and why else
+        the inner loop went non-finite; one read-back per call, none per chunk. The error names the batch
+        rows whose ``fast`` or ``values`` (the call's suffix inputs and logits) hold NaN or inf, read only
+        then (:func:`~innerloop.core.layer.with_rows`)."""
         if not checks:
             return
+        try:
+            self._raise_if_a_check_failed(fast, checks)
+        except NonFiniteInnerStepError as error:
+            batch = next(iter(fast.values())).shape[0]
+            with_rows(error, batch, non_finite_rows(batch, (*values, *fast.values())))
+            raise
+
+    def _raise_if_a_check_failed(self, fast: FastWeights, checks: list[torch.Tensor]) -> None:
+        """:meth:`_raise_if_an_inner_step_went_non_finite`'s checks, ``checks`` not empty."""
         width, trained = 2 * len(fast) + 2, 2 * len(fast) + 2 + 1 + len(fast)
         only_scored = [c.shape[0] > trained for c in checks]  # _scored_only_check's mark: known unread
         cut = trained if self.diagnoses_its_inner_loop else width  # scales are taken only when diagnosed

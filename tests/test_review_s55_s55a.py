@@ -1,0 +1,151 @@
+"""Review s55a: non-finite checks of a batched call name the rows that went NaN or inf and those that
+stayed finite (TTT-E2E's inner loop and a TTT layer's output alike), and leave the state given to the
+call unchanged, so a caller can drop the broken rows and run the others again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import TTTLayer
+from innerloop.core import NonFiniteRowsError
+from innerloop.core.family_layers import DeltaNetLayer
+from innerloop.models import E2EConfig, ModelConfig, NonFiniteInnerStepError, build_model
+
+BAD_TOKEN = 7  # its embedding is NaN (_nan_embedding): a row holding it goes non-finite
+
+
+def _nan_embedding(model: torch.nn.Module) -> None:
+    """BAD_TOKEN's hidden state NaN (a hook: the embedding is tied to the head, whose NaN row would make
+    every row's logits NaN)."""
+
+    def hook(module, inputs, output):
+        return output.masked_fill((inputs[0] == BAD_TOKEN)[..., None], float("nan"))
+
+    model.embed.register_forward_hook(hook)
+
+
+def _e2e(**options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer="e2e",
+        window=8,
+        hidden_size=16,
+        num_heads=2,
+        num_layers=2,
+        e2e=E2EConfig(chunk_size=4, **options),
+    )
+    return build_model(config).eval()
+
+
+def _ids_with_one_bad_row(batch: int, bad: int, length: int = 16) -> torch.Tensor:
+    ids = torch.randint(0, BAD_TOKEN, (batch, length))  # ids below BAD_TOKEN: finite rows
+    ids[bad, length // 2] = BAD_TOKEN
+    return ids
+
+
+def _clones(state) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in state.fast.items()} | {
+        f"caches.{i}.{part}": getattr(cache, part)[
+            ..., : cache.position if hasattr(cache, "position") else None, :
+        ].clone()
+        for i, cache in enumerate(state.caches)
+        if cache is not None
+        for part in ("key", "value")
+    }
+
+
+CASES = [(1, 0), (3, 0), (3, 1), (3, 2)]  # (batch, bad row): first, middle, last
+
+
+@pytest.mark.parametrize(("batch", "bad"), CASES)
+def test_e2e_non_finite_error_names_the_broken_and_the_finite_rows(batch, bad) -> None:
+    """One sequence's NaN made the whole batched call raise, naming no row: a batched server could not
+    tell which sequence to drop."""
+    model = _e2e()
+    with torch.no_grad():
+        _nan_embedding(model)
+        with pytest.raises(NonFiniteInnerStepError) as caught:
+            model(_ids_with_one_bad_row(batch, bad))
+    finite = [row for row in range(batch) if row != bad]
+    assert caught.value.rows == [bad] and caught.value.finite_rows == finite
+    said = str(caught.value)
+    assert f"batch rows [{bad}] of {batch} went non-finite" in said, said
+    if finite:
+        assert f"rows {finite} stayed finite" in said, said
+
+
+@pytest.mark.slow  # four calls of the model
+@pytest.mark.parametrize(("batch", "bad"), [(3, 0), (3, 2)])
+def test_e2e_finite_rows_resume_from_the_unchanged_state_after_the_raise(batch, bad) -> None:
+    """The state given to a call that raised is left as it was, so its finite rows (index_select) run
+    again exactly as they would have in a batch without the broken row."""
+    model = _e2e()
+    torch.manual_seed(1)
+    ids = torch.randint(0, BAD_TOKEN, (batch, 32))
+    with torch.no_grad():
+        _nan_embedding(model)
+        _, state = model(ids[:, :14])
+        before = _clones(state)
+        broken = ids[:, 14:].clone()
+        broken[bad, 3] = BAD_TOKEN
+        with pytest.raises(NonFiniteInnerStepError) as caught:
+            model(broken, state)
+        after = _clones(state)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        rows = torch.tensor(caught.value.finite_rows)
+        resumed, _ = model(ids[rows, 14:], state.index_select(rows))
+        clean, _ = model(ids[:, 14:], state)
+    # float32's default tolerance: a batch of 2 rounds its products otherwise than one of 3 (~1e-7)
+    torch.testing.assert_close(resumed, clean[rows])
+
+
+@pytest.mark.parametrize(("batch", "bad"), CASES)
+def test_e2e_fast_weights_carried_non_finite_name_their_row(batch, bad) -> None:
+    model = _e2e()
+    ids = torch.randint(0, BAD_TOKEN, (batch, 16))
+    with torch.no_grad():
+        _, state = model(ids[:, :6])
+        name = sorted(state.fast)[0]
+        state.fast[name] = state.fast[name].clone()
+        state.fast[name][bad] = float("inf")
+        with pytest.raises(NonFiniteInnerStepError) as caught:
+            model(ids[:, 6:], state)
+    assert caught.value.rows == [bad], str(caught.value)
+
+
+@pytest.mark.parametrize(("batch", "bad"), CASES)
+def test_ttt_layer_non_finite_output_names_the_broken_and_the_finite_rows(batch, bad) -> None:
+    """A TTT layer's output check (finite input, non-finite output or state) named no row either, while
+    its input check names the sequences: the same for every mixer now."""
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2)
+    x = torch.randn(batch, 8, 16)
+    _, state = layer(x)
+    state.params["W1"] = state.params["W1"].clone()  # a broadcast view of one row: its own rows
+    state.params["W1"][bad] = float("nan")
+    with pytest.raises(ValueError) as caught:
+        layer(x, state)
+    finite = [row for row in range(batch) if row != bad]
+    assert caught.value.rows == [bad] and caught.value.finite_rows == finite
+    assert f"batch rows [{bad}] of {batch} went non-finite" in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("mixer", ["ttt", "delta"])
+def test_layer_finite_rows_resume_from_the_unchanged_state_after_the_raise(mixer) -> None:
+    """What the error and docs/architecture.md promise: the state given to the call that raised is
+    unchanged, and its finite rows (index_select) continue as in a batch without the broken row."""
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4) if mixer == "ttt" else DeltaNetLayer(16, 2)
+    x = torch.randn(3, 12, 16)
+    _, state = layer(x[:, :6])
+    before = {name: tensor.clone() for name, tensor in state.tensors().items()}
+    broken = x[:, 6:].clone()
+    broken[1, 2] = 3e38  # finite, overflows row 1 only
+    with pytest.raises(NonFiniteRowsError) as caught:
+        layer(broken, state)
+    assert caught.value.rows == [1] and caught.value.finite_rows == [0, 2], str(caught.value)
+    assert all(torch.equal(before[k], t) for k, t in state.tensors().items())
+    rows = torch.tensor(caught.value.finite_rows)
+    resumed, _ = layer(x[rows, 6:], state.index_select(rows))
+    torch.testing.assert_close(resumed, layer(x[:, 6:], state)[0][rows])  # float32 default tolerance

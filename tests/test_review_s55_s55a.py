@@ -149,3 +149,15 @@ def test_layer_finite_rows_resume_from_the_unchanged_state_after_the_raise(mixer
     rows = torch.tensor(caught.value.finite_rows)
     resumed, _ = layer(x[rows, 6:], state.index_select(rows))
     torch.testing.assert_close(resumed, layer(x[:, 6:], state)[0][rows])  # float32 default tolerance
+
+
+@pytest.mark.parametrize(("batch", "bad"), CASES)
+def test_layer_input_check_gives_the_rows_as_the_output_check_does(batch, bad) -> None:
+    """The input check named the sequences only in words: a caller had to parse the message to drop them."""
+    layer = TTTLayer(16, 2)
+    x = torch.randn(batch, 4, 16)
+    x[bad, 1, 3] = float("nan")
+    with pytest.raises(NonFiniteRowsError) as caught:
+        layer(x)
+    assert caught.value.rows == [bad]
+    assert caught.value.finite_rows == [row for row in range(batch) if row != bad]

@@ -1333,12 +1333,14 @@ class TTTLayer(nn.Module):
             bad_tokens = (~torch.isfinite(x)).any(dim=-1).nonzero()  # [N, 2]: (sequence, token) pairs
             sequences = bad_tokens[:, 0].unique().tolist()  # sorted
             sequence, token = bad_tokens[0].tolist()
-            raise ValueError(
+            error = NonFiniteRowsError(
                 f"x contains NaN or inf (first at x[{sequence}, {token}]; sequences {_listed(sequences)} of "
                 f"the batch); a TTT layer would write them into its state. Clean the input (or leave those "
                 "sequences out: each sequence is computed on its own), or construct the layer with "
                 "non_finite='ignore' to let them propagate"
             )
+            error.rows, error.finite_rows = sequences, sorted(set(range(x.shape[0])) - set(sequences))
+            raise error
         weights = self.post_norm.weight
         check_device_and_dtype(x, weights)
         if x.dtype != weights.dtype and (weights.dtype != torch.float32 or x.dtype not in _AUTOCAST_INPUTS):

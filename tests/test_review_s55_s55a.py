@@ -4,6 +4,8 @@ call unchanged, so a caller can drop the broken rows and run the others again.""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from innerloop import TTTLayer
 from innerloop.core import NonFiniteRowsError
 from innerloop.core.family_layers import DeltaNetLayer
 from innerloop.models import E2EConfig, ModelConfig, NonFiniteInnerStepError, build_model
+from innerloop.models.generate import generate
 
 BAD_TOKEN = 7  # its embedding is NaN (_nan_embedding): a row holding it goes non-finite
 
@@ -161,3 +164,33 @@ def test_layer_input_check_gives_the_rows_as_the_output_check_does(batch, bad) -
         layer(x)
     assert caught.value.rows == [bad]
     assert caught.value.finite_rows == [row for row in range(batch) if row != bad]
+
+
+def _decode_only_call_goes_non_finite(model, scale: float, monkeypatch) -> None:
+    """The fast weights a decode call that only scores is given, times ``scale`` (grown without an inner
+    step's check seeing it), and that call's logits NaN where its fast weights overflow them."""
+    forward = type(model)._suffix
+
+    def scaled(self, h, input_ids, caches, state):
+        if state is not None and input_ids.shape[1] == 1 and state.pending.shape[1] >= 1:
+            state = replace(state, fast={k: v * scale for k, v in state.fast.items()})
+        logits, new_state = forward(self, h, input_ids, caches, state)
+        if scale == 1.0 and state is not None and input_ids.shape[1] == 1:
+            logits = logits.clone().fill_(float("nan"))  # NaN from elsewhere: the fast weights normal
+        return logits, new_state
+
+    monkeypatch.setattr(type(model), "_suffix", scaled)
+
+
+@pytest.mark.parametrize(("scale", "blamed"), [(1e30, "model.e2e.inner_lr"), (1.0, "optim.lr")])
+def test_generate_names_e2e_s_likely_cause_for_a_decode_call_that_only_scores(scale, blamed, monkeypatch):
+    """A decode call that only scores (no inner step: TTT-E2E checks nothing there) giving NaN logits got
+    generate's general "the model's weights or its state have overflowed or hold NaN", whichever it was.
+    It now says the call was not checked and measures the fast weights' growth, as E2E's diagnosis does."""
+    model = _e2e()
+    _decode_only_call_goes_non_finite(model, scale, monkeypatch)
+    ids = torch.randint(0, BAD_TOKEN, (3, 5))  # chunk 1 trained on in the prompt's call, 1 token pending
+    with pytest.raises(ValueError) as caught:
+        list(generate(model, ids, max_new_tokens=4))
+    said = str(caught.value)
+    assert "in rows [0, 1, 2]" in said and "only scored" in said and blamed in said, said

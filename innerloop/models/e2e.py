@@ -687,6 +687,22 @@ def _inner_rate_advice(config: E2EConfig, inner_lr: float) -> str:
     return f"lower model.e2e.inner_lr (configured {config.inner_lr:g}{now}) or {clipped}"
 
 
+def _fast_weight_growth(largest: torch.Tensor, initial: torch.Tensor, names: list[str]) -> tuple[float, str]:
+    """How many times the fast weight grown most (``largest``: each fast weight's largest magnitude, of
+    ``names``) is its size in the model's weights (``initial``: theirs), and that in words."""
+    # a weight the model holds at or near 0 (a zero-initialised projection) is measured against the
+    # fast weights' own scale, else any ordinary step would read as grown 1e36 times
+    initial = initial.double()
+    floor = max(float(initial.max()) * RELATIVE_SCALE_FLOOR, torch.finfo(torch.float32).tiny)
+    growth = largest.double() / initial.clamp_min(floor)
+    grown = int(growth.argmax())
+    size = (
+        f"largest |w| {float(largest[grown]):.3g} in {names[grown]}, "
+        f"{float(growth[grown]):.3g} x its size in the model's weights"
+    )
+    return float(growth[grown]), size
+
+
 def _non_finite_logits_cause(
     largest: torch.Tensor, initial: torch.Tensor, step: int, names: list[str], advice: str
 ) -> str:
@@ -695,17 +711,8 @@ def _non_finite_logits_cause(
     fast weight :data:`INNER_GROWTH_BLAMED` times or more from the model's own (``initial``: their largest
     magnitudes; not the call's start, which a state from earlier calls may hold grown), else the model's
     weights."""
-    # a weight the model holds at or near 0 (a zero-initialised projection) is measured against the
-    # fast weights' own scale, else any ordinary step would read as grown 1e36 times
-    initial = initial.double()
-    floor = max(float(initial.max()) * RELATIVE_SCALE_FLOOR, torch.finfo(torch.float32).tiny)
-    growth = largest[step, 1:] / initial.clamp_min(floor)
-    grown = int(growth.argmax())
-    size = (
-        f"largest |w| {float(largest[step, 1 + grown]):.3g} in {names[grown]}, "
-        f"{float(growth[grown]):.3g} x its size in the model's weights"
-    )
-    if float(growth[grown]) >= INNER_GROWTH_BLAMED:
+    growth, size = _fast_weight_growth(largest[step, 1:], initial, names)
+    if growth >= INNER_GROWTH_BLAMED:
         return (
             f"its logits are NaN or inf from finite hidden states and the fast weights the inner steps grew "
             f"({size}): the inner learning rate is likely too large: {advice}"
@@ -1383,6 +1390,44 @@ class E2ELM(MaterialisableLM):
                 self._initial_scales,
                 only_scored,
             )
+
+    def explain_non_finite_logits(self, state: E2EState, rows: list[int]) -> str:
+        """Why a call that returned ``state`` gave NaN or inf logits in batch ``rows`` without an error, in
+        words (for :func:`~innerloop.models.generate.generate`'s error): a call that only scores its tokens
+        (no chunk trained on in it, as most decoded tokens' calls) is not checked, so the cause is read
+        from the fast weights of those rows: NaN or inf carried in them, grown
+        :data:`INNER_GROWTH_BLAMED` times past the model's own (the inner rate), or not (the model's
+        weights). Reads the device: for an error only."""
+        names = sorted(state.fast)
+        picked = torch.tensor(rows, dtype=torch.long, device=state.fast[names[0]].device)
+        with torch.no_grad():
+            largest = torch.stack(
+                [state.fast[n].index_select(0, picked).abs().amax().double() for n in names]
+            )
+        largest = largest.cpu()
+        unchecked = (
+            "TTT-E2E checks a call that trains on a chunk, not one that only scored its tokens (no chunk "
+            "trained on in it), as this one"
+            if self.config.e2e.non_finite == "raise"
+            else f"model.e2e.non_finite={self.config.e2e.non_finite!r}: no call of TTT-E2E is checked"
+        )
+        if not bool(torch.isfinite(largest).all()):
+            return (
+                f"the fast weights of those rows hold NaN or inf (carried in the state: "
+                f"model.e2e.non_finite={self.config.e2e.non_finite!r} let an inner step's NaN through, or the "
+                "state was edited)"
+            )
+        growth, size = _fast_weight_growth(largest, self._initial_scales().cpu(), names)
+        if growth >= INNER_GROWTH_BLAMED:
+            advice = _inner_rate_advice(self.config.e2e, self.inner_lr())
+            return (
+                f"{unchecked}; the inner steps grew its fast weights ({size}): the inner learning rate is "
+                f"likely too large: {advice}"
+            )
+        return (
+            f"{unchecked}; its fast weights are finite and not grown much ({size}): the model's own weights "
+            "or its hidden states likely overflowed (a diverged model: lower optim.lr), not model.e2e.inner_lr"
+        )
 
     def _initial_scales(self) -> torch.Tensor:
         """The largest magnitude of each of the model's own fast weights (the initial ones), by name."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from innerloop.core.functional import integer_or_given, is_integer
-from innerloop.core.layer import is_real
+from innerloop.core.layer import NonFiniteRowsError, is_real
 from innerloop.models.lm import check_token_ids
 
 if TYPE_CHECKING:  # annotations only: generate calls the model, whatever its class
@@ -62,6 +62,27 @@ def _non_finite_rows(logits: torch.Tensor) -> list[int]:
     if bool(finite.all()):
         return []
     return (~finite).nonzero().flatten().tolist()
+
+
+def _non_finite_logits_error(
+    model: CausalLM | E2ELM, state: LMState | E2EState, step: int, rows: list[int]
+) -> NonFiniteRowsError:
+    """generate's error for non-finite logits at ``step`` in batch ``rows``, with the model's own
+    diagnosis where it has one (``E2ELM.explain_non_finite_logits``: a call that only scores is unchecked)."""
+    read = "the prompt" if step == 0 else f"the prompt and {step} sampled token(s)"
+    explain = getattr(model, "explain_non_finite_logits", None)
+    cause = (
+        explain(state, rows)
+        if callable(explain)
+        else "the model's weights or its state have overflowed or hold NaN"
+    )
+    error = NonFiniteRowsError(
+        f"generate: the model produced non-finite logits at step {step} (after reading {read}) "
+        f"in rows {rows}: NaN or +inf, or -inf for every token, from which no token can be drawn; {cause}"
+    )
+    error.rows = rows
+    error.finite_rows = sorted(set(range(state.batch_size)) - set(rows))
+    return error
 
 
 def _draw(
@@ -283,12 +304,7 @@ def _sample(
     for step in range(max_new_tokens):
         bad = _non_finite_rows(last)
         if bad:
-            read = "the prompt" if step == 0 else f"the prompt and {step} sampled token(s)"
-            raise ValueError(
-                f"generate: the model produced non-finite logits at step {step} (after reading {read}) "
-                f"in rows {bad}: NaN or +inf, or -inf for every token, from which no token can be drawn; "
-                "the model's weights or its state have overflowed or hold NaN"
-            )
+            raise _non_finite_logits_error(model, state, step, bad)
         token = _draw(last, temperature, top_k, generator)  # [B]
         if stops:  # a row that has ended repeats its end-of-sequence id
             token = torch.where(ended, stop_ids[0], token)

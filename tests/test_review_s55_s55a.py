@@ -194,3 +194,35 @@ def test_generate_names_e2e_s_likely_cause_for_a_decode_call_that_only_scores(sc
         list(generate(model, ids, max_new_tokens=4))
     said = str(caught.value)
     assert "in rows [0, 1, 2]" in said and "only scored" in said and blamed in said, said
+
+
+@pytest.mark.parametrize(("batch", "bad"), CASES)
+@pytest.mark.parametrize("mixer", ["ttt", "gated_deltanet", "titans"])
+def test_a_language_model_s_layers_give_the_rows_through_it(mixer, batch, bad) -> None:
+    """A CausalLM whose layer refuses one sequence's NaN passes the error on with that row, and its state
+    given to the call is left as it was."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(mixer=mixer, hidden_size=16, num_heads=2, num_layers=2)).eval()
+    _nan_embedding(model)
+    ids = torch.randint(0, BAD_TOKEN, (batch, 12))
+    with torch.no_grad():
+        _, state = model(ids[:, :6])
+        before = [_block_tensors(block) for block in state.blocks]
+        broken = ids[:, 6:].clone()
+        broken[bad, 2] = BAD_TOKEN
+        with pytest.raises(NonFiniteRowsError) as caught:
+            model(broken, state)
+    assert caught.value.rows == [bad], str(caught.value)
+    assert caught.value.finite_rows == [row for row in range(batch) if row != bad]
+    after = [_block_tensors(block) for block in state.blocks]
+    assert all(
+        torch.equal(b, a) for x, y in zip(before, after, strict=True) for b, a in zip(x, y, strict=True)
+    )
+
+
+def _block_tensors(block) -> list[torch.Tensor]:
+    """Copies of a block state's tensors: its pre-conv history's and its mixer state's."""
+    tensors = [] if block.conv is None else [block.conv]
+    tensors += list(block.mixer.tensors().values())
+    assert tensors
+    return [t.clone() for t in tensors]

@@ -14,6 +14,7 @@ from innerloop.core import NonFiniteRowsError
 from innerloop.core.family_layers import DeltaNetLayer
 from innerloop.models import E2EConfig, ModelConfig, NonFiniteInnerStepError, build_model
 from innerloop.models.generate import generate
+from innerloop.plugins.e2e import NextTokenChunkLoss
 
 BAD_TOKEN = 7  # its embedding is NaN (_nan_embedding): a row holding it goes non-finite
 
@@ -226,3 +227,25 @@ def _block_tensors(block) -> list[torch.Tensor]:
     tensors += list(block.mixer.tensors().values())
     assert tensors
     return [t.clone() for t in tensors]
+
+
+class _RowNaNLoss(NextTokenChunkLoss):
+    """The built-in chunk loss, NaN for batch row ``row``: a plugin's fault in one sequence."""
+
+    name = "review_s55a_row_nan"
+
+    def __init__(self, row: int) -> None:
+        self.row = row
+
+    def chunk_loss(self, logits, input_ids):
+        losses = super().chunk_loss(logits, input_ids)
+        return losses.index_fill(0, torch.tensor([self.row]), float("nan"))
+
+
+@pytest.mark.parametrize(("batch", "bad"), CASES)
+def test_e2e_a_plugins_nan_in_one_row_names_that_row(batch, bad, monkeypatch) -> None:
+    model = _e2e()
+    monkeypatch.setattr(model, "inner_loss", _RowNaNLoss(bad))
+    with torch.no_grad(), pytest.raises(NonFiniteInnerStepError, match="review_s55a_row_nan") as caught:
+        model(torch.randint(0, BAD_TOKEN, (batch, 9)))
+    assert caught.value.rows == [bad], str(caught.value)

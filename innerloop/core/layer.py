@@ -737,7 +737,9 @@ def with_rows(error: ValueError, batch: int, rows: list[int]) -> NonFiniteRowsEr
     finite = [row for row in range(batch) if row not in set(rows)]
     error.rows, error.finite_rows = rows, finite
     if not rows:
-        said = "no batch row's final values are NaN or inf (an intermediate one was): rows not told"
+        said = (
+            "which batch rows went non-finite could not be told: no value of one row alone holds NaN or inf"
+        )
     elif finite:
         said = (
             f"batch rows [{_listed(rows)}] of {batch} went non-finite, rows [{_listed(finite)}] stayed "

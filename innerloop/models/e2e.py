@@ -60,7 +60,6 @@ from innerloop.core.layer import (
     NonFiniteRowsError,
     holds_values,
     is_built_in,
-    non_finite_rows,
     plugin_label,
     raise_if_unrecordable,
     with_rows,
@@ -627,40 +626,52 @@ def _checked_step(rule: ModelUpdateRule, before: FastWeights, after: object) -> 
 def _step_sums(
     before: FastWeights, logits: torch.Tensor, losses: torch.Tensor, after: FastWeights
 ) -> torch.Tensor:
-    """The sums of one inner step's fast weights given, its chunk's logits, its losses and the fast weights
-    the step returned, ``[2 len(before) + 2]``, not read back from the device (for
-    :func:`_raise_if_a_plugin_went_non_finite`): a sum is finite iff every element is, barring the
-    overflow of huge finite values. Those of the losses and the weights returned are taken in float64, where
-    no sum of float32 values overflows (a plugin's blame rests on them); the others in float32, where an
-    overflow only keeps a plugin from being blamed. One reduction per tensor, no read-back: a few ops a step."""
+    """The sums, batch row by batch row, of one inner step's fast weights given, its chunk's logits, its
+    losses and the fast weights the step returned, ``[2 len(before) + 2, B]``, not read back from the
+    device (for :func:`_raise_if_a_plugin_went_non_finite`; by row, so an error names the rows that went
+    non-finite): a sum is finite iff every element is, barring the overflow of huge finite values. Those of
+    the losses and the weights returned are taken in float64, where no sum of float32 values overflows (a
+    plugin's blame rests on them); the others in float32, where an overflow only keeps a plugin from being
+    blamed. One reduction per tensor, no read-back: a few ops a step."""
     wide = torch.float64 if logits.device.type != "mps" else torch.float32  # MPS has no float64
     with torch.no_grad():
         names = sorted(before)  # one order for every step (a rule may return its weights in another)
-        taken = [t.detach().sum(dtype=torch.float32) for t in (*(before[n] for n in names), logits)]
-        returned = [t.detach().sum(dtype=wide) for t in (losses, *(after[n] for n in names))]
+        taken = [_row_sums(t, torch.float32) for t in (*(before[n] for n in names), logits)]
+        returned = [_row_sums(t, wide) for t in (losses, *(after[n] for n in names))]
         return torch.cat((torch.stack(taken).to(wide), torch.stack(returned)))
+
+
+def _row_sums(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor [B, ...]``'s sum in each batch row, ``[B]``, in ``dtype`` (a broadcast row read in place)."""
+    tensor = tensor.detach()
+    if tensor.dim() == 1:  # sum(dim=()) would sum every element
+        return tensor.to(dtype)
+    return tensor.sum(dim=tuple(range(1, tensor.dim())), dtype=dtype)
 
 
 def _scored_only_check(h_chunk: torch.Tensor, fast: FastWeights, logits: torch.Tensor) -> torch.Tensor:
     """The check of a chunk only scored (the trailing one, not yet trained on): a trained step's
     :func:`_step_sums` (finite losses, the fast weights unchanged: no plugin ran to blame) and
     :func:`_step_scales`, then one more element, which marks it as only scored (not read back)."""
-    losses = logits.new_zeros(())
+    losses = logits.new_zeros(logits.shape[0])
     marker = torch.ones(
-        1, dtype=torch.float64 if logits.device.type != "mps" else torch.float32, device=logits.device
+        1,
+        logits.shape[0],
+        dtype=torch.float64 if logits.device.type != "mps" else torch.float32,
+        device=logits.device,
     )
     return torch.cat((_step_sums(fast, logits, losses, fast), _step_scales(h_chunk, fast), marker))
 
 
 def _step_scales(h_chunk: torch.Tensor, before: FastWeights) -> torch.Tensor:
-    """The largest magnitudes of one inner step's input hidden states and of each fast weight given,
-    ``[1 + len(before)]``, not read back (for :func:`_raise_if_the_inner_loop_went_non_finite`): a
+    """The largest magnitudes of one inner step's input hidden states and of each fast weight given, batch
+    row by batch row, ``[1 + len(before), B]``, not read back (for :func:`_raise_if_the_inner_loop_went_non_finite`): a
     maximum is finite iff every element is and never overflows, so it tells how far the inner steps grew
     the fast weights. One reduction per tensor (an E2E forward, T=2048: see the commit measuring it)."""
     wide = torch.float64 if h_chunk.device.type != "mps" else torch.float32
     with torch.no_grad():
         tensors = (h_chunk, *(before[name] for name in sorted(before)))
-        return torch.stack([t.detach().abs().amax().to(wide) for t in tensors])
+        return torch.stack([t.detach().abs().amax(dim=tuple(range(1, t.dim()))).to(wide) for t in tensors])
 
 
 #: How many times its magnitude at a call's start a fast weight must have grown through the inner steps
@@ -786,7 +797,9 @@ def _raise_if_a_plugin_went_non_finite(
     :func:`_step_sums` each, read back here at once), the inner loss returned non-finite losses from
     finite fast weights and logits, or the update rule non-finite fast weights from finite fast weights
     and losses (``model.e2e.non_finite="raise"``, as a TTT layer's check of its plugins). ``sums``
-    ``[steps, 2 W + 2]`` is already read back from the device."""
+    ``[steps, 2 W + 2]`` (or ``[steps, 2 W + 2, B]``, by batch row: summed here) is already read back
+    from the device."""
+    sums = sums.sum(-1) if sums.dim() == 3 else sums
     if sums.shape[0] == 0:
         return
     finite = torch.isfinite(sums)  # [steps, 2 W + 2]
@@ -1342,7 +1355,7 @@ class E2ELM(MaterialisableLM):
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(
             h, ids, caches, fast, done, checks
         )
-        self._raise_if_an_inner_step_went_non_finite(fast, checks or [], (h, logits))
+        self._raise_if_an_inner_step_went_non_finite(fast, checks or [])
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
             tuple(caches),
@@ -1356,29 +1369,33 @@ class E2ELM(MaterialisableLM):
         )
         return logits[:, -length:] if length else logits[:, :0], new_state
 
-    def _raise_if_an_inner_step_went_non_finite(
-        self, fast: FastWeights, checks: list[torch.Tensor], values: tuple[torch.Tensor, ...] = ()
-    ) -> None:
+    def _raise_if_an_inner_step_went_non_finite(self, fast: FastWeights, checks: list[torch.Tensor]) -> None:
         """The checks of this call's inner steps (``checks``: :func:`_step_sums` then :func:`_step_scales`
-        each, of fast weights like ``fast``, the call's last): a plugin's own NaN, then where and why else
-        the inner loop went non-finite; one read-back per call, none per chunk. The error names the batch
-        rows whose ``fast`` or ``values`` (the call's suffix inputs and logits) hold NaN or inf, read only
-        then (:func:`~innerloop.core.layer.with_rows`)."""
-        if not checks:
+        each, by batch row, of fast weights like ``fast``): a plugin's own NaN, then where and why else the
+        inner loop went non-finite; one read-back per call, none per chunk. The error names the batch rows
+        whose checks hold NaN or inf (:func:`~innerloop.core.layer.with_rows`)."""
+        batch = next(iter(fast.values())).shape[0]
+        if not checks or batch == 0:
             return
-        try:
-            self._raise_if_a_check_failed(fast, checks)
-        except NonFiniteInnerStepError as error:
-            batch = next(iter(fast.values())).shape[0]
-            with_rows(error, batch, non_finite_rows(batch, (*values, *fast.values())))
-            raise
-
-    def _raise_if_a_check_failed(self, fast: FastWeights, checks: list[torch.Tensor]) -> None:
-        """:meth:`_raise_if_an_inner_step_went_non_finite`'s checks, ``checks`` not empty."""
         width, trained = 2 * len(fast) + 2, 2 * len(fast) + 2 + 1 + len(fast)
         only_scored = [c.shape[0] > trained for c in checks]  # _scored_only_check's mark: known unread
         cut = trained if self.diagnoses_its_inner_loop else width  # scales are taken only when diagnosed
-        read = torch.stack([c[:cut] for c in checks]).cpu()  # [steps, cut]: the call's one read-back
+        by_row = torch.stack([c[:cut] for c in checks]).cpu()  # [steps, cut, B]: the call's one read-back
+        broken = ~torch.isfinite(by_row).flatten(0, 1).all(0)  # [B]
+        if not bool(broken.any()):
+            return
+        try:  # the diagnosis of the broken rows only: a finite row's large weights blame nothing
+            self._raise_if_a_check_failed(fast, by_row[:, :, broken], width, only_scored)
+        except NonFiniteInnerStepError as error:
+            with_rows(error, batch, broken.nonzero().flatten().tolist())
+            raise
+
+    def _raise_if_a_check_failed(
+        self, fast: FastWeights, by_row: torch.Tensor, width: int, only_scored: list[bool]
+    ) -> None:
+        """:meth:`_raise_if_an_inner_step_went_non_finite`'s checks on its read-back ``by_row`` (``[steps,
+        cut, B]``, the rows reduced here: a sum or maximum over them is finite iff each row's is)."""
+        read = torch.cat((by_row[:, :width].sum(-1), by_row[:, width:].amax(-1)), dim=1)  # [steps, cut]
         _raise_if_a_plugin_went_non_finite(self.inner_loss, self.update_rule, read[:, :width])
         if self.diagnoses_its_inner_loop:
             _raise_if_the_inner_loop_went_non_finite(

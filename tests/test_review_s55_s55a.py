@@ -249,3 +249,24 @@ def test_e2e_a_plugins_nan_in_one_row_names_that_row(batch, bad, monkeypatch) ->
     with torch.no_grad(), pytest.raises(NonFiniteInnerStepError, match="review_s55a_row_nan") as caught:
         model(torch.randint(0, BAD_TOKEN, (batch, 9)))
     assert caught.value.rows == [bad], str(caught.value)
+
+
+def test_e2e_diagnosis_reads_the_broken_row_not_a_finite_row_s_grown_weights() -> None:
+    """Row 0's fast weights grown 1e5 times (finite logits), row 1's logits NaN with its fast weights as
+    the model's: the diagnosis took the largest weight over every row and blamed the inner rate."""
+    model = _e2e()
+    ids = torch.randint(0, BAD_TOKEN, (2, 12))
+    with torch.no_grad():
+        _, state = model(ids[:, :6])
+        grown = {k: v.clone() for k, v in state.fast.items()}
+        for tensor in grown.values():
+            tensor[0] *= 1e5
+        state = replace(state, fast=grown)
+        model.norm.register_forward_hook(
+            lambda module, inputs, output: output.index_fill(0, torch.tensor([1]), float("nan"))
+        )
+        with pytest.raises(NonFiniteInnerStepError) as caught:
+            model(ids[:, 6:], state)
+    said = str(caught.value)
+    assert caught.value.rows == [1], said
+    assert "not model.e2e.inner_lr" in said, said

@@ -4,6 +4,7 @@ call unchanged, so a caller can drop the broken rows and run the others again.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -270,3 +271,22 @@ def test_e2e_diagnosis_reads_the_broken_row_not_a_finite_row_s_grown_weights() -
     said = str(caught.value)
     assert caught.value.rows == [1], said
     assert "not model.e2e.inner_lr" in said, said
+
+
+@pytest.mark.parametrize(("batch", "bad"), [(2, 1), (3, 0), (3, 2)])
+def test_layer_diagnosis_reads_the_broken_row_not_a_finite_row_s_large_input(batch, bad) -> None:
+    """A finite row's large input (7.5e4) put "largest |input| 7.5e+04 ... normalise the input" first in
+    the error of another row, whose carried inner weights overflowed on ordinary input."""
+    torch.manual_seed(0)
+    layer = TTTLayer(16, 2, mini_batch_size=4)
+    _, state = layer(torch.randn(batch, 8, 16))
+    state.params["W1"] = state.params["W1"].clone()
+    state.params["W1"][bad, :, 0, :] = 3e38  # finite, overflows this row's inner products
+    x = torch.randn(batch, 8, 16)
+    x[[row for row in range(batch) if row != bad]] *= 2e4
+    with pytest.raises(NonFiniteRowsError) as caught:
+        layer(x, state)
+    said = str(caught.value)
+    assert caught.value.rows == [bad], said
+    largest = float(re.search(r"largest \|input\| ([0-9.e+-]+)\)", said).group(1))
+    assert "normalise the input" not in said and largest < 10, said

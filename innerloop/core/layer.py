@@ -1731,6 +1731,7 @@ class TTTLayer(nn.Module):
                 x.shape[0],
                 rows,
             )
+        x, given_state, new_state = self._broken_rows_only(rows, x, given_state, new_state)
         record = self._dispatch_record()
         saved_dispatches = list(record)  # the diagnosis below reruns parts of the call
         try:
@@ -1740,6 +1741,18 @@ class TTTLayer(nn.Module):
             record[:] = saved_dispatches
         message = f"{type(self).__name__} produced {what} from finite input{cause}; non_finite='ignore' returns them as they are"
         raise with_rows(ValueError(message), x.shape[0], rows)
+
+    def _broken_rows_only(
+        self, rows: list[int], x: torch.Tensor, given_state: TTTState | None, new_state: TTTState
+    ) -> tuple[torch.Tensor, TTTState | None, TTTState]:
+        """``x`` and the states of the batch ``rows`` that went non-finite only, for the diagnosis (all
+        of them when every row did, or none is told): a finite row's large input or inner weights must
+        not be blamed for another row's NaN."""
+        if not 0 < len(rows) < x.shape[0]:
+            return x, given_state, new_state
+        picked = torch.tensor(rows, dtype=torch.long, device=x.device)
+        given = None if given_state is None else given_state.index_select(picked, self.inner_loss)
+        return x.index_select(0, picked), given, new_state.index_select(picked, self.inner_loss)
 
     def _non_finite_cause(self, x: torch.Tensor, given_state: TTTState | None, new_state: TTTState) -> str:
         """Why finite input gave non-finite outputs or state, in words, after "from finite input" (for

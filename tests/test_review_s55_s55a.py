@@ -288,5 +288,7 @@ def test_layer_diagnosis_reads_the_broken_row_not_a_finite_row_s_large_input(bat
         layer(x, state)
     said = str(caught.value)
     assert caught.value.rows == [bad], said
+    assert caught.value.finite_rows == [row for row in range(batch) if row != bad], said
+    assert f"batch rows [{bad}] of {batch} went non-finite" in said, said
     largest = float(re.search(r"largest \|input\| ([0-9.e+-]+)\)", said).group(1))
     assert "normalise the input" not in said and largest < 10, said

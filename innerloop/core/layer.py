@@ -1720,7 +1720,8 @@ class TTTLayer(nn.Module):
         if output_finite and new_state.is_finite():
             return
         what = "non-finite outputs" if not output_finite else "a non-finite state"
-        rows = non_finite_rows(x.shape[0], (y, *new_state.tensors().values()))
+        batch = x.shape[0]
+        rows = non_finite_rows(batch, (y, *new_state.tensors().values()))
         if given_state is not None and not given_state.is_finite():
             raise with_rows(
                 ValueError(
@@ -1728,7 +1729,7 @@ class TTTLayer(nn.Module):
                     "start from state=None, or construct the layer with non_finite='ignore' to let them "
                     "propagate"
                 ),
-                x.shape[0],
+                batch,
                 rows,
             )
         x, given_state, new_state = self._broken_rows_only(rows, x, given_state, new_state)
@@ -1740,7 +1741,7 @@ class TTTLayer(nn.Module):
         finally:
             record[:] = saved_dispatches
         message = f"{type(self).__name__} produced {what} from finite input{cause}; non_finite='ignore' returns them as they are"
-        raise with_rows(ValueError(message), x.shape[0], rows)
+        raise with_rows(ValueError(message), batch, rows)
 
     def _broken_rows_only(
         self, rows: list[int], x: torch.Tensor, given_state: TTTState | None, new_state: TTTState

@@ -292,3 +292,25 @@ def test_layer_diagnosis_reads_the_broken_row_not_a_finite_row_s_large_input(bat
     assert f"batch rows [{bad}] of {batch} went non-finite" in said, said
     largest = float(re.search(r"largest \|input\| ([0-9.e+-]+)\)", said).group(1))
     assert "normalise the input" not in said and largest < 10, said
+
+
+@pytest.mark.slow  # transformers' generate on a tiny TTT-E2E model (~1 s)
+@pytest.mark.parametrize("sample", [False, True])
+def test_hf_generate_refuses_nan_logits_of_a_decode_call_that_only_scores(sample) -> None:
+    """transformers' greedy search took the argmax of a NaN row (token 0) and went on: a TTT-E2E decode
+    call that only scores is not checked by the model, and nothing else read the scores."""
+    pytest.importorskip("transformers")
+    from tests.hf.hf_testing import tiny_hf_model
+
+    model = tiny_hf_model("e2e")
+    calls = []
+
+    def hook(module, inputs, output):  # the 4th scoring on: the second decoded token's, only scored
+        calls.append(1)
+        return output.fill_(float("nan")) if len(calls) >= 4 and inputs[0].shape[1] == 1 else output
+
+    model.model.norm.register_forward_hook(hook)
+    ids = torch.randint(0, 50, (2, 4))  # a chunk of 4: trained on at the first decoded token's call
+    with pytest.raises(NonFiniteRowsError, match="non-finite logits") as caught:
+        model.generate(ids, max_new_tokens=3, do_sample=sample)
+    assert caught.value.rows == [0, 1]

@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.generation.logits_process import TemperatureLogitsWarper
+from transformers.generation.logits_process import LogitsProcessor, TemperatureLogitsWarper
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
@@ -67,6 +67,7 @@ from innerloop.core.functional import (
     scored_cross_entropy_sum,
     user_path,
 )
+from innerloop.core.layer import NonFiniteRowsError
 from innerloop.core.state import check_batch_rows
 from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to_give
 from innerloop.hf.arguments import (
@@ -771,6 +772,30 @@ class ShiftedTemperatureLogitsWarper(TemperatureLogitsWarper):
         wide = scores.double()
         shifted = ((wide - wide.amax(dim=-1, keepdim=True)) / self.temperature).to(scores.dtype)  # max 0
         return torch.where(overflowed[:, None], shifted, divided)
+
+
+class NonFiniteScoresCheck(LogitsProcessor):
+    """Refuses scores with a row of NaN or ``+inf``, or ``-inf`` for every token, before any processor
+    reads them (:class:`~innerloop.core.NonFiniteRowsError`, naming the rows), as
+    :func:`innerloop.models.generate` does: greedy search took the argmax of a NaN row, token 0, and went
+    on silently (a TTT-E2E decode call that only scores is not checked by the model). One reduction of
+    the scores per token; transformers' loop reads the device at every token already."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        """``scores``, unchanged, if every row has a finite largest score."""
+        finite = torch.isfinite(scores.amax(dim=-1))  # [B]: max propagates NaN
+        if bool(finite.all()):
+            return scores
+        rows = (~finite).nonzero().flatten().tolist()
+        error = NonFiniteRowsError(
+            f"generate: the model produced non-finite logits after {input_ids.shape[1]} tokens in rows {rows} "
+            "(of the batch transformers runs: beams and returned sequences counted): NaN or +inf, or -inf for "
+            "every token, from which no token can be chosen; the model's weights or state overflowed or hold "
+            "NaN (TTT-E2E checks a call that trains on a chunk, not one that only scores a decoded token: "
+            "innerloop.models.generate names its likely cause)"
+        )
+        error.rows, error.finite_rows = rows, finite.nonzero().flatten().tolist()
+        raise error
 
 
 TIED_HEAD_KEY = "model.lm_head.weight"
@@ -2057,6 +2082,7 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         for index, processor in enumerate(processors):
             if type(processor) is TemperatureLogitsWarper:
                 processors[index] = ShiftedTemperatureLogitsWarper(processor.temperature)
+        processors.insert(0, NonFiniteScoresCheck())  # the model's own scores, before any processor
         return processors
 
     def _prepare_attention_mask_for_generation(

@@ -52,7 +52,7 @@ from innerloop.core.layer import (
     plugin_label,
     registered_entry,
 )
-from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule, Views
+from innerloop.core.protocol import InnerLoss, InnerModel, LossPairs, UpdateRule, Views
 from innerloop.core.state import TTTState
 
 ACTIVATIONS = ("silu", "identity")
@@ -228,6 +228,13 @@ def _redraw_forget_gate(layer: nn.Module) -> None:
         parameter.copy_(value)
 
 
+def _valid_weights(pairs: LossPairs, shape: tuple[int, ...]) -> torch.Tensor:
+    """``pairs.valid`` as ``[B, H, T]`` weights (None: every pair valid, weight 1)."""
+    if pairs.valid is None:
+        return pairs.inputs.new_ones(shape[:3])
+    return torch.broadcast_to(pairs.valid.to(pairs.inputs.dtype), shape[:3])
+
+
 def value_map_mismatch(loss: InnerLoss, head_dim: int) -> str | None:
     """None if Gated DeltaNet's map is exact for ``loss``, else what breaks it (measured in float64 on
     random views of 2 sequences, 2 heads and 5 tokens at ``head_dim``, per-token ``a`` in [0.1, 1)).
@@ -260,6 +267,10 @@ def value_map_mismatch(loss: InnerLoss, head_dim: int) -> str | None:
         "its targets are not the values of their own token as given (pairs of v / a gave other targets than its "
         "targets of v divided by a)": (scaled.targets, plain.targets / a),
         "its inputs read the values": (scaled.inputs, plain.inputs),
+        "its valid weights read the values (pairs of v / a gave other valid weights than of v)": (
+            _valid_weights(scaled, shape),
+            _valid_weights(plain, shape),
+        ),
         "its gradient is not of degree 1 in the prediction and target (token_loss_grad(a p, y) differs from "
         "a * token_loss_grad(p, y / a))": gradients,
     }

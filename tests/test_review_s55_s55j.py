@@ -1,0 +1,63 @@
+"""s55j: adversarial review of s55b (the --no-ttt lr-0 probe, Gated DeltaNet's measured value map), s55f
+(metrics' all-or-nothing update) and s55d (generate's numbers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop import HalfSquaredError, LossPairs
+from innerloop.core.family_layers import GatedDeltaNetLayer, value_map_mismatch
+from innerloop.core.layer import TTTLayer
+from innerloop.models.ablation import weights_moved_at_zero_lr
+
+# -- Gated DeltaNet's value map: the valid weights of the pairs were not compared ---------------------------
+
+
+class _OutlierValuesSkipped(HalfSquaredError):
+    """Reconstruction that skips a token whose value is an outlier (norm above 1.5 sqrt(f)): its valid
+    weights read the values, so the map's values v / a make other tokens valid than the values given."""
+
+    name = "s55j_outlier_values_skipped"
+
+    def pairs(self, views, carry):
+        limit = 1.5 * views.value.shape[-1] ** 0.5
+        valid = (views.value.norm(dim=-1) < limit).to(views.value.dtype)
+        return LossPairs(views.key, views.value, valid=valid)
+
+
+def test_value_map_mismatch_compares_the_valid_weights_of_the_pairs():
+    """Its docstring asks of pairs of v / a "the same inputs and valid"; only inputs and targets were
+    compared, so a loss whose valid weights read the values passed, and Gated DeltaNet ran it on other
+    tokens than its definition (the tokens whose v / a is an outlier, not v)."""
+    assert value_map_mismatch(_OutlierValuesSkipped(), 8) == (
+        "its valid weights read the values (pairs of v / a gave other valid weights than of v)"
+    )
+
+
+@pytest.mark.slow  # reason: the process registry's first build (~2 s in a fresh process; 2 ms warm)
+def test_gated_deltanet_refuses_a_loss_whose_valid_weights_read_the_values(monkeypatch):
+    monkeypatch.setattr("innerloop.registry.check_instance", lambda kind, instance: None)  # not under test
+    with pytest.raises(ValueError, match=r"inner_loss='s55j_outlier_values_skipped', .*its valid weights"):
+        GatedDeltaNetLayer(16, 2, inner_loss=_OutlierValuesSkipped(), kernel="torch")
+
+
+# -- the lr-0 probe -------------------------------------------------------------------------------------
+
+
+def test_weights_moved_at_zero_lr_measures_at_lr_0_whatever_the_layers_base_lr():
+    """Called on a layer at base_lr 1 (its name and docstring: the rule measured at learning rate 0), it
+    ran the built-in dual form at lr 1 and said it 'moves the inner weights at inner learning rate 0'."""
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, mini_batch_size=2, kernel="torch")
+    assert weights_moved_at_zero_lr(layer) is None
+    assert layer.base_lr == 1.0
+
+
+def test_the_lr_0_probe_leaves_the_layers_dispatch_record_as_it_was():
+    """``dispatches`` is the last call's fast-path record; the probe's two scans appended theirs to it."""
+    torch.manual_seed(0)
+    layer = TTTLayer(8, 2, mini_batch_size=2, kernel="torch")
+    layer.dispatches = before = [("cpu_ttt_linear", "the last call's record")]
+    weights_moved_at_zero_lr(layer)
+    assert layer.dispatches == before == [("cpu_ttt_linear", "the last call's record")]

@@ -50,13 +50,26 @@ def weights_moved_at_zero_lr(layer: TTTLayer, seed: int = 0) -> str | None:
     """None if ``layer``'s update rule keeps the inner weights where they start at inner learning rate 0
     (measured), else what moved: the rule and by how much.
 
-    ``layer`` runs at ``base_lr == 0`` (as :func:`no_test_time_training` sets it) on two mini-batches of
-    random input (``seed``) through its own reading, gates and scan, twice: with the same queries and other
-    keys and values. The weights after them must be the initial ones, and the outputs the same both times
+    ``layer`` runs at ``base_lr == 0`` (as :func:`no_test_time_training` sets it; its own ``base_lr`` is
+    restored, and so is its :attr:`~innerloop.core.layer.TTTLayer.dispatches` record) on two mini-batches
+    of random input (``seed``, a generator of its own: the global RNG is not drawn from) through its own
+    reading, gates and scan, twice: with the same queries and other keys and values. The weights after them must be the initial ones, and the outputs the same both times
     (weights that stay fixed read the queries alike, whatever the keys and values they would learn from).
     The mini-batch rules built on gradient descent pass (their step is ``lr`` times a gradient, checked at
     registration against the naive token loop); a plugin rule that is another inner optimizer (its own
     ``reference``) may step without ``lr``: a sign step of fixed size, an added constant."""
+    base_lr, record = layer.base_lr, layer._dispatch_record()
+    recorded = list(record)
+    layer.base_lr = 0.0
+    try:
+        return _moved_at_current_lr(layer, seed)
+    finally:
+        layer.base_lr = base_lr
+        record[:] = recorded
+
+
+def _moved_at_current_lr(layer: TTTLayer, seed: int) -> str | None:
+    """:func:`weights_moved_at_zero_lr`'s measurement, at the layer's ``base_lr`` as it is."""
     tokens = 2 * layer.mini_batch_size  # ends on a mini-batch boundary: the state's weights are W_T
     reference = next(iter(layer.initial_params.values()))
     generator = torch.Generator().manual_seed(seed)
@@ -99,12 +112,7 @@ def zero_lr_refusal(model: nn.Module) -> str | None:
     before reading any window."""
     for name, module in model.named_modules():
         if isinstance(module, TTTLayer) and module.base_lr > 0:
-            base_lr = module.base_lr
-            module.base_lr = 0.0
-            try:
-                moved = weights_moved_at_zero_lr(module)
-            finally:
-                module.base_lr = base_lr
+            moved = weights_moved_at_zero_lr(module)
             if moved is not None:
                 return f"the TTT layer {name or '(the model itself)'!r}: {moved}"
     return None

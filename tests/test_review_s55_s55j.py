@@ -61,3 +61,21 @@ def test_the_lr_0_probe_leaves_the_layers_dispatch_record_as_it_was():
     layer.dispatches = before = [("cpu_ttt_linear", "the last call's record")]
     weights_moved_at_zero_lr(layer)
     assert layer.dispatches == before == [("cpu_ttt_linear", "the last call's record")]
+
+
+# -- val_acc's class: all or nothing in update(), but a refused forward() wiped what it had ----------------
+
+
+def test_all_or_nothing_accuracy_keeps_its_counts_when_a_forward_batch_is_refused():
+    """Float64States.forward keeps the sums over a refused batch (torchmetrics resets the metric before
+    the batch's update); AllOrNothingAccuracy (val_acc's class) is no Float64States, and its forward left
+    every earlier batch's counts at 0, silently, with its settings switched (sync off)."""
+    from innerloop.train.metrics import AllOrNothingAccuracy
+
+    accuracy = AllOrNothingAccuracy(num_classes=5, average="micro", ignore_index=-100)
+    accuracy.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4]))
+    with pytest.raises(ValueError, match="same shape"):
+        accuracy(torch.tensor([1, 2]), torch.tensor([1]))
+    assert (accuracy.tp.sum().item(), accuracy.fn.sum().item(), accuracy._update_count) == (3, 1, 1)
+    assert accuracy._should_unsync and accuracy._to_sync  # compute's sync on again
+    assert accuracy.compute().item() == 0.75

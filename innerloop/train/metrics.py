@@ -54,7 +54,8 @@ class AllOrNothingUpdate(Metric):
 
     The states are put back from references kept before the call, no copy: a subclass's ``update``
     writes each state out of place (``self.total = self.total + ...``, never ``+=`` or an indexed
-    write), as torchmetrics' stat scores (accuracy) do. ``forward`` calls this ``update`` too."""
+    write), as torchmetrics' stat scores (accuracy) do. ``forward`` (the batch's value, its states added to
+    the metric's) keeps the metric as before the call on any exception too (:meth:`forward`)."""
 
     def _wrap_update(self, update: Callable) -> Callable:
         counted_update = super()._wrap_update(update)
@@ -71,27 +72,6 @@ class AllOrNothingUpdate(Metric):
                 raise
 
         return all_or_nothing
-
-
-class AllOrNothingAccuracy(AllOrNothingUpdate, MulticlassAccuracy):
-    """torchmetrics' ``MulticlassAccuracy`` (four count states) adding a batch wholly or not at all
-    (:class:`AllOrNothingUpdate`): its ``update`` writes its states out of place already."""
-
-
-class Float64States(AllOrNothingUpdate):
-    """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
-    module is cast, as Lightning's ``bf16-true`` and ``16-true`` precisions cast the whole
-    LightningModule: a bfloat16 count stops growing at 256, so a cast metric would report silently
-    wrong numbers (torchmetrics converts states on ``.to(dtype)``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._float64_states()
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Metric:
-        this = super()._apply(fn, *args, **kwargs)
-        self._float64_states()
-        return this
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """torchmetrics' ``forward`` (this batch's value, its sums added to the metric's), which keeps
@@ -110,6 +90,27 @@ class Float64States(AllOrNothingUpdate):
             for name, value in kept.items():
                 setattr(self, name, value)
             raise
+
+
+class AllOrNothingAccuracy(AllOrNothingUpdate, MulticlassAccuracy):
+    """torchmetrics' ``MulticlassAccuracy`` (four count states) adding a batch wholly or not at all
+    (:class:`AllOrNothingUpdate`, ``forward`` too): its ``update`` writes its states out of place already."""
+
+
+class Float64States(AllOrNothingUpdate):
+    """A metric whose floating-point states (sums of losses, counts) are float64 and stay so when its
+    module is cast, as Lightning's ``bf16-true`` and ``16-true`` precisions cast the whole
+    LightningModule: a bfloat16 count stops growing at 256, so a cast metric would report silently
+    wrong numbers (torchmetrics converts states on ``.to(dtype)``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._float64_states()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Metric:
+        this = super()._apply(fn, *args, **kwargs)
+        self._float64_states()
+        return this
 
     MERGED_SETTINGS: tuple[str, ...] = ()
     """The settings two metrics must share for :meth:`merge_state` to add one's sums to the other's."""

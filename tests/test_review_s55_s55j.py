@@ -10,6 +10,7 @@ from innerloop import HalfSquaredError, LossPairs
 from innerloop.core.family_layers import GatedDeltaNetLayer, value_map_mismatch
 from innerloop.core.layer import TTTLayer
 from innerloop.models.ablation import weights_moved_at_zero_lr
+from innerloop.train.metrics import AllOrNothingAccuracy
 
 # -- Gated DeltaNet's value map: the valid weights of the pairs were not compared ---------------------------
 
@@ -70,8 +71,6 @@ def test_all_or_nothing_accuracy_keeps_its_counts_when_a_forward_batch_is_refuse
     """Float64States.forward keeps the sums over a refused batch (torchmetrics resets the metric before
     the batch's update); AllOrNothingAccuracy (val_acc's class) is no Float64States, and its forward left
     every earlier batch's counts at 0, silently, with its settings switched (sync off)."""
-    from innerloop.train.metrics import AllOrNothingAccuracy
-
     accuracy = AllOrNothingAccuracy(num_classes=5, average="micro", ignore_index=-100)
     accuracy.update(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4]))
     with pytest.raises(ValueError, match="same shape"):
@@ -79,3 +78,47 @@ def test_all_or_nothing_accuracy_keeps_its_counts_when_a_forward_batch_is_refuse
     assert (accuracy.tp.sum().item(), accuracy.fn.sum().item(), accuracy._update_count) == (3, 1, 1)
     assert accuracy._should_unsync and accuracy._to_sync  # compute's sync on again
     assert accuracy.compute().item() == 0.75
+
+
+# -- Hugging Face generate(): the settings that score tokens, not finite, ran without a word ---------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "search"),
+    [
+        # a NaN bias made token 7's logit NaN, which greedy's argmax takes at every step
+        ({"sequence_bias": {(7,): float("nan")}}, {}),
+        ({"sequence_bias": [[[7], float("nan")]]}, {}),
+        # NaN scaled every logit to NaN: token 0 at every step
+        ({"guidance_scale": float("nan")}, {}),
+        ({"guidance_scale": float("inf")}, {}),
+        # a start that is NaN never starts the decay, silently
+        ({"exponential_decay_length_penalty": (float("nan"), 1.5)}, {"eos_token_id": 3}),
+        # a 0-d tensor passed the checks that took Python and numpy numbers only: 2 of the 4 tokens asked
+        ({"length_penalty": torch.tensor(float("nan"))}, {"num_beams": 2}),
+        ({"top_p": torch.tensor(float("nan"))}, {"do_sample": True}),
+    ],
+    ids=["bias-dict", "bias-list", "guidance-nan", "guidance-inf", "decay-start", "length-0d", "top_p-0d"],
+)
+def test_a_scoring_setting_that_is_not_a_finite_number_is_refused_by_name(tiny_hf_model, setting, search):
+    name = next(iter(setting))
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=rf"generate\({name}="):
+        tiny_hf_model.generate(prompt, max_new_tokens=4, **setting, **search)
+
+
+@pytest.mark.slow  # reason: a beam search with three processors (~1 s on this loaded machine)
+def test_finite_scoring_settings_and_a_banning_bias_still_run(tiny_hf_model):
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    greedy = tiny_hf_model.generate(prompt, max_new_tokens=2)
+    banned = int(greedy[0, 4])
+    out = tiny_hf_model.generate(
+        prompt,
+        max_new_tokens=2,
+        sequence_bias={(banned,): float("-inf")},
+        length_penalty=torch.tensor(0.5),
+        num_beams=2,
+        exponential_decay_length_penalty=(1, 1.5),
+        eos_token_id=3,
+    )
+    assert banned not in out[0, 4:].tolist()

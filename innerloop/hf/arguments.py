@@ -452,6 +452,18 @@ _CUT_OFF_RANGES: dict[str, tuple[str, Any, str]] = {
 token, silently. Each: the valid range in words, the test, the value that turns it off."""
 
 
+def _real_setting(value: Any) -> float | None:
+    """A generation setting's number as a float: a Python or numpy real (not a bool) or a 0-d real
+    tensor (transformers takes either and computes with it); None for anything else (None, a tuple)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        if value.dtype == torch.bool or value.dtype.is_complex:
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def check_sampling_values(generation_config: Any) -> None:
     """``ValueError`` naming the setting, when sampling (``do_sample``), for a ``temperature`` that is not
     finite or a cut-off outside its range (:data:`_CUT_OFF_RANGES`: ``top_p`` [0, 1], ``typical_p``
@@ -459,41 +471,70 @@ def check_sampling_values(generation_config: Any) -> None:
     refuses a temperature <= 0 and NaN, but sampled every token alike at ``temperature=inf`` (where
     ``innerloop.models.generate`` and ``innerloop generate`` refuse a temperature that is not finite), and
     checks each cut-off's range only for a value it applies, so ``top_p=1.5``, ``typical_p=nan`` or
-    ``epsilon_cutoff=1.5`` cut no token, silently."""
+    ``epsilon_cutoff=1.5`` cut no token, silently. A 0-d tensor is checked as the number it holds."""
     if not getattr(generation_config, "do_sample", False):
         return  # greedy search and beam search read neither
     temperature = getattr(generation_config, "temperature", None)
-    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool):
-        if not math.isfinite(temperature):
-            raise ValueError(
-                f"generate(temperature={temperature!r}): temperature must be a finite real number > 0 when "
-                "sampling (do_sample=True; do_sample=False decodes greedily)"
-            )
+    number = _real_setting(temperature)
+    if number is not None and not math.isfinite(number):
+        raise ValueError(
+            f"generate(temperature={temperature!r}): temperature must be a finite real number > 0 when "
+            "sampling (do_sample=True; do_sample=False decodes greedily)"
+        )
     for name, (valid, within, off) in _CUT_OFF_RANGES.items():
         value = getattr(generation_config, name, None)
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not within(value):
+        number = _real_setting(value)
+        if number is not None and not within(number):
             raise ValueError(f"generate({name}={value!r}): {name} must be {valid} when sampling ({off})")
 
 
 def check_penalty_values(generation_config: Any) -> None:
-    """``ValueError`` naming the setting, before anything runs, for a penalty that is not finite:
-    ``length_penalty`` in a beam search (``num_beams > 1``, the search that reads it),
-    ``repetition_penalty``, and ``exponential_decay_length_penalty``'s factor. transformers checks a
-    repetition penalty > 0 only, and ran each silently: ``length_penalty=nan`` returned fewer tokens than
-    asked with scores NaN, ``inf`` scored every beam -0.0."""
-    penalties = {
+    """``ValueError`` naming the setting, before anything runs, for a setting that scores tokens and is not
+    a finite number (a 0-d tensor checked as the number it holds): ``length_penalty`` in a beam search
+    (``num_beams > 1``, the search that reads it), ``repetition_penalty``, ``guidance_scale``, both
+    numbers of ``exponential_decay_length_penalty`` (its start and factor), and a ``sequence_bias`` that is
+    NaN (``-inf`` bans its sequence). transformers ran each silently: ``length_penalty=nan`` returned fewer
+    tokens than asked with scores NaN, ``inf`` scored every beam -0.0; a NaN bias or guidance scale made the
+    logits NaN, which greedy's argmax picks (token 0, or the biased one, at every step); a NaN start never
+    started the decay."""
+    settings = {
         "repetition_penalty": getattr(generation_config, "repetition_penalty", None),
+        "guidance_scale": getattr(generation_config, "guidance_scale", None),
         "length_penalty": getattr(generation_config, "length_penalty", None)
         if (getattr(generation_config, "num_beams", None) or 1) > 1
         else None,
     }
+    for name, value in settings.items():
+        number = _real_setting(value)
+        if number is not None and not math.isfinite(number):
+            raise ValueError(f"generate({name}={value!r}): {name} must be a finite real number")
     decay = getattr(generation_config, "exponential_decay_length_penalty", None)
     if isinstance(decay, (tuple, list)) and len(decay) == 2:
-        penalties["exponential_decay_length_penalty"] = decay[1]
-    for name, value in penalties.items():
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
-            given = decay if name == "exponential_decay_length_penalty" else value
-            raise ValueError(f"generate({name}={given!r}): its penalty must be a finite real number")
+        numbers_given = [_real_setting(part) for part in decay]
+        if any(number is not None and not math.isfinite(number) for number in numbers_given):
+            raise ValueError(
+                f"generate(exponential_decay_length_penalty={decay!r}): its start and factor must be finite "
+                "real numbers"
+            )
+    _check_sequence_bias(getattr(generation_config, "sequence_bias", None))
+
+
+def _check_sequence_bias(sequence_bias: Any) -> None:
+    """``ValueError`` for a ``sequence_bias`` (``{tokens: bias}`` or ``[[tokens, bias], ...]``) holding a
+    NaN bias, naming it; another form is transformers' to check."""
+    if isinstance(sequence_bias, dict):
+        pairs = list(sequence_bias.items())
+    elif isinstance(sequence_bias, (list, tuple)):
+        pairs = [tuple(pair) for pair in sequence_bias if isinstance(pair, (list, tuple)) and len(pair) == 2]
+    else:
+        return
+    for tokens, bias in pairs:
+        number = _real_setting(bias)
+        if number is not None and math.isnan(number):
+            raise ValueError(
+                f"generate(sequence_bias={sequence_bias!r}): the bias of {list(tokens)} is NaN, which makes "
+                "its logit NaN (greedy search picks it at every step); give a number (-inf bans it)"
+            )
 
 
 ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")

@@ -122,3 +122,21 @@ def test_finite_scoring_settings_and_a_banning_bias_still_run(tiny_hf_model):
         eos_token_id=3,
     )
     assert banned not in out[0, 4:].tolist()
+
+
+# -- innerloop.models.generate: one rule for its numbers, but a 0-d numpy array only as an integer ----------
+
+
+def test_generate_takes_a_0d_numpy_temperature_as_it_takes_a_0d_numpy_max_new_tokens():
+    """max_new_tokens=numpy.array(2) and eos_token_id=numpy.array(3) were taken (as_integer), but
+    temperature=numpy.array(0.5) was refused as '(ndarray) must be a finite real number'."""
+    import numpy
+
+    from innerloop.models.generate import _checked_sampling
+
+    assert _checked_sampling(numpy.array(0.5), numpy.array(3), None) == (0.5, 3)
+    assert _checked_sampling(numpy.array(2, dtype=numpy.int64), None, None) == (2.0, None)
+    with pytest.raises(TypeError, match=r"temperature=array\(True\) \(ndarray\)"):
+        _checked_sampling(numpy.array(True), None, None)
+    with pytest.raises(ValueError, match=r"temperature=nan must be"):
+        _checked_sampling(numpy.array(float("nan")), None, None)

@@ -124,7 +124,7 @@ def generate(
         temperature: softmax temperature, a finite real number >= 0; 0 means greedy decoding.
         top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
 
-    Each number may be given as a Python number, a numpy scalar or a 0-d tensor (an int where an int is
+    Each number may be given as a Python number, a numpy scalar or 0-d array, or a 0-d tensor (an int where an int is
     asked: ``top_k=4.0`` and a tensor of more than one element are refused, naming the argument).
         generator: torch RNG for reproducible sampling, on the kind of device the model runs on (a CPU
             generator for a CUDA model is refused when sampling, temperature > 0).
@@ -210,18 +210,22 @@ def _listed(ids: object) -> object:
 
 
 def _real_or_given(value: object) -> object:
-    """A 0-d real tensor (not bool, not complex) as the Python number it holds, else ``value`` itself: a
-    real argument is taken as a Python number, a numpy scalar or a 0-d tensor, as an integer one is
+    """A 0-d real tensor or numpy array (not bool, not complex) as the Python number it holds, else ``value``
+    itself: a real argument is taken as a Python number, a numpy scalar or 0-d array, or a 0-d tensor, as an
+    integer one is
     (:func:`~innerloop.core.functional.as_integer`)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
         if not value.dtype.is_complex:
             return value.item()
+    # a 0-d numpy array (numpy.array(0.5)), as as_integer takes numpy.array(3): numpy is not imported here
+    if type(value).__name__ == "ndarray" and getattr(value, "ndim", None) == 0 and value.dtype.kind in "fiu":
+        return value.item()
     return value
 
 
 def _checked_sampling(temperature: object, top_k: object, generator: object) -> tuple[float, int | None]:
     """``(temperature, top_k)`` as a float and an int (or None), each checked and named if wrong; each a
-    Python number, a numpy scalar or a 0-d tensor."""
+    Python number, a numpy scalar or 0-d array, or a 0-d tensor."""
     temperature = _real_or_given(temperature)
     if not (is_real(temperature) and temperature >= 0):  # is_real: finite (10**400 too), not a bool
         raise _bad(

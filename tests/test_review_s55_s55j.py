@@ -140,3 +140,11 @@ def test_generate_takes_a_0d_numpy_temperature_as_it_takes_a_0d_numpy_max_new_to
         _checked_sampling(numpy.array(True), None, None)
     with pytest.raises(ValueError, match=r"temperature=nan must be"):
         _checked_sampling(numpy.array(float("nan")), None, None)
+
+
+def test_a_no_repeat_ngram_size_that_is_no_integer_is_refused_by_name(tiny_hf_model):
+    """transformers applies it only where ``no_repeat_ngram_size > 0``, and checks it is an int there: NaN
+    (not > 0) repeated n-grams freely, without a word."""
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=r"generate\(no_repeat_ngram_size=nan\): .*integer >= 0"):
+        tiny_hf_model.generate(prompt, max_new_tokens=4, no_repeat_ngram_size=float("nan"))

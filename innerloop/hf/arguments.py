@@ -422,9 +422,11 @@ GENERATION_COUNTS = {
     "max_length": 1,
     "min_new_tokens": 0,
     "min_length": 0,
+    "no_repeat_ngram_size": 0,
 }
-"""The generation settings that count (beams, sequences, tokens) and their least value; None (unset) is
-valid for all but the first two."""
+"""The generation settings that count (beams, sequences, tokens, an n-gram's tokens) and their least value;
+None (unset) is valid for all but the first two. ``no_repeat_ngram_size``: transformers applies it only
+where it is > 0 (and checks it is an int there), so NaN repeated n-grams silently; 0 is off."""
 
 
 def check_generation_counts(generation_config: Any) -> None:

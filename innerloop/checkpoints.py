@@ -281,20 +281,37 @@ def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> d
 
 def _with_a_registered_kernel(path: str | os.PathLike[str], model: dict[str, Any]) -> dict[str, Any]:
     """``model`` with a ``ttt.kernel`` that no plugin registers here (the training run's, from a plugin
-    not installed on this machine) replaced by ``"auto"``, with a warning: a kernel changes speed, not
-    the model, so the checkpoint loads."""
+    not installed on this machine), or that is named for an update rule whose blocks never reach a
+    kernel (``no_kernel_reason``: refused at construction since, accepted and never run before),
+    replaced by ``"auto"``, with a warning: a kernel changes speed, not the model, so the checkpoint
+    loads."""
     ttt = model.get("ttt")
     kernel = ttt.get("kernel") if isinstance(ttt, dict) else None
     if not isinstance(kernel, str) or kernel in ("auto", TORCH_PATH):
         return model
-    if kernel in {spec.name for spec in get_registry().kernels()}:
-        return model
+    if kernel not in {spec.name for spec in get_registry().kernels()}:
+        why = "which no plugin registers here (is its package installed?)"
+    else:
+        no_kernel_reason = _no_kernel_reason(ttt.get("update_rule"))
+        if no_kernel_reason is None:
+            return model
+        why = f"which update_rule={ttt.get('update_rule')!r} never runs ({no_kernel_reason})"
     warnings.warn(
-        f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, which no plugin registers here (is its "
-        "package installed?); its TTT layers run with kernel='auto' (a kernel changes speed, not the model)",
+        f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, {why}; its TTT layers run with "
+        "kernel='auto' (a kernel changes speed, not the model)",
         stacklevel=warning_stacklevel(),
     )
     return {**model, "ttt": {**ttt, "kernel": "auto"}}
+
+
+def _no_kernel_reason(rule_name: Any) -> str | None:
+    """The registered update rule ``rule_name``'s ``no_kernel_reason`` (why its blocks never reach a
+    kernel, so a layer naming one is refused: checkpoints saved before that refusal name one); None for
+    a rule that reaches kernels or is not registered here (the config's own check names it)."""
+    registry = get_registry()
+    if not isinstance(rule_name, str) or rule_name not in registry.names("update_rule"):
+        return None
+    return getattr(registry.update_rule(rule_name), "no_kernel_reason", None)
 
 
 def missing_config_keys(given: Any, full: Mapping[str, Any], prefix: str = "model.") -> list[str]:

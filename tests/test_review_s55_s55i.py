@@ -58,3 +58,37 @@ def test_a_checkpoint_naming_a_kernel_for_a_rule_that_runs_no_kernel_loads_on_au
         model = load_model(path)
     layers = [m for m in model.modules() if isinstance(m, TTTLayer)]
     assert layers and all(layer.kernel == "auto" for layer in layers)
+
+
+@pytest.mark.slow  # 4 calls of a small layer, each first-use check run again (~0.5 s unloaded)
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_a_declared_setting_changed_on_purpose_is_not_told_to_declare_its_settings(monkeypatch) -> None:
+    # s55c's warning after SETTINGS_CHANGES_BEFORE_WARNING first-use re-checks says to declare the
+    # plugin's settings (settings() or dataclass fields), the remedy for an undeclared public counter. It
+    # counted every settings change, so a plugin that declares its settings and has one changed on purpose
+    # (a sweep, an annealed weight: each change rightly probed again) was told to do what it does.
+    import warnings
+
+    import torch
+
+    from innerloop.kernels import first_use
+
+    monkeypatch.setattr(first_use, "SETTINGS_CHANGES_BEFORE_WARNING", 2)  # fewer calls, the same count
+    layer = TTTLayer(16, 2, inner_model="linear", mini_batch_size=4, kernel="fused_torch_linear")
+    loss = layer.inner_loss
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(4):
+            monkeypatch.setattr(loss, "settings", lambda value=call: {"weight": value}, raising=False)
+            layer(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, first_use.KernelCheckWarning)]
+    assert not said, said
+    with warnings.catch_warnings(record=True) as caught:  # an undeclared public counter is still warned of
+        warnings.simplefilter("always")
+        monkeypatch.delattr(loss, "settings")
+        for call in range(4):
+            monkeypatch.setattr(loss, "calls", call, raising=False)
+            layer(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, first_use.KernelCheckWarning)]
+    assert len(said) == 1 and "Reconstruction" in said[0], said

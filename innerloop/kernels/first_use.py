@@ -113,9 +113,10 @@ says that the torch path keeps running those blocks (once per signature)."""
 _DEFERRALS: dict[tuple, int] = {}  # signature -> Deferred probes so far (until a verdict is kept)
 
 SETTINGS_CHANGES_BEFORE_WARNING = 8
-"""After this many first-use checks of one kernel run again because a plugin's settings changed since its
-verdict (:func:`_forget_other_settings`), a :class:`KernelCheckWarning` says so (once per kernel and plugin
-class): a plugin that declares no settings and bumps a public attribute as it runs is checked at every block."""
+"""After this many first-use checks of one kernel run again because the public attributes of a plugin that
+declares no settings changed since its verdict (:func:`_forget_other_settings`), a :class:`KernelCheckWarning`
+says so (once per kernel and plugin class): one that bumps a public attribute as it runs is checked at every
+block. Declared settings changed on purpose (a sweep) are checked again without a warning."""
 
 _SETTINGS_CHANGES: dict[tuple[str, str], int] = {}  # (kernel, plugin class) -> checks run again so far
 
@@ -234,7 +235,8 @@ def _forget_other_settings(table: dict[tuple, Any], key: tuple) -> list[str]:
     """Drop ``table``'s entries about the very objects of ``key`` under other settings than theirs now:
     one verdict per object and kind of block, so that a plugin whose settings change at every call (a
     public counter of an object that declares no settings) does not fill the table (each change is
-    probed again). Returns the classes of the objects whose settings changed (of the entries dropped)."""
+    probed again). Returns the classes of the objects that declare no settings and whose public attributes
+    changed (of the entries dropped): a change of declared settings is on purpose."""
     changed: list[str] = []
     for kept in [k for k in list(table) if len(k) == len(key)]:
         same_objects = all(
@@ -246,9 +248,21 @@ def _forget_other_settings(table: dict[tuple, Any], key: tuple) -> list[str]:
             changed += [
                 type(b.target()).__qualname__
                 for a, b in zip(kept, key, strict=True)
-                if isinstance(a, _Held) and isinstance(b, _Held) and a._settings_now() != b._settings_now()
+                if isinstance(a, _Held)
+                and isinstance(b, _Held)
+                and a._settings_now() != b._settings_now()
+                and not _declares_settings(b.target())
             ]
     return changed
+
+
+def _declares_settings(obj: object) -> bool:
+    """Whether ``obj`` declares its settings (:func:`~innerloop.registry.settings.declares_settings`):
+    then a change of them is on purpose (a sweep, an annealed weight), rightly checked again, and no
+    reason to tell it to declare them."""
+    from innerloop.registry import settings
+
+    return settings.declares_settings(obj)
 
 
 def _count_settings_changes(kernel: KernelSpec, classes: list[str]) -> None:

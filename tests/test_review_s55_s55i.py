@@ -92,3 +92,72 @@ def test_a_declared_setting_changed_on_purpose_is_not_told_to_declare_its_settin
             layer(x)
     said = [str(w.message) for w in caught if issubclass(w.category, first_use.KernelCheckWarning)]
     assert len(said) == 1 and "Reconstruction" in said[0], said
+
+
+def _deep_gelu_inputs(dtype, weight_scale: float, extremes: tuple[float, ...]) -> list:
+    """A 3-layer tanh-GELU stack (f 16 -> 31 -> 17 -> 16: widths off the 16-wide register blocks) at
+    K = 16, its first weight scaled so pre-activations pass the derivative's clamp (|z| > 100), some
+    entries set to ``extremes`` (|z| ~ 1e13: z^3 overflows float32; a subnormal)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    B, H, T, f, widths = 1, 2, 32, 16, [16, 31, 17, 16]
+    params = {}
+    for i in range(3):
+        scale = (weight_scale if i == 0 else 1.0) * widths[i] ** -0.5
+        params[f"W{i}"] = draw(B, H, widths[i], widths[i + 1], scale=scale)
+        params[f"b{i}"] = draw(B, H, 1, widths[i + 1], scale=0.1)
+    for value, where in zip(extremes, [(0, 0, 0, 0), (0, 0, 1, 1), (0, 1, 2, 0)], strict=False):
+        params["W0"][where] = value
+    lr = (torch.rand(B, H, T, generator=generator, dtype=torch.float64) / f).to(dtype)
+    tau = (1.0 / torch.arange(1, 17, dtype=torch.float64)).to(dtype)
+    x = [draw(B, H, T, f) for _ in range(3)]
+    return [*x, lr, tau, params, 1 + 0.1 * draw(H, f), 0.1 * draw(H, f)]
+
+
+def _outputs_and_gradients(forward, inputs: list) -> list:
+    import torch
+
+    leaves = [
+        {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        if isinstance(t, dict)
+        else t.clone().requires_grad_(True)
+        for t in inputs
+    ]
+    out, new_params = forward(*leaves, 1e-6)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    ((out * weights.to(out.dtype)).sum() + sum(v.sum() for v in new_params.values())).backward()
+    grads = [g for t in leaves for g in ([v.grad for v in t.values()] if isinstance(t, dict) else [t.grad])]
+    return [out.detach(), *(v.detach() for v in new_params.values()), *grads]
+
+
+@pytest.mark.slow  # a 3-layer stack, forward and backward, on the CPU kernel and fused torch, 4 times (~1 s)
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("dtype_name", ["float64", "float32"])
+@pytest.mark.parametrize(("weight_scale", "extremes"), [(1e4, ()), (1.0, (1e13, -1e13, 1e-40))])
+def test_the_cpu_mlp_scans_shared_tanh_past_the_clamp_equals_fused_torch(dtype_name, weight_scale, extremes):
+    # Holds (s55i, f87c642): one float32 tanh serves act, act' and act'' (act'' zero past |z| = 100, as
+    # autograd through the reference's clamped derivative); pre-activations past the clamp, x^3 past
+    # float32's range and a subnormal, with widths 31 and 17 (the 16 x 16 transposes' vector blocks and
+    # scalar remainder) and K = 16: outputs, new weights and every gradient as fused torch's
+    import torch
+
+    from innerloop.core.functional import relative_error
+    from innerloop.core.protocol import GELU_TANH, AffineLayer
+    from innerloop.kernels.cpu.stack import make_forward
+    from innerloop.kernels.fused_torch import make_fused_forward
+    from innerloop.testing import FLOAT64_TOLERANCE, KERNEL_CHECK_TOLERANCES
+
+    dtype = getattr(torch, dtype_name)
+    stack = tuple(AffineLayer(f"W{i}", f"b{i}", GELU_TANH if i < 2 else None) for i in range(3))
+    inputs = _deep_gelu_inputs(dtype, weight_scale, extremes)
+    ours = _outputs_and_gradients(make_forward(stack), inputs)
+    theirs = _outputs_and_gradients(make_fused_forward(stack), inputs)
+    tolerance = FLOAT64_TOLERANCE if dtype == torch.float64 else KERNEL_CHECK_TOLERANCES[torch.float32]
+    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert torch.equal(a.isfinite(), b.isfinite()), index
+        assert relative_error(a[a.isfinite()], b[b.isfinite()]) < tolerance, index

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -172,6 +173,30 @@ def test_a_max_time_yaml_read_as_a_base_60_number_is_refused_saying_how_to_write
         trainer_args.check_lightning_arguments({"max_time": read}, ValueError)
     assert "DD:HH:MM:SS" in str(error.value)
     trainer_args.check_lightning_arguments({"max_time": f"0{written}"}, ValueError)  # a leading 0: text
+
+
+@pytest.mark.parametrize(
+    ("written", "read", "limit"),
+    [
+        ("1:00:00", 3600, timedelta(hours=1)),
+        ("1:00:00:00", 216000, timedelta(days=1)),
+        ("12:30:00:00", 2700000, timedelta(days=12, hours=30)),
+    ],
+)
+def test_the_form_a_base_60_max_time_error_tells_is_taken_as_the_time_written(
+    written: str, read: int, limit: timedelta
+) -> None:
+    """The form the error tells is Lightning's D:HH:MM:SS led by a 0 and means what the user wrote: for an
+    ``H:MM:SS`` read as base 60 it told ``0{written}`` (``01:00:00``), which Lightning's pattern refuses."""
+    from omegaconf import OmegaConf
+
+    with pytest.raises(ValueError) as error:
+        trainer_args.check_lightning_arguments({"max_time": read}, ValueError)
+    told = re.search(r"write D:HH:MM:SS with the days led by a 0, ([0-9:]+)", str(error.value)).group(1)
+    as_yaml_reads_it = OmegaConf.from_dotlist([f"trainer.max_time={told}"]).trainer.max_time
+    assert as_yaml_reads_it == told
+    trainer_args.check_lightning_arguments({"max_time": told}, ValueError)
+    assert trainer_args._time_limit(told, ValueError) == limit
 
 
 @pytest.mark.slow  # builds Lightning's Timer (its first use imports Lightning: ~3 s under load)

@@ -346,9 +346,10 @@ def _base_60_hint(value: Any) -> str:
         if days
         else f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
     )
+    told = f"0{days}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"  # D:HH:MM:SS, days led by a 0
     return (
-        f" (YAML reads an unquoted {written}, whose first digit is not 0, as this base-60 number: quote it, "
-        f"'{written}', or start the days with a 0, 0{written})"
+        f" (YAML reads an unquoted {written}, whose first digit is not 0, as this base-60 number: write "
+        f"D:HH:MM:SS with the days led by a 0, {told}, or quote it, '{told}')"
     )
 
 

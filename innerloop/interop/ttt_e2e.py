@@ -831,20 +831,26 @@ def read_orbax_weights(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
     """Every array of an official checkpoint's ``model_weights`` (see :func:`weights_folder`), by its
     dotted name, as numpy arrays of their stored dtype (:func:`model_from_arrays` refuses one that is not
     floating point and converts the others to float32). Needs ``tensorstore``; reads OCDBT and plain
-    zarr layouts."""
+    zarr layouts. A chunk of an array that is missing is refused, naming the array, where the metadata
+    says orbax stored every chunk (``store_array_data_equal_to_fill_value``, what orbax writes)."""
     tensorstore = _tensorstore()
     folder = weights_folder(checkpoint_dir).resolve()
     metadata = _orbax_metadata(folder)
     driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
     ocdbt = (folder / "manifest.ocdbt").is_file()
+    # An orbax that stores every chunk (its metadata says so) left none out: a missing one is a damaged
+    # or partly copied checkpoint, refused, not read as the fill value 0 (a model with zeroed weights).
+    # One that skips chunks equal to the fill value (the flag false, or absent: an older orbax) did.
+    every_chunk_stored = metadata.get("store_array_data_equal_to_fill_value") is True
     arrays = {}
     for name in _array_names(metadata, folder / "_METADATA"):
         if ocdbt:
             kvstore = {"driver": "ocdbt", "base": folder.as_uri(), "path": name}
         else:
             kvstore = {"driver": "file", "path": str(folder / name)}
+        spec = {"driver": driver, "kvstore": kvstore, "fill_missing_data_reads": not every_chunk_stored}
         try:
-            store = tensorstore.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+            store = tensorstore.open(spec, open=True, read=True).result()
             arrays[name] = np.asarray(store.read().result())  # its stored dtype: checked by the caller
         except ValueError as err:  # tensorstore's errors: a missing or damaged array
             message = str(err).split(" [tensorstore_spec=")[0]

@@ -7,6 +7,7 @@ read as zarr's fill value, 0: the converter built a model with zeroed weights an
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from innerloop.interop.ttt_e2e import OfficialConfigError, read_orbax_weights
+from innerloop.interop.ttt_e2e import OfficialConfigError, load_model, read_orbax_weights
 
 DATA = Path(__file__).resolve().parent / "data" / "e2e"
 WEIGHT = "language_model.model.h.blocks.feed_forward.w1.weight"
@@ -94,3 +95,24 @@ def test_an_unwritten_chunk_is_the_fill_value_where_orbax_says_it_skips_them(tmp
         if not chunk.name.startswith("."):
             chunk.unlink()
     assert not read_orbax_weights(tmp_path)[WEIGHT].any()
+
+
+def test_load_model_names_the_checkpoint_folder_with_the_tensor_it_refuses(tmp_path) -> None:
+    """A tensor refused after it was read (non-finite, another shape) was named, but not the checkpoint it
+    came from: with several checkpoints (steps, sizes) the error did not say which one to replace."""
+    folder = copied_checkpoint(tmp_path)
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "ocdbt", "base": folder.resolve().as_uri(), "path": WEIGHT},
+    }
+    store = tensorstore.open(spec, open=True, read=True, write=True).result()
+    store[0, 0, 0] = np.nan
+    where = re.escape(repr(str(folder.resolve())))
+    with pytest.raises(
+        OfficialConfigError, match=rf"^checkpoint {where}: checkpoint tensor {WEIGHT} has non-finite"
+    ):
+        load_model(tmp_path, DATA / "config.json")
+    config = json.loads((DATA / "config.json").read_text(encoding="utf-8"))
+    config["model"]["intermediate_size"] = 96
+    with pytest.raises(OfficialConfigError, match=rf"^checkpoint {where}: checkpoint tensor .* has shape"):
+        load_model(tmp_path, config)

@@ -878,9 +878,13 @@ def load_model(
 
     ``logits, state = model(input_ids)`` are the official logits; for inference run it under
     ``torch.no_grad()``, else autograd keeps the inner steps' second-order graph (memory that grows
-    with the length). The config is checked before the weights are read.
+    with the length). The config is checked before the weights are read; a tensor refused once read
+    (another shape, missing, extra, non-finite) is named with the ``model_weights`` folder it came from.
     """
     model_config(config, test_time_training=test_time_training)  # refuse a bad config before reading
-    return model_from_arrays(
-        read_orbax_weights(checkpoint_dir), config, test_time_training=test_time_training
-    )
+    folder = weights_folder(checkpoint_dir).resolve()
+    arrays = read_orbax_weights(folder)
+    try:
+        return model_from_arrays(arrays, config, test_time_training=test_time_training)
+    except OfficialConfigError as err:  # a tensor refused once read: say which checkpoint holds it
+        raise OfficialConfigError(f"checkpoint {str(folder)!r}: {err}") from None

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from innerloop.interop.ttt_e2e import OfficialConfigError, load_model, read_orbax_weights
+from innerloop.interop.ttt_e2e import OfficialConfigError, load_model, read_orbax_weights, weights_folder
 
 DATA = Path(__file__).resolve().parent / "data" / "e2e"
 WEIGHT = "language_model.model.h.blocks.feed_forward.w1.weight"
@@ -116,3 +116,16 @@ def test_load_model_names_the_checkpoint_folder_with_the_tensor_it_refuses(tmp_p
     config["model"]["intermediate_size"] = 96
     with pytest.raises(OfficialConfigError, match=rf"^checkpoint {where}: checkpoint tensor .* has shape"):
         load_model(tmp_path, config)
+
+
+def test_a_latest_step_without_model_weights_is_refused_not_passed_over_for_an_older_one(tmp_path) -> None:
+    """A latest step whose model_weights folder has no _METADATA was refused ("an unfinished save?"), but
+    one with no model_weights folder at all (a partly copied checkpoint: its opt_state arrived first) was
+    passed over, and the step before it loaded in its place without a word."""
+    for step in ("2500", "4800"):
+        (tmp_path / step / "opt_state").mkdir(parents=True)
+    (tmp_path / "2500" / "model_weights").mkdir()
+    (tmp_path / "2500" / "model_weights" / "_METADATA").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"'.*4800' has no model_weights folder"):
+        weights_folder(tmp_path)
+    assert weights_folder(tmp_path / "2500") == tmp_path / "2500" / "model_weights"  # named, it is read

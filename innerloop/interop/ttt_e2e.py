@@ -767,7 +767,8 @@ def _tensorstore() -> Any:
 
 def weights_folder(checkpoint_dir: str | Path) -> Path:
     """The ``model_weights`` folder of an official checkpoint: ``checkpoint_dir`` is a step folder
-    (``.../checkpoint/<step>``), its parent (the latest step is taken) or the ``model_weights``
+    (``.../checkpoint/<step>``), its parent (the latest step is taken; one without a complete
+    ``model_weights``, a partly copied step, is refused, not passed over) or the ``model_weights``
     folder itself."""
     if not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(
@@ -783,13 +784,20 @@ def weights_folder(checkpoint_dir: str | Path) -> Path:
         return root
     if (root / "model_weights" / "_METADATA").is_file():
         return root / "model_weights"
-    steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and (p / "model_weights").is_dir()]
-    if not steps:
+    steps = [p for p in root.iterdir() if re.fullmatch(r"\d+", p.name) and p.is_dir()]
+    if not any((p / "model_weights").is_dir() for p in steps):
         raise FileNotFoundError(
             f"{str(root)!r} is not an official checkpoint: no model_weights/_METADATA in it, and no step "
             "folders (<step>/model_weights) under it"
         )
     latest = max(steps, key=lambda p: int(p.name))
+    # every official save has model_weights: a latest step without them is a partly copied one, refused
+    # rather than passed over for the step before it (an older model, loaded without a word)
+    if not (latest / "model_weights").is_dir():
+        raise FileNotFoundError(
+            f"{str(latest)!r} has no model_weights folder (a partly copied checkpoint?): copy it whole, or "
+            "name the step folder to read"
+        )
     if not (latest / "model_weights" / "_METADATA").is_file():
         raise FileNotFoundError(f"{str(latest / 'model_weights')!r} has no _METADATA (an unfinished save?)")
     return latest / "model_weights"

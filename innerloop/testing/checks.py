@@ -370,19 +370,32 @@ def _check_flags(**flags: Any) -> None:
 
 
 def _inner_learning_rates(
-    generator: torch.Generator, shape: tuple[int, int, int], head_dim: int, norm: bool
+    generator: torch.Generator, shape: tuple[int, int, int], head_dim: int, norm: bool, max_lr: float | None
 ) -> torch.Tensor:
     """:func:`make_problem`'s per-token inner learning rates ``[B, H, T]`` (float64): uniform in
-    [0, 0.5), or in [0, 0.5 / (1 + head_dim)) without the inner LayerNorm.
+    [0, ``max_lr``); by default in [0, 0.5), or in [0, 0.5 / (1 + head_dim)) without the inner LayerNorm.
 
     Without the LayerNorm nothing bounds the inner model's outputs: at steps of up to 0.5 an MLP read a
     token at a time diverged to NaN within 30 tokens (39 of 600 shapes ``problems()`` drew), and
     every rule, the naive loop's own numbers included, then failed its comparison ('relative error
     nan'). Steps of up to 0.5 / (1 + head_dim), as a layer's are at most base_lr / head_dim, kept every
     such problem of up to 150 tokens finite for the mini-batch rules (600 drawn), not for the momentum
-    rule, whose bound :func:`_bounded_without_norm` adds."""
-    scale = 0.5 if norm else 0.5 / (1 + head_dim)
+    rule, whose bound :func:`_bounded_without_norm` adds. The same uniform draw scaled, whatever
+    ``max_lr``: a problem differs from the default one in its rates only."""
+    scale = max_lr if max_lr is not None else 0.5 if norm else 0.5 / (1 + head_dim)
     return torch.rand(*shape, generator=generator, dtype=torch.float64) * scale
+
+
+def _checked_max_lr(max_lr: object) -> float | None:
+    """``make_problem``'s ``max_lr``: None, or a finite number >= 0 (a float); else a ValueError naming it."""
+    if max_lr is None:
+        return None
+    if isinstance(max_lr, bool) or not isinstance(max_lr, numbers.Real) or not 0 <= max_lr < math.inf:
+        raise ValueError(
+            f"make_problem: max_lr must be None (the default rates) or a finite number >= 0 bounding the "
+            f"drawn inner learning rates, got {max_lr!r}"
+        )
+    return float(max_lr)
 
 
 def make_problem(
@@ -400,14 +413,18 @@ def make_problem(
     residual: bool = True,
     decay: bool = False,
     momentum: bool = False,
+    max_lr: float | None = None,
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
-    inner learning rates in [0, 0.5), less without the inner LayerNorm (:func:`_inner_learning_rates`,
-    :func:`_bounded_without_norm`: over ``mini_batch_size``, and times ``1 - momentum``);
-    with ``decay`` / ``momentum``, random per-token decays in [0, 0.5) and momenta in [0, 1), but a full
-    reset (decay 1) and a restart (momentum 0) in the first row (:func:`_random_gates`). ``model`` and
-    ``loss`` are plugins or registered names."""
+    inner learning rates in [0, ``max_lr``), by default in [0, 0.5), less without the inner LayerNorm
+    (:func:`_inner_learning_rates`, :func:`_bounded_without_norm`: over ``mini_batch_size``, and times
+    ``1 - momentum``, ``max_lr`` given or not); with ``decay`` / ``momentum``, random per-token decays in
+    [0, 0.5) and momenta in [0, 1), but a full reset (decay 1), gates of log -30 and -2e-6 (decays
+    1 - 9.4e-14 and 2e-6) and a restart (momentum 0) (:func:`_random_gates`). ``model`` and ``loss`` are
+    plugins or registered names. :func:`check_update_rule` also checks a rule at
+    ``max_lr=LARGE_RATES_BOUND``: a layer's rates reach ``base_lr / head_dim``, DeltaNet's 2."""
     _check_flags(norm=norm, residual=residual, decay=decay, momentum=momentum)
+    max_lr = _checked_max_lr(max_lr)
     batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
     ).values()
@@ -438,7 +455,7 @@ def make_problem(
         kernel="torch",
     )
     rates = _steps_and_gates(
-        generator, (batch, heads, tokens), head_dim, mini_batch_size, dtype, norm, decay, momentum
+        generator, (batch, heads, tokens), head_dim, mini_batch_size, dtype, norm, decay, momentum, max_lr
     )
     return InnerProblem(state, task, views, *rates)
 
@@ -452,10 +469,11 @@ def _steps_and_gates(
     norm: bool,
     decay: bool,
     momentum: bool,
+    max_lr: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`make_problem`'s ``lr [B, H, T]`` (:func:`_inner_learning_rates`), token scales ``tau [K]``,
     decays and momenta (:func:`_random_gates`; None where not asked for), drawn in that order."""
-    lr = _inner_learning_rates(generator, shape, head_dim, norm)
+    lr = _inner_learning_rates(generator, shape, head_dim, norm, max_lr)
     scales = 1.0 / torch.arange(1, mini_batch_size + 1, dtype=torch.float64)
     noise = torch.randn(mini_batch_size, generator=generator, dtype=torch.float64) * 0.05
     tau = (scales.to(dtype) + noise.to(dtype)).clamp_min(0.0)
@@ -488,6 +506,14 @@ def _bounded_without_norm(
     return bounded if momenta is None else bounded * (1.0 - momenta)
 
 
+#: The log gates ``log(1 - decay)`` :func:`make_problem` sets beside its full reset (``-inf``): one that
+#: keeps 9.4e-14 of the state (Gated DeltaNet's and Mamba-2's ``-exp(A) * softplus(...)`` reaches -30 and
+#: below) and one that keeps nearly all of it (decay 2e-6). Drawn decays lie in [0, 0.5): a rule wrong
+#: only near a gate of 0 or 1 (a log gate clamped at -10, a decay below 1e-4 skipped, a product that
+#: underflows) passed every check (review s55m). 2e-6, not 1e-6: gradcheck's steps of 1e-6 stay >= 0.
+EXTREME_LOG_GATES: tuple[float, ...] = (-30.0, -2e-6)
+
+
 def _random_gates(
     decay: bool, momentum: bool, uniform: Callable[[float], torch.Tensor], generator: torch.Generator
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -496,18 +522,37 @@ def _random_gates(
     row and head (the other rows keep their draws): gates ``ops.scan`` takes and a layer meets (Titans'
     forgetting saturates at 1). A rule that builds decay or momentum products as ratios of cumulative
     products, or from cumulated logs (FLA's chunked form), is exact away from them and NaN (``0 / 0``,
-    ``-inf - -inf``) from them on: without them its checks passed (review s47e)."""
+    ``-inf - -inf``) from them on: without them its checks passed (review s47e). Then the decays of
+    :data:`EXTREME_LOG_GATES` (:func:`_with_extreme_gates`), drawn last: the draws before are unchanged."""
     drawn = (uniform(0.5) if decay else None, uniform(1.0) if momentum else None)  # the draws' order
+    reset_token = None
 
     def at_end(gates: torch.Tensor | None, value: float) -> torch.Tensor | None:
+        nonlocal reset_token
         if gates is None:
             return None
         token = int(torch.randint(gates.shape[-1], (), generator=generator))
+        reset_token = token if reset_token is None else reset_token  # the decay's, drawn first
         gates = gates.clone()
         gates[0, 0, token] = value
         return gates
 
-    return at_end(drawn[0], 1.0), at_end(drawn[1], 0.0)
+    decays, momenta = at_end(drawn[0], 1.0), at_end(drawn[1], 0.0)
+    if decays is not None:
+        decays = _with_extreme_gates(decays, reset_token, generator)
+    return decays, momenta
+
+
+def _with_extreme_gates(decays: torch.Tensor, reset_token: int, generator: torch.Generator) -> torch.Tensor:
+    """``decays [B, H, T]`` (float64) with the decays of :data:`EXTREME_LOG_GATES` (``-expm1(log_gate)``) at
+    random tokens of the first batch row and head other than the full reset's (as many as there are
+    such tokens); the other rows keep their draws."""
+    free = [t for t in range(decays.shape[-1]) if t != reset_token]
+    order = torch.randperm(len(free), generator=generator).tolist()
+    decays = decays.clone()
+    for index, log_gate in zip(order, EXTREME_LOG_GATES, strict=False):
+        decays[0, 0, free[index]] = -math.expm1(log_gate)
+    return decays
 
 
 def _is_sequence_of_points(cut_points: object) -> bool:
@@ -1883,8 +1928,8 @@ def check_update_rule(
     heads, head dim 8 and a 150-token call), with the first loss and wrapping, and at
     :data:`WIDE_MINI_BATCH_SHAPE` (K = 32, head dim 20, 45 tokens) and :data:`MINI_BATCH_LONGER_THAN_CALL_SHAPE`
     (K = 12 > T = 7, head dim 12) on the first model,
-    :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1); :func:`innerloop.testing.strategies.problems` draws shapes (and,
-    if asked, the model) for a hypothesis test.
+    :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1), and first
+    at rates up to :data:`LARGE_RATES_BOUND` (:func:`_check_rule_at_large_rates`); ``strategies.problems`` draws shapes.
     """
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)
@@ -1893,7 +1938,7 @@ def check_update_rule(
     seed = checked_seed(seed)  # torch's generator takes a Python int only
     cut_points = _check_cut_points(cut_points, problem_kwargs)
     given, wrappings, mixed = _wrappings_to_check(problem_kwargs)  # norm and residual popped
-    check = _RuleCheck(rule, cut_points, seed, tolerance)
+    check = _RuleCheck(rule, cut_points, seed, tolerance, gradients)
     with _memoised_references():  # the reference once per distinct problem
         for index, each_model in enumerate(_models_for(rule, model, problem_kwargs.get("head_dim"))):
             no_grad_too = without_grad and index == 0  # the no-grad modes at the wide shapes: first model
@@ -1911,12 +1956,13 @@ def check_update_rule(
 @dataclass(frozen=True)
 class _RuleCheck:
     """What :func:`check_update_rule` checks every case with: the rule, where it cuts each sequence (None:
-    :func:`default_cuts`), the problems' seed and the relative error allowed."""
+    :func:`default_cuts`), the problems' seed, the relative error allowed and whether gradients are checked."""
 
     rule: UpdateRule
     cut_points: list[int] | None
     seed: int
     tolerance: float
+    gradients: bool = True
 
 
 def _is_builtin(kind: str, plugin: object) -> bool:
@@ -2033,6 +2079,8 @@ def _check_default_shapes(
     wrong past 16 tokens (an inference-only chunked form), at more heads or another head dim passed."""
     if set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # a shape given: that shape only
         return
+    if first_model:  # first: a rule wrong at large rates only fails in a second, not after the rest
+        _check_rule_at_large_rates(check, model, loss, problem_kwargs, given or wrapping)
     for shape, each_wrapping in _default_check_shapes(given or wrapping, given, first_model):
         options = {**problem_kwargs, **shape, **each_wrapping}
         _check_rule_on(check, model, loss, options)
@@ -2084,6 +2132,35 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
             "cut must lie strictly inside a sequence, 0 < cut < T; pass tokens= for a longer one"
         )
     return cuts
+
+
+#: The bound of the rates :func:`check_update_rule` also checks a rule at (``make_problem(max_lr=...)``):
+#: a layer's rates are up to ``base_lr / head_dim`` with any ``base_lr`` >= 0 (1 by default; 10 in
+#: docs/science.md, at head dim 4 a rate of 2.5), linear attention's ``base_lr`` itself (1 by default),
+#: DeltaNet's and Gated DeltaNet's up to 2 (``base_lr * sigmoid``, ``base_lr <= 2``). make_problem draws
+#: rates in [0, 0.5) by default: a rule that clamped rates at 0.5, or stepped wrongly above 1, passed
+#: every check (review s55e, s55m). At make_problem's shape with the inner LayerNorm the problem stays well
+#: conditioned there: the naive loop's float32 error is 4e-6 at most (0.5e-6 at the default rates), over
+#: the built-in rules, models, losses and gates, three seeds each.
+LARGE_RATES_BOUND = 2.5
+
+
+def _check_rule_at_large_rates(
+    check: _RuleCheck, model: InnerModel, loss: InnerLoss, problem_kwargs: dict, wrapping: dict
+) -> None:
+    """:func:`check_update_rule`'s values (every variant the rule takes, whole and cut) and, with
+    ``check.gradients``, gradients (the most the rule takes) at rates in [0, :data:`LARGE_RATES_BOUND`),
+    at make_problem's shape: only where no shape and no ``max_lr`` is given and ``wrapping`` has the inner
+    LayerNorm (without it nothing bounds the inner model's outputs at such steps, and the naive loop itself
+    diverges: :func:`_inner_learning_rates`)."""
+    if set(problem_kwargs) & {*PLUGIN_CHECK_SHAPE, "max_lr"} or not wrapping.get("norm", True):
+        return
+    options = {**problem_kwargs, **wrapping, "max_lr": LARGE_RATES_BOUND}
+    _check_rule_on(check, model, loss, options)
+    if check.gradients:
+        variant = rule_variants(check.rule)[-1]
+        problem = make_problem(model, loss, seed=check.seed, **variant, **options).for_rule(check.rule)
+        check_update_rule_gradients_match_naive(check.rule, problem, check.tolerance, check.cut_points)
 
 
 def _check_rule_on_first(
@@ -2240,6 +2317,8 @@ def _check_rule_on(check: _RuleCheck, model: InnerModel, loss: InnerLoss, proble
     """The values half of :func:`check_update_rule` for one model, loss and wrapping."""
     rule, cut_points, seed, tolerance = check.rule, check.cut_points, check.seed, check.tolerance
     wrapping = ", ".join(f"{k}={problem_kwargs[k]}" for k in ("norm", "residual") if k in problem_kwargs)
+    max_lr = problem_kwargs.get("max_lr")
+    rates = "" if max_lr is None else f", rates in [0, {max_lr:g})"
     for variant in rule_variants(rule):
         options = {**variant, **problem_kwargs}
         problem = make_problem(model, loss, seed=seed, **options).for_rule(rule)
@@ -2250,7 +2329,7 @@ def _check_rule_on(check: _RuleCheck, model: InnerModel, loss: InnerLoss, proble
         for cuts in ([], cuts_of_variant):
             what = (
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
-                f"vs {reference_name(rule)} at {_shape_text(problem)}, cut at {cuts}"
+                f"vs {reference_name(rule)} at {_shape_text(problem)}{rates}, cut at {cuts}"
             )
             out, state = run_in_chunks(rule, problem, cuts, what)
             assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
@@ -2655,6 +2734,8 @@ __all__ = [
     "REGISTRATION_TOLERANCE",
     "InnerProblem",
     "LONG_CHECK_SHAPE",
+    "LARGE_RATES_BOUND",
+    "EXTREME_LOG_GATES",
     "PLUGIN_CHECK_SHAPE",
     "PLUGIN_CHECK_SHAPES",
     "ONE_TOKEN_MINI_BATCH_SHAPE",

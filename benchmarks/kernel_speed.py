@@ -15,6 +15,8 @@ Usage: python benchmarks/kernel_speed.py [--model linear|mlp|both] [--batch 1] [
        [--head-dim 64] [--mini-batch 16] [--dtype float32] [--backward] [--max-len 32768]
 
 On a machine without CUDA (or without Triton) it says so on stderr and exits with status 1: nothing timed.
+A row that raises (a kernel error, out of memory) prints ``failed`` and why, the other rows still run,
+and the run then names the failed rows on stderr and exits with status 1.
 """
 
 from __future__ import annotations
@@ -149,38 +151,61 @@ def main(argv=None) -> int:
 
     modules = {"linear": ttt_linear, "mlp": ttt_mlp}
     models = ["linear", "mlp"] if args.model == "both" else [args.model]
-    dtype = DTYPES[args.dtype]
-    B, H, f, K = args.batch, args.heads, args.head_dim, args.mini_batch
     mode = "fwd+bwd" if args.backward else "fwd"
-    print(f"device: {torch.cuda.get_device_name()}  B={B} H={H} f={f} K={K} dtype={args.dtype} ({mode})")
+    print(
+        f"device: {torch.cuda.get_device_name()}  B={args.batch} H={args.heads} f={args.head_dim} "
+        f"K={args.mini_batch} dtype={args.dtype} ({mode})"
+    )
     print(f"{'T':>7} {'method':<16} {'ms':>10} {'Mtok/s':>9}")
+    failed: list[str] = []
     T = args.min_len
     while T <= args.max_len:
-        q, k, v = (
-            torch.randn(B, H, T, f, device="cuda", dtype=dtype, requires_grad=args.backward) for _ in range(3)
-        )
-
-        def sdpa(q=q, k=k, v=v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
-
-        rows = [("sdpa", runner(sdpa, (), args.backward))]
-        for model in models:
-            inputs = make_inputs(model, B, H, T, f, K, dtype, args.backward)
-            rows.append((f"triton_{model}", runner(modules[model].forward, inputs, args.backward)))
-            if T <= args.skip_naive_above:  # the reference reads float32 only
-                reference_inputs = make_inputs(model, B, H, T, f, K, torch.float32, args.backward)
-                rows.append(
-                    (f"naive_{model}", runner(modules[model].naive.forward, reference_inputs, args.backward))
-                )
-        for name, fn in rows:
-            try:
-                ms = cuda_time_ms(fn, args.repeats)
-                print(f"{T:>7} {name:<16} {ms:>10.3f} {B * T / ms / 1e3:>9.2f}")
-            except Exception as exc:  # report and keep going (e.g. out of memory for naive at 32k)
-                print(f"{T:>7} {name:<16} {'failed':>10} ({type(exc).__name__}: {exc})")
-                torch.cuda.empty_cache()
+        failed += [f"{name} at T={T}" for name in time_rows(T, timed_rows(args, T, modules, models), args)]
         T *= 2
+    if failed:  # a kernel that raises is a finding, not a row to read past: the run fails
+        print(f"kernel_speed: {len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def timed_rows(
+    args: argparse.Namespace, T: int, modules: dict, models: list[str]
+) -> list[tuple[str, object]]:
+    """``(method, closure)`` for every row at length ``T``: SDPA, then each model's kernel and reference."""
+    B, H, f, K = args.batch, args.heads, args.head_dim, args.mini_batch
+    dtype = DTYPES[args.dtype]
+    q, k, v = (
+        torch.randn(B, H, T, f, device="cuda", dtype=dtype, requires_grad=args.backward) for _ in range(3)
+    )
+
+    def sdpa(q=q, k=k, v=v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
+
+    rows = [("sdpa", runner(sdpa, (), args.backward))]
+    for model in models:
+        inputs = make_inputs(model, B, H, T, f, K, dtype, args.backward)
+        rows.append((f"triton_{model}", runner(modules[model].forward, inputs, args.backward)))
+        if T <= args.skip_naive_above:  # the reference reads float32 only
+            reference_inputs = make_inputs(model, B, H, T, f, K, torch.float32, args.backward)
+            rows.append(
+                (f"naive_{model}", runner(modules[model].naive.forward, reference_inputs, args.backward))
+            )
+    return rows
+
+
+def time_rows(T: int, rows: list[tuple[str, object]], args: argparse.Namespace) -> list[str]:
+    """Time and print every row (a row that raises prints ``failed`` and why, and the others still run,
+    e.g. past the naive reference out of memory at 32k); returns the methods that failed."""
+    failed = []
+    for name, fn in rows:
+        try:
+            ms = cuda_time_ms(fn, args.repeats)
+            print(f"{T:>7} {name:<16} {ms:>10.3f} {args.batch * T / ms / 1e3:>9.2f}")
+        except Exception as exc:
+            print(f"{T:>7} {name:<16} {'failed':>10} ({type(exc).__name__}: {exc})")
+            failed.append(name)
+            torch.cuda.empty_cache()
+    return failed
 
 
 if __name__ == "__main__":

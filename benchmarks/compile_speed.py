@@ -17,7 +17,8 @@ The warm-up runs every workload on both copies (its seconds are mostly the compi
 then each round times every workload eagerly and compiled, back to back, and the table gives the median
 of ``--repeats`` rounds, the speed-up (eager time / compiled time) and how far the compiled output is from
 eager's (relative RMS error of the logits, and for the training step of each parameter's gradient too: the
-largest). Run it on a quiet machine.
+largest). It also prints which path each TTT model's layers took in each workload and copy (``kernel="auto"``
+runs the next path where a kernel is missing or refused). Run it on a quiet machine.
 
     python benchmarks/compile_speed.py                     # TTT-Linear, TTT-MLP, TTT-E2E: minutes on 2 cores
     python benchmarks/compile_speed.py --models ttt --backend aot_eager
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside t
 from cli_args import check_compile_backend, check_heads, json_path, positive_int, write_json  # noqa: E402
 from generate_speed import common_config  # noqa: E402
 from train_speed import cpu_description  # noqa: E402
+from ttt_paths import model_paths, path_lines, paths_taken  # noqa: E402
 
 MODELS = {  # --models name -> table label
     "ttt": "TTT-Linear",
@@ -115,9 +117,14 @@ def timed(call: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[float, tuple[to
     return time.perf_counter() - start, out
 
 
-def measure_model(model: torch.nn.Module, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """``results[workload]``: eager and compiled milliseconds (per token for decoding), the largest
-    relative error of its outputs (logits, and gradients where it trains: :func:`output_error`), and (under the key ``warm-up``) the seconds of the first calls of both copies."""
+def measure_model(
+    model: torch.nn.Module, args: argparse.Namespace
+) -> tuple[dict[str, dict[str, float]], dict[str, str] | None]:
+    """``(results, paths)``. ``results[workload]``: eager and compiled milliseconds (per token for
+    decoding), the largest relative error of its outputs (logits, and gradients where it trains:
+    :func:`output_error`), and (under the key ``warm-up``) the seconds of the first calls of both copies.
+    ``paths["<workload> <eager|compiled>"]``: the paths the TTT layers' last call took there
+    (``kernel="auto"`` runs the next path where a kernel is missing or refused); None without TTT layers."""
     model.train()  # as a training step runs it; a TTT model's inner updates do not depend on the mode
     compiled = torch.compile(copy.deepcopy(model), backend=args.backend)
     generator = torch.Generator().manual_seed(0)
@@ -131,12 +138,15 @@ def measure_model(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
     warm_up = time.perf_counter() - start
     seconds: dict[str, dict[str, list[float]]] = {w: {"eager": [], "compiled": []} for w in WORKLOADS}
     errors: dict[str, float] = {}
+    taken: dict[str, set[str] | None] = {}
+    copies = {"eager": model, "compiled": compiled}
     for _ in range(args.repeats):
         for workload in WORKLOADS:
             outputs = {}
             for copy_name, by_workload in calls.items():
                 elapsed, outputs[copy_name] = timed(by_workload[workload])
                 seconds[workload][copy_name].append(elapsed)
+                taken[f"{workload} {copy_name}"] = model_paths(copies[copy_name])
             errors[workload] = max(
                 errors.get(workload, 0.0), output_error(outputs["compiled"], outputs["eager"])
             )
@@ -152,16 +162,25 @@ def measure_model(model: torch.nn.Module, args: argparse.Namespace) -> dict[str,
             "speed_up": eager / compiled_ms,
             "relative_error": errors[workload],
         }
-    return results
+    if any(seen is None for seen in taken.values()):  # no TTT layers
+        return results, None
+    return results, {setting: paths_taken(seen, "?") for setting, seen in taken.items()}
 
 
-def print_table(args: argparse.Namespace, results: dict[str, dict[str, dict[str, float]]]) -> None:
+def print_table(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, dict[str, float]]],
+    paths: dict[str, dict[str, str]],
+) -> None:
     print(
         f"\nmachine: {cpu_description()}, {os.cpu_count()} cpus, "
         f"threads={args.threads}; torch {torch.__version__}; backend {args.backend}; float32, batch "
         f"{args.batch}, width {args.hidden}, {args.layers} blocks, {args.heads} heads, sequences of "
-        f"{args.seq_len} tokens, {args.tokens} decoded; median of {args.repeats}\n"
+        f"{args.seq_len} tokens, {args.tokens} decoded; median of {args.repeats}"
     )
+    for line in path_lines(paths):
+        print(line)
+    print()
     print("| model | workload | eager ms | compiled ms | speed-up (eager / compiled) | relative error |")
     print("|---|---|---|---|---|---|")
     for label, rows in results.items():
@@ -208,8 +227,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = {label: measure_model(model, args) for label, model in build_models(args).items()}
-    print_table(args, results)
+    results, paths = {}, {}
+    for label, model in build_models(args).items():
+        results[label], model_paths_taken = measure_model(model, args)
+        if model_paths_taken is not None:
+            paths[label] = model_paths_taken
+    print_table(args, results, paths)
     if args.json:
         write_json(args.json, results)
     return results

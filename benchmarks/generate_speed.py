@@ -12,7 +12,8 @@ chunks (carrying the state, which equals one call), then times greedy decoding o
     python benchmarks/generate_speed.py --contexts 1024 8192 --mixers ttt attention --tokens 32
     python benchmarks/generate_speed.py --quick               # CI-sized: tiny model, short contexts
 
-Prints one markdown table (tokens/s and the state's size per mixer and context, median of --repeats
+Prints which path each TTT model's layers took (prefill, decoding: ``kernel="auto"`` runs the next path
+where a kernel is missing or refused), then one markdown table (tokens/s and the state's size per mixer and context, median of --repeats
 rounds; one model at a time, its rounds alternating between the contexts), and with ``--json`` writes
 the numbers atomically. Run it on a quiet machine.
 """
@@ -34,8 +35,9 @@ import torch
 from innerloop.models import ModelConfig, build_model
 from innerloop.models.config import TTTConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
 from cli_args import check_distinct, check_heads, json_path, positive_int, write_json  # noqa: E402
+from ttt_paths import model_paths, path_lines, paths_taken  # noqa: E402
 
 MIXERS = {  # --mixers name -> (table label, model config changes over the common shape)
     "ttt": ("TTT-Linear", {"mixer": "ttt"}),
@@ -99,8 +101,13 @@ def decode_seconds(
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
-    """``results[model][context]``: median tokens/s over the rounds, the state's MiB after the prompt.
+def measure(
+    args: argparse.Namespace,
+) -> tuple[dict[str, dict[int, dict[str, float]]], dict[str, dict[str, str]]]:
+    """``(results, paths)``: ``results[model][context]``, the median tokens/s over the rounds and the
+    state's MiB after the prompt; ``paths[TTT model]``, the paths its TTT layers took reading the last
+    prompt chunk of each context (``prefill @<context>``) and decoding the last token (``decoding``):
+    ``kernel="auto"`` runs the next path where a kernel is missing or refused, under the same label.
 
     One model at a time: its prompts of every length are read, then each round decodes once after
     each of them, so the machine's slow spells hit every context alike (the flatness ratio is read
@@ -111,14 +118,21 @@ def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
     generator = torch.Generator().manual_seed(0)
     prompts = {c: torch.randint(0, 256, (1, c), generator=generator) for c in args.contexts}
     results: dict[str, dict[int, dict[str, float]]] = {label: {} for label in models}
+    paths: dict[str, dict[str, str]] = {}
     for label, model in models.items():
-        prefilled = {c: prefill(model, prompts[c], args.prefill_chunk) for c in args.contexts}
+        prefilled, taken = {}, {}
+        for c in args.contexts:
+            prefilled[c] = prefill(model, prompts[c], args.prefill_chunk)
+            taken[f"prefill @{c}"] = model_paths(model)
         for c in args.contexts:  # warm-up
             decode_seconds(model, *prefilled[c], tokens=2)
         times: dict[int, list[tuple[float, float]]] = {c: [] for c in args.contexts}
         for _ in range(args.repeats):
             for c in args.contexts:
                 times[c].append(decode_seconds(model, *prefilled[c], tokens=args.tokens))
+        taken["decoding"] = model_paths(model)
+        if taken["decoding"] is not None:  # a model with TTT layers
+            paths[label] = {setting: paths_taken(seen, "?") for setting, seen in taken.items()}
         for c in args.contexts:
             results[label][c] = {
                 "tokens_per_s": args.tokens / statistics.median(wall for wall, _ in times[c]),
@@ -127,16 +141,23 @@ def measure(args: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
             }
         del prefilled
         gc.collect()
-    return results
+    return results, paths
 
 
-def print_table(args: argparse.Namespace, results: dict[str, dict[int, dict[str, float]]]) -> None:
+def print_table(
+    args: argparse.Namespace,
+    results: dict[str, dict[int, dict[str, float]]],
+    paths: dict[str, dict[str, str]],
+) -> None:
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"threads={args.threads}; torch {torch.__version__}; float32, batch 1, width {args.hidden}, "
         f"{args.layers} blocks, {args.heads} heads, window {args.window}; {args.tokens} greedy tokens "
-        f"after each context, median of {args.repeats}\n"
+        f"after each context, median of {args.repeats}"
     )
+    for line in path_lines(paths):
+        print(line)
+    print()
     contexts = args.contexts
     columns = {"tokens_per_s": "tok/s", "tokens_per_cpu_s": "tok/CPU-s"}
     header = [f"{name} @{c}" for name in columns.values() for c in contexts]
@@ -185,8 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = measure(args)
-    print_table(args, results)
+    results, paths = measure(args)
+    print_table(args, results, paths)
     if args.json:
         write_json(args.json, results)
     return results

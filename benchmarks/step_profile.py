@@ -40,8 +40,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, train_speed: beside this
 from cli_args import add_layer_arguments, apply_quick, check_heads, json_path, positive_int, write_json  # noqa: E402
-from train_speed import COLUMNS, ROWS, TTT_MODELS, build_layers, cpu_description, make_call, path_lines  # noqa: E402
-from ttt_paths import paths_taken  # noqa: E402
+from train_speed import COLUMNS, ROWS, TTT_MODELS, build_layers, cpu_description, make_call  # noqa: E402
+from ttt_paths import path_lines, paths_taken  # noqa: E402
 
 PARTS = (
     "inner scan",

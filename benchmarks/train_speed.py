@@ -62,7 +62,7 @@ from cli_args import (  # noqa: E402
     write_json,
 )
 from layer_speed import CausalAttention  # noqa: E402
-from ttt_paths import paths_taken  # noqa: E402
+from ttt_paths import path_lines, paths_taken  # noqa: E402
 
 import innerloop  # noqa: E402
 import innerloop.kernels.fused_torch.compiled as compiled_step  # noqa: E402
@@ -264,15 +264,6 @@ def dispatched_paths(
             calls[tokens, row, name]()
             paths[name][row] = paths_taken({path for path, _ in layers[name].dispatches}, "?")
     return paths
-
-
-def path_lines(paths: dict[str, dict[str, str]]) -> list[str]:
-    """``# TTT-Linear ran cpu_ttt_linear: inference fp32, ...``: the settings each path ran, per column."""
-    lines = []
-    for name, by_row in paths.items():
-        for path in dict.fromkeys(by_row.values()):
-            lines.append(f"# {name} ran {path}: {', '.join(row for row in by_row if by_row[row] == path)}")
-    return lines
 
 
 def interleaved_median_seconds(calls: dict, repeats: int) -> dict:

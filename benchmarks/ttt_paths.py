@@ -1,4 +1,5 @@
-"""What the CPU layer benchmarks share: the TTT layers of each dispatch path, and the table they print.
+"""What the CPU benchmarks share: the TTT layers of each dispatch path, the table they print, and the lines
+that say which path each TTT column's calls took.
 
 Paths: ``auto`` (what a user gets; on CPU inference the compiled kernel), ``cpu_ttt`` and
 ``fused_torch`` (those kernels forced), ``torch`` (the reference path).
@@ -46,6 +47,26 @@ def record_paths(layer: nn.Module) -> set[str]:
 def paths_taken(seen: set[str], default: str) -> str:
     """``"cpu_ttt_linear + torch"`` for :func:`record_paths`' set (``default`` when it is empty)."""
     return " + ".join(sorted(seen)) if seen else default
+
+
+def model_paths(model: nn.Module) -> set[str] | None:
+    """Every path the last call of each TTT layer inside ``model`` (a language model, or a
+    ``torch.compile`` of one) took, for :func:`paths_taken`; None for a model without TTT layers
+    (attention, TTT-E2E: one path only)."""
+    layers = [module for module in model.modules() if isinstance(getattr(module, "dispatches", None), list)]
+    if not layers:
+        return None
+    return {path for layer in layers for path, _ in layer.dispatches}
+
+
+def path_lines(paths: dict[str, dict[str, str]]) -> list[str]:
+    """``# TTT-Linear ran cpu_ttt_linear: inference fp32, ...``: the settings each path ran, per column
+    (``paths[column][setting]``, as :func:`paths_taken` says it)."""
+    lines = []
+    for name, by_row in paths.items():
+        for path in dict.fromkeys(by_row.values()):
+            lines.append(f"# {name} ran {path}: {', '.join(row for row in by_row if by_row[row] == path)}")
+    return lines
 
 
 def print_table(

@@ -154,7 +154,7 @@ def test_generate_speed_tokens_per_second_is_tokens_over_a_round_from_the_prefil
     monkeypatch.setattr(script, "time", types.SimpleNamespace(perf_counter=clock, process_time=clock))
     monkeypatch.setattr(script, "build_models", lambda args: {"cache": _CacheCostLM(clock)})
     argv = ["--contexts", "100", "1000", "--tokens", "10", "--repeats", "3", "--threads", "1"]
-    results = script.measure(script.parse_args(argv))["cache"]
+    results = script.measure(script.parse_args(argv))[0]["cache"]
     for context in (100, 1000):  # an untimed token at position `context`, then 10 timed ones
         seconds = sum(context + i for i in range(1, 11)) * 1e-6
         assert results[context]["tokens_per_s"] == pytest.approx(10 / seconds, rel=1e-9)

@@ -3,11 +3,19 @@ recipe, export / tokenizer-cache / error-text details). Each test was seen faili
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 from benchmark_testing import benchmark_script
 
 import innerloop.kernels.triton.common as triton_common
+from innerloop import TTTLayer
+from innerloop.core import NonFiniteRowsError
+from innerloop.core.family_layers import DeltaNetLayer
+from innerloop.models import E2EConfig, ModelConfig, build_model
+from innerloop.models.config import TTTConfig
 
 # ---- kernel_speed: a row that raises fails the run --------------------------------------------------
 
@@ -116,3 +124,106 @@ def test_compile_speed_says_which_path_each_ttt_model_ran(capsys, monkeypatch, t
         f"# TTT-Linear ran fused_torch_linear: {steps}",
         "# TTT-Linear ran torch: decoding eager, decoding compiled",
     ]
+
+
+# ---- NonFiniteRowsError: the recipe the message prints runs -------------------------------------------
+
+RECIPE = re.compile(r"from (state=None|state\.index_select\(torch\.tensor\(error\.finite_rows\)[^)]*\))")
+
+
+def _recipe(error: Exception) -> str:
+    """The state expression the error's message tells a caller to rerun ``error.finite_rows`` from."""
+    found = RECIPE.search(str(error))
+    assert found, str(error)
+    return found.group(1).removeprefix("state=")
+
+
+def _layer_and_overflowing_call(kind: str):
+    """A layer, its state after 6 tokens of ``x [3, 12, 16]`` and the rest of ``x`` with row 1's input
+    overflowing (finite, 3e38): row 1 goes non-finite, rows 0 and 2 stay finite."""
+    torch.manual_seed(0)
+    if kind == "delta":
+        layer = DeltaNetLayer(16, 2)
+    else:
+        layer = TTTLayer(16, 2, mini_batch_size=4, inner_loss=kind)
+    x = torch.randn(3, 12, 16)
+    _, state = layer(x[:, :6])
+    broken = x[:, 6:].clone()
+    broken[1, 2] = 3e38
+    return layer, x, state, broken
+
+
+@pytest.mark.slow  # reason: two calls and the output check's diagnosis; the first use of a kernel (~1-8 s loaded)
+@pytest.mark.parametrize("kind", ["next_token", "reconstruction", "delta"])
+def test_the_printed_recipe_reruns_a_layer_s_finite_rows(kind) -> None:
+    """s55p (LOW): the message said ``state.index_select(torch.tensor(error.finite_rows))``, which raises
+    for a TTTState whose ``loss_carry`` holds values (inner loss next_token): 'pass inner_loss='."""
+    layer, x, state, broken = _layer_and_overflowing_call(kind)
+    with pytest.raises(NonFiniteRowsError) as caught:
+        layer(broken, state)
+    error = caught.value
+    assert error.finite_rows == [0, 2], str(error)
+    selected = eval(_recipe(error), {"torch": torch, "state": state, "error": error, "layer": layer})
+    rows = torch.tensor(error.finite_rows)
+    resumed, _ = layer(x[rows, 6:], selected)
+    torch.testing.assert_close(resumed, layer(x[:, 6:], state)[0][rows])  # float32 default tolerance
+
+
+@pytest.mark.slow  # reason: a call and the output check's diagnosis (~0.5 s; more on a loaded machine)
+def test_the_printed_recipe_of_a_call_from_no_state_says_none() -> None:
+    """s55p (LOW): from ``state=None`` the message said ``state.index_select(...)``: None has none."""
+    layer, x, _, _ = _layer_and_overflowing_call("reconstruction")
+    broken = x.clone()
+    broken[1, 2] = 3e38
+    with pytest.raises(NonFiniteRowsError) as caught:
+        layer(broken)
+    assert _recipe(caught.value) == "None", str(caught.value)
+    assert "state.index_select" not in str(caught.value)
+
+
+@pytest.mark.slow  # reason: a language model's calls and the layer's diagnosis (~1 s; more on a loaded machine)
+def test_a_language_model_s_state_selects_as_the_printed_alternative() -> None:
+    """Inside a language model the layer raises with its own TTTState's recipe (inner_loss=); the
+    message names the model state's form too, which runs."""
+    torch.manual_seed(0)
+    config = ModelConfig(hidden_size=16, num_heads=2, num_layers=1, vocab_size=32, mixer="ttt")
+    model = build_model(replace(config, ttt=TTTConfig(inner_loss="next_token", mini_batch_size=4))).eval()
+    ids = torch.randint(0, 32, (3, 12))
+    with torch.no_grad():
+        _, state = model(ids[:, :6])
+        expected, _ = model(ids[:, 6:], state)
+        inner = state.blocks[0].mixer.params
+        inner["W1"] = inner["W1"].clone()  # a broadcast view of one row: its own rows
+        inner["W1"][1] = float("nan")  # row 1 of the state given goes on NaN
+        with pytest.raises(NonFiniteRowsError) as caught:
+            model(ids[:, 6:], state)
+        said = str(caught.value)
+        assert "inner_loss=layer.inner_loss" in said and "state.index_select(rows)" in said, said
+        rows = torch.tensor(caught.value.finite_rows)
+        resumed, _ = model(ids[rows, 6:], state.index_select(rows))
+    torch.testing.assert_close(resumed, expected[rows])  # float32 default tolerance
+
+
+@pytest.mark.slow  # reason: a tiny TTT-E2E model's calls with the inner-loop check (~1 s; more on a loaded machine)
+@pytest.mark.parametrize("from_a_state", [False, True])
+def test_the_printed_recipe_reruns_e2e_s_finite_rows(from_a_state) -> None:
+    """TTT-E2E's NonFiniteInnerStepError prints the same recipe: E2EState.index_select, or from None."""
+    torch.manual_seed(0)
+    config = ModelConfig(mixer="e2e", window=8, hidden_size=16, num_heads=2, num_layers=2, vocab_size=32)
+    model = build_model(replace(config, e2e=E2EConfig(chunk_size=4))).eval()
+    ids = torch.randint(0, 7, (3, 12))  # ids below 7: finite rows
+    with torch.no_grad():
+        model.embed.register_forward_hook(
+            lambda module, inputs, out: out.masked_fill((inputs[0] == 7)[..., None], float("nan"))
+        )
+        state = model(ids[:, :4])[1] if from_a_state else None
+        expected, _ = model(ids[:, 4:], state)
+        broken = ids[:, 4:].clone()
+        broken[1, 1] = 7  # row 1's hidden state NaN
+        with pytest.raises(NonFiniteRowsError) as caught:
+            model(broken, state)
+        error = caught.value
+        selected = eval(_recipe(error), {"torch": torch, "state": state, "error": error})
+        rows = torch.tensor(error.finite_rows)
+        resumed, _ = model(ids[rows, 4:], selected)
+    torch.testing.assert_close(resumed, expected[rows])  # float32 default tolerance

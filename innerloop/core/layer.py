@@ -714,7 +714,10 @@ class NonFiniteRowsError(ValueError):
     """A call's check found NaN or inf (``non_finite="raise"``): ``rows``, the batch rows (sequences) that
     went non-finite, and ``finite_rows``, those that stayed finite (None where not told). Each row is
     computed on its own and the state given to the call is left as it was, so a caller may run
-    ``finite_rows`` again from ``state.index_select(torch.tensor(finite_rows))`` and drop the others."""
+    ``finite_rows`` again from ``state.index_select(torch.tensor(finite_rows))`` and drop the others
+    (a bare :class:`~innerloop.core.state.TTTState` whose ``loss_carry`` is not empty also takes
+    ``inner_loss=layer.inner_loss``; a call from ``state=None`` runs them from None again): the message
+    says which, as :func:`rerun_recipe`."""
 
     rows: list[int] | None = None
     finite_rows: list[int] | None = None
@@ -730,9 +733,25 @@ def non_finite_rows(batch: int, tensors: Iterable[torch.Tensor]) -> list[int]:
     return broken.nonzero().flatten().tolist()
 
 
-def with_rows(error: ValueError, batch: int, rows: list[int]) -> NonFiniteRowsError:
+def rerun_recipe(given_state: object) -> str:
+    """How a caller runs a batch's finite rows again after a :class:`NonFiniteRowsError`, from the state
+    ``given_state`` it gave the call that raised (None, a layer's or a model's state)."""
+    inputs = "their inputs (rows error.finite_rows of the call's input)"
+    if given_state is None:
+        return f"{inputs} from state=None"
+    select = "state.index_select(torch.tensor(error.finite_rows)"
+    if getattr(given_state, "loss_carry", None):  # a TTTState whose inner loss carries per-row values
+        return (
+            f"{inputs} from {select}, inner_loss=layer.inner_loss) (the loss that wrote its loss_carry; a "
+            "language model's state passes it itself: state.index_select(rows))"
+        )
+    return f"{inputs} from {select})"
+
+
+def with_rows(error: ValueError, batch: int, rows: list[int], given_state: object) -> NonFiniteRowsError:
     """``error`` (a :class:`NonFiniteRowsError`, or a ValueError made one) with ``rows``, the batch rows
-    that went non-finite, and the others as ``finite_rows``, named at the end of its message."""
+    that went non-finite, and the others as ``finite_rows``, named at the end of its message with how to
+    run them again from ``given_state``, the state given to the call (:func:`rerun_recipe`)."""
     error = error if isinstance(error, NonFiniteRowsError) else NonFiniteRowsError(*error.args)
     finite = [row for row in range(batch) if row not in set(rows)]
     error.rows, error.finite_rows = rows, finite
@@ -744,7 +763,7 @@ def with_rows(error: ValueError, batch: int, rows: list[int]) -> NonFiniteRowsEr
         said = (
             f"batch rows [{_listed(rows)}] of {batch} went non-finite, rows [{_listed(finite)}] stayed "
             "finite: each row is computed on its own and the state given to this call is unchanged, so "
-            "error.finite_rows can run again from state.index_select(torch.tensor(error.finite_rows))"
+            f"they can run again: {rerun_recipe(given_state)}"
         )
     else:
         said = f"batch rows [{_listed(rows)}] of {batch} went non-finite (every row)"
@@ -1731,7 +1750,9 @@ class TTTLayer(nn.Module):
                 ),
                 batch,
                 rows,
+                given_state,
             )
+        caller_state = given_state  # the whole batch's, for the error's recipe
         x, given_state, new_state = self._broken_rows_only(rows, x, given_state, new_state)
         record = self._dispatch_record()
         saved_dispatches = list(record)  # the diagnosis below reruns parts of the call
@@ -1741,7 +1762,7 @@ class TTTLayer(nn.Module):
         finally:
             record[:] = saved_dispatches
         message = f"{type(self).__name__} produced {what} from finite input{cause}; non_finite='ignore' returns them as they are"
-        raise with_rows(ValueError(message), batch, rows)
+        raise with_rows(ValueError(message), batch, rows, caller_state)
 
     def _broken_rows_only(
         self, rows: list[int], x: torch.Tensor, given_state: TTTState | None, new_state: TTTState

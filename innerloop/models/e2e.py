@@ -1355,7 +1355,7 @@ class E2ELM(MaterialisableLM):
         logits, caches, fast, pending, pending_ids, scored = self._inner_loop(
             h, ids, caches, fast, done, checks
         )
-        self._raise_if_an_inner_step_went_non_finite(fast, checks or [])
+        self._raise_if_an_inner_step_went_non_finite(fast, checks or [], state)
         position = length if state is None else state.position + length
         new_state = E2EState(  # the pending chunk's own copy, not a view of the whole call's inputs
             tuple(caches),
@@ -1369,11 +1369,14 @@ class E2ELM(MaterialisableLM):
         )
         return logits[:, -length:] if length else logits[:, :0], new_state
 
-    def _raise_if_an_inner_step_went_non_finite(self, fast: FastWeights, checks: list[torch.Tensor]) -> None:
+    def _raise_if_an_inner_step_went_non_finite(
+        self, fast: FastWeights, checks: list[torch.Tensor], given_state: E2EState | None
+    ) -> None:
         """The checks of this call's inner steps (``checks``: :func:`_step_sums` then :func:`_step_scales`
         each, by batch row, of fast weights like ``fast``): a plugin's own NaN, then where and why else the
         inner loop went non-finite; one read-back per call, none per chunk. The error names the batch rows
-        whose checks hold NaN or inf (:func:`~innerloop.core.layer.with_rows`)."""
+        whose checks hold NaN or inf (:func:`~innerloop.core.layer.with_rows`) and how to run the others
+        again from ``given_state``, the state given to the call."""
         batch = next(iter(fast.values())).shape[0]
         if not checks or batch == 0:
             return
@@ -1387,7 +1390,7 @@ class E2ELM(MaterialisableLM):
         try:  # the diagnosis of the broken rows only: a finite row's large weights blame nothing
             self._raise_if_a_check_failed(fast, by_row[:, :, broken], width, only_scored)
         except NonFiniteInnerStepError as error:
-            with_rows(error, batch, broken.nonzero().flatten().tolist())
+            with_rows(error, batch, broken.nonzero().flatten().tolist(), given_state)
             raise
 
     def _raise_if_a_check_failed(

@@ -484,8 +484,9 @@ def _move_into_place(staging: Path, out: Path) -> None:
     """Rename ``staging`` to ``out`` (an empty or missing folder, or an earlier export that
     :func:`check_target` accepted). An earlier export's entries that it did not write are first moved
     into ``staging`` (:func:`_plan_replacement`), the earlier export is renamed aside, ``staging`` into
-    place, and only then are the earlier export's own files deleted. Any failure before the new folder
-    is in place puts everything back where it was."""
+    place, and only then are the earlier export's own files deleted (also when a Ctrl-C comes once the
+    new folder is in place: a second one there leaves ``.<name>.*.old`` to the next export's settling).
+    Any failure before the new folder is in place puts everything back where it was."""
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700: give the usual permissions
     if not out.exists() or not any(out.iterdir()):
         os.replace(staging, out)  # onto an empty folder too (POSIX renames onto an empty directory)
@@ -505,8 +506,16 @@ def _move_into_place(staging: Path, out: Path) -> None:
         # landed as that rename returned); the user's files go back from staging (export_model's _undo_staging)
         if os.path.lexists(staging) and not os.path.lexists(out) and os.path.lexists(aside):
             os.replace(aside, out)
+        elif not os.path.lexists(staging) and os.path.lexists(aside):
+            # the new export in place as the stop came (a Ctrl-C raised as its rename returned): the
+            # earlier one's own files go now, not at the next export; anything else of it stays
+            _delete_own_files(aside, plan.owned)
         raise
-    _delete_earlier_export(aside, plan.owned, out)
+    try:
+        _delete_earlier_export(aside, plan.owned, out)
+    except KeyboardInterrupt:  # a Ctrl-C while it was deleted: finish (a few unlinks), then stop
+        _delete_own_files(aside, plan.owned)
+        raise
 
 
 def _delete_earlier_export(aside: Path, owned: set[str], out: Path) -> None:

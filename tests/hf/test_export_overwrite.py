@@ -206,6 +206,38 @@ def test_ctrl_c_just_after_the_earlier_export_is_set_aside_puts_it_back(
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+@pytest.mark.parametrize("stopped", ["as the new export is renamed in", "while the earlier one is deleted"])
+def test_ctrl_c_once_the_new_export_is_in_place_leaves_no_earlier_export_beside_it(
+    model, tmp_path: Path, monkeypatch, stopped: str
+) -> None:
+    """Review s55p: a Ctrl-C raised as the rename that puts the new export in place returns (or while
+    the earlier export's files are deleted) left the earlier export in ``.hf.*.old`` beside OUT_DIR until
+    the next export to it settled it. Its own files are now deleted before the KeyboardInterrupt goes on;
+    the new export, with the user's files, is in place."""
+    out = export_model(model, tmp_path / "hf", tokenizer=None)
+    _copy_in(out, COPIED)
+    replace, unlink = os.replace, Path.unlink
+
+    def interrupted_once_in_place(source, target):  # noqa: ANN001, ANN202
+        replace(source, target)
+        if Path(source).name.endswith(".tmp") and Path(target) == out:
+            raise KeyboardInterrupt
+
+    def interrupted_once_deleting(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        monkeypatch.setattr(Path, "unlink", unlink)  # the first unlink only
+        unlink(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    if stopped.startswith("as"):
+        monkeypatch.setattr(export.os, "replace", interrupted_once_in_place)
+    else:
+        monkeypatch.setattr(Path, "unlink", interrupted_once_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, out, overwrite=True, tokenizer=None)
+    assert {p.name for p in out.iterdir()} == MODEL_FILES | set(COPIED)
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no .hf.*.old left
+
+
 @pytest.mark.parametrize("second_after", [1, 2])
 def test_a_second_ctrl_c_while_the_users_files_go_back_loses_none(
     model, tmp_path: Path, monkeypatch, second_after: int

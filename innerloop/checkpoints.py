@@ -63,6 +63,7 @@ from innerloop.core.callers import warning_stacklevel
 from innerloop.core.functional import check_flag, check_path_argument, first_non_finite, user_path
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
+from innerloop.core.wording import a_type
 from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
 from innerloop.kernels.dispatch import TORCH_PATH, refused_named_kernels
@@ -1050,7 +1051,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         )
         raise CheckpointError(f"{name} has a malformed metadata tree: {_one_line(reason)}") from None
     if not isinstance(tree, dict):
-        raise CheckpointError(f"{name} has a metadata tree that is a {type(tree).__name__}, not a dict")
+        raise CheckpointError(f"{name} has a metadata tree that is {a_type(tree)}, not a dict")
     _check_finite_weights(name, tree.get("state_dict"))
     _fill_earlier_defaults(tree)
     warn_changed_plugins(name, tree.get(PLUGINS_KEY), sources=tree.get(PLUGIN_SOURCES_KEY))

@@ -227,3 +227,85 @@ def test_the_printed_recipe_reruns_e2e_s_finite_rows(from_a_state) -> None:
         rows = torch.tensor(error.finite_rows)
         resumed, _ = model(ids[rows, 4:], selected)
     torch.testing.assert_close(resumed, expected[rows])  # float32 default tolerance
+
+
+# ---- item 3: export, tokenizer-cache and message details ------------------------------------------------
+
+
+def test_a_type_names_its_article_by_sound() -> None:
+    from innerloop.core.wording import a_type
+
+    class UnknownTokenizer: ...
+
+    class Union: ...
+
+    said = [a_type(v) for v in (3, [], object(), {}.items(), UnknownTokenizer(), Union(), None)]
+    assert said == [
+        "an int",
+        "a list",
+        "an object",
+        "a dict_items",
+        "an UnknownTokenizer",
+        "a Union",
+        "a NoneType",
+    ]
+
+
+def test_a_registration_hook_returning_an_int_is_said_in_english() -> None:
+    # s55p (LOW): "its hook register_inner_losses returned a int"
+    from types import SimpleNamespace
+
+    from innerloop.registry.manager import _returned_error
+
+    said = str(_returned_error("my_plugin", SimpleNamespace(hook="register_inner_losses"), 3))
+    assert "returned an int, which would be silently dropped" in said, said
+
+
+def test_a_lightning_key_given_twice_is_named_as_the_user_wrote_it() -> None:
+    # s55p (LOW): the warning named the internal key 'trainer.lightning.max_time'
+    from innerloop.config.load import _warn_keys_given_twice
+
+    with pytest.warns(UserWarning) as caught:
+        _warn_keys_given_twice(["trainer.max_time=00:01:00:00", "trainer.max_time=00:02:00:00"])
+    said = str(caught[0].message)
+    assert said.startswith("config key 'trainer.max_time' is given twice"), said
+    assert "lightning" not in said
+
+
+def test_the_tokenizer_cache_stamp_tells_a_file_of_another_file_system(tmp_path, monkeypatch) -> None:
+    """s55p (LOW): a tokenizer file replaced by one of another file system with the same inode number,
+    times and size had the same stamp, so the cached tokenizer of the old file was used."""
+    import os
+    from types import SimpleNamespace
+
+    from innerloop.data import tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{}")
+    real_stat = os.stat
+    device = [1]
+
+    def on_device(target, *args, **kwargs):  # noqa: ANN001, ANN202
+        stat = real_stat(target, *args, **kwargs)
+        if os.fspath(target) != os.fspath(path):
+            return stat
+        fields = ("st_mode", "st_ino", "st_mtime_ns", "st_size", "st_ctime_ns", "st_mtime", "st_nlink")
+        return SimpleNamespace(**{name: getattr(stat, name) for name in fields}, st_dev=device[0])
+
+    monkeypatch.setattr(os, "stat", on_device)
+    before = tokenizer._stamp(path)
+    device[0] = 2  # the same inode, times and size on another file system
+    assert tokenizer._stamp(path) != before
+
+
+@pytest.mark.slow  # reason: imports transformers (innerloop.hf), ~2 s on a cold process
+def test_a_python_built_config_s_token_index_refusal_names_the_config_not_config_json() -> None:
+    # s55p (LOW): 'config.json's innerloop_token_index_dtype=[...]' for a config that has no config.json
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    model = {"hidden_size": 8, "num_heads": 2, "num_layers": 1, "intermediate_size": 16, "vocab_size": 20}
+    config = InnerloopConfig(model=model, innerloop_token_index_dtype=["float64", "float64"])
+    with pytest.raises(
+        ValueError, match=r"^InnerloopConfig\.innerloop_token_index_dtype=\[.*\] has 2 entries"
+    ):
+        InnerloopForCausalLM(config)

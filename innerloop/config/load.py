@@ -738,10 +738,14 @@ def _warn_keys_given_twice(overrides: Sequence[str]) -> None:
     order, so the last is used, and the first is a value the user may believe the run has."""
     seen: dict[str, str] = {}
     for item in overrides:
-        key = _routed_key(item.partition("=")[0].strip())
+        written = item.partition("=")[0].strip()
+        key = _routed_key(
+            written
+        )  # trainer.max_time is trainer.lightning.max_time: named as the user wrote it
         if key in seen:
+            first = seen[key].partition("=")[0].strip()  # both items are quoted after it
             warnings.warn(
-                f"config key {key!r} is given twice in the overrides, {seen[key]!r} and {item!r}: the last "
+                f"config key {first!r} is given twice in the overrides, {seen[key]!r} and {item!r}: the last "
                 "is used; give it once",
                 UserWarning,
                 stacklevel=warning_stacklevel(),

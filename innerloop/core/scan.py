@@ -18,6 +18,7 @@ import torch
 from innerloop.core.functional import decay_from_log, log_segment_sums
 from innerloop.core.protocol import InnerModel, InnerTask, LossPairs, Params, UpdateRule, Views
 from innerloop.core.state import TTTState
+from innerloop.core.wording import a_type
 
 
 @dataclass(frozen=True)
@@ -602,7 +603,7 @@ def _shape_or_type(value: object) -> str:
     """``value`` in words: a tensor's shape, else its type."""
     if isinstance(value, torch.Tensor):
         return f"a Tensor of shape {tuple(value.shape)}"
-    return "None" if value is None else f"a {type(value).__name__}"
+    return "None" if value is None else a_type(value)
 
 
 def check_rule_returns(
@@ -617,9 +618,7 @@ def check_rule_returns(
     name = getattr(rule, "name", type(rule).__name__)
     expected = tuple(views.query.shape)
     if not isinstance(result, tuple | list) or len(result) != 2:
-        got = (
-            f"a {type(result).__name__} of length {len(result)}" if isinstance(result, tuple | list) else None
-        )
+        got = f"{a_type(result)} of length {len(result)}" if isinstance(result, tuple | list) else None
         raise RuleOutputError(
             f"update rule {name!r}: forward must return (outputs [B, H, T, f], TTTState); got "
             f"{got or _shape_or_type(result)}"

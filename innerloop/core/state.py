@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from innerloop.core.functional import as_integer, integer_or_given
+from innerloop.core.wording import a_type
 
 #: The groups of tensors of a state, in the order :meth:`TTTState.tensors` lists them.
 TENSOR_GROUPS = ("params", "pending", "loss_carry", "conv_history", "momentum", "decay")
@@ -128,7 +129,7 @@ def check_states(states: Any, cls: type, what: str) -> list[Any]:
         raise ValueError(f"{what}.cat takes a non-empty list of {cls.__name__}s, got {states!r:.80}")
     for i, state in enumerate(states):
         if not isinstance(state, cls):
-            raise TypeError(f"{what}.cat: states[{i}] is a {type(state).__name__}, not a {cls.__name__}")
+            raise TypeError(f"{what}.cat: states[{i}] is {a_type(state)}, not a {cls.__name__}")
     return list(states)
 
 

@@ -46,16 +46,22 @@ class FolderInTheWayError(IsADirectoryError):
         return str(self.strerror)
 
 
-def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int, int] | None:
+def file_stamp(path: str | os.PathLike[str], device: bool = False) -> tuple[int, ...] | None:
     """What changes when ``path`` is written again: its inode (an atomic write makes a new one), its
     modification time, its size (a rewrite in place within the file system's time resolution) and its
     change time (a rewrite in place of the same size whose modification time was set back, as ``cp -p``
-    or ``touch -r`` do: no program can set ``st_ctime``); None when there is no such file."""
+    or ``touch -r`` do: no program can set ``st_ctime``); None when there is no such file.
+
+    ``device=True`` puts the file system's device number first (a file replaced by one on another file
+    system can share the inode number): for stamps compared within one process only. A stamp kept on disk
+    leaves it out: a file system's device number can change when it is mounted again (NFS, device mapper),
+    which would read every kept stamp as a changed file."""
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size, stat.st_ctime_ns
+    stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size, stat.st_ctime_ns)
+    return (stat.st_dev, *stamp) if device else stamp
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:

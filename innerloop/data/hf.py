@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from innerloop.core.functional import user_path
+from innerloop.core.wording import a_type
 from innerloop.data.atomic import file_stamp
 from innerloop.data.text import COMPRESSIONS, DataError, path_entries, split_keys
 from innerloop.data.tokenizer import UTF8_BYTE_ORDER_MARK, missing_package
@@ -556,11 +557,7 @@ def _one_line(err: object) -> str:
 
 def _check_text(value: Any, text_field: str, index: int) -> str:
     if not isinstance(value, str):
-        what = (
-            "missing or null (None in the data)"
-            if value is None
-            else f"a {type(value).__name__} ({value!r:.40})"
-        )
+        what = "missing or null (None in the data)" if value is None else f"{a_type(value)} ({value!r:.40})"
         raise DataError(
             f"data.text_field={text_field!r} of document {index} (counted from 0 over data.paths in order) is "
             f'{what}; every document\'s text must be a string ("" for an empty one)'

@@ -606,12 +606,13 @@ def _transformers_tokenizer(folder: Path, source: str) -> HFTokenizer:
     return HFTokenizer(backend.to_str(), eos, source)
 
 
-def _stamp(path: Path | None) -> tuple[int, int, int, int] | None:
-    """:func:`~innerloop.data.atomic.file_stamp` of a file (inode, modification time, size, change time),
-    None if there is none: a changed file is read again, one rewritten with its old time and size too."""
+def _stamp(path: Path | None) -> tuple[int, ...] | None:
+    """:func:`~innerloop.data.atomic.file_stamp` of a file (device, inode, modification time, size, change
+    time), None if there is none: a changed file is read again, one rewritten with its old time and size
+    too, and one replaced by a file of another file system that has the same inode number."""
     if path is None or not path.is_file():
         return None
-    return file_stamp(path)
+    return file_stamp(path, device=True)
 
 
 @functools.lru_cache(maxsize=8)

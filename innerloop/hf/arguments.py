@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from innerloop.core.functional import as_integer, is_flag
+from innerloop.core.wording import a_type
 
 CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 """The names a cache is passed under: the model's own, transformers' usual one, and Mamba's."""
@@ -67,7 +68,7 @@ def shown_argument(name: str, value: Any) -> str:
     shows it before its shape has been checked."""
     if isinstance(value, torch.Tensor):
         return f"{name} {list(value.shape)}"
-    return f"{name} (a {type(value).__name__})"
+    return f"{name} ({a_type(value)})"
 
 
 def check_one_sequence(owner: str, input_ids: Any, inputs_embeds: Any, hidden_size: int) -> None:
@@ -277,7 +278,7 @@ def _shape_of(value: Any) -> str:
     """``"shape [2, 3]"`` for a tensor, else the type's name: how an error shows a wrong argument."""
     if isinstance(value, torch.Tensor):
         return f"shape {list(value.shape)}"
-    return f"a {type(value).__name__}"
+    return a_type(value)
 
 
 def check_logits_to_keep(

@@ -1430,8 +1430,9 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             remake_token_index(self, self.config.innerloop_token_index_dtype, where=TOKEN_INDEX_FIELD)
 
 
-TOKEN_INDEX_FIELD = "config.json's innerloop_token_index_dtype"
-"""How a token-index record that does not fit the model is named (``InnerloopConfig``'s field)."""
+TOKEN_INDEX_FIELD = "InnerloopConfig.innerloop_token_index_dtype"
+"""How a token-index record that does not fit the model is named: ``InnerloopConfig``'s field (a config
+built in Python has no config.json; a loaded folder's config.json holds the field of that name)."""
 
 
 def check_recorded_plugins(source: str, config: InnerloopConfig) -> None:

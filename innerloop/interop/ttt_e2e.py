@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from innerloop.core.functional import as_integer, is_flag
 from innerloop.core.layer import is_real
+from innerloop.core.wording import a_type
 from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
 from innerloop.models.config import MODEL_FIELD_BOUNDS, checked_number
 
@@ -654,7 +655,7 @@ def _checked_float32(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> d
     for name, shape in shapes.items():
         if not (hasattr(arrays[name], "shape") and hasattr(arrays[name], "dtype")):  # numpy, torch, jax
             raise OfficialConfigError(
-                f"checkpoint tensor {name} is a {type(arrays[name]).__name__}, not an array (a numpy array or "
+                f"checkpoint tensor {name} is {a_type(arrays[name])}, not an array (a numpy array or "
                 "torch tensor)"
             )
         got = tuple(arrays[name].shape)

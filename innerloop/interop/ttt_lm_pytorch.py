@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 
 from innerloop.core.functional import as_integer
 from innerloop.core.layer import TTTLayer, head_counts, is_real
+from innerloop.core.wording import a_type
 from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, TTTConfig
 from innerloop.models.lm import CausalLM
 
@@ -365,7 +366,7 @@ def _check_tensor(name: str, tensor: Any, shape: torch.Size, what: str, fields: 
     """One tensor of a reference state dict (``name``, the reference's key): a finite floating tensor
     of ``shape``; ``what`` is "layer" or "model", ``fields`` the config fields that decide the shape."""
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
+        raise ValueError(f"state_dict[{name!r}] is {a_type(tensor)}, not a tensor")
     if tensor.dtype not in WEIGHT_DTYPES:
         raise ValueError(
             f"state_dict[{name!r}] has dtype {tensor.dtype}; the weights are float16, bfloat16, float32 or "

@@ -66,6 +66,7 @@ from innerloop.core.layer import (
 )
 from innerloop.core.model_inner import FastWeights, ModelInnerLoss, ModelUpdateRule
 from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_positions, take_rows
+from innerloop.core.wording import a_type
 from innerloop.models.attention import (
     CausalSelfAttention,
     KVCache,
@@ -612,7 +613,7 @@ def _checked_step(rule: ModelUpdateRule, before: FastWeights, after: object) -> 
         what = (
             f"{new.dtype} {list(new.shape)} on {new.device}"
             if isinstance(new, torch.Tensor)
-            else ("missing" if isinstance(after, Mapping) else f"a {type(after).__name__}, not a dict")
+            else ("missing" if isinstance(after, Mapping) else f"{a_type(after)}, not a dict")
         )
         cls = type(rule)
         raise ValueError(
@@ -1166,7 +1167,7 @@ class E2ELM(MaterialisableLM):
             wanted = ChunkKVCache if relative and i >= first_chunked else KVCache
             if cache is not None and not isinstance(cache, wanted):
                 raise ValueError(
-                    f"state's cache of block {i} is a {type(cache).__name__}, this model keeps a "
+                    f"state's cache of block {i} is {a_type(cache)}, this model keeps a "
                     f"{wanted.__name__} there: the state was made by a model with other "
                     f"test_time_training / rope_positions (this one: {e2e.test_time_training} / "
                     f"{e2e.rope_positions!r})"

@@ -24,6 +24,7 @@ from innerloop.core.family_layers import FamilyLayer
 from innerloop.core.functional import RMSNorm, check_flag, check_positive_int
 from innerloop.core.layer import CALL_OPTIONS, TTTLayer, check_input_recordable
 from innerloop.core.state import check_batch_rows, check_states
+from innerloop.core.wording import a_type
 from innerloop.models.blocks import Block, BlockState
 from innerloop.models.config import (
     ModelConfig,
@@ -467,7 +468,7 @@ class MaterialisableLM(nn.Module):
         device = next(iter(self.parameters())).device
         if device.type == "meta":
             raise ValueError(
-                f"reset_parameters of a {type(self).__name__} on the meta device: make it real first "
+                f"reset_parameters of {a_type(self)} on the meta device: make it real first "
                 "(model.to_empty(device=...)), then reset_parameters()"
             )
         with torch.device(device):

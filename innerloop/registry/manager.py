@@ -51,6 +51,7 @@ from innerloop.core.functional import saved_tensors_hooks_suspended
 from innerloop.core.identity import IdentityTable
 from innerloop.core.protocol import InnerLoss, InnerModel, UpdateRule
 from innerloop.core.scan import add_note
+from innerloop.core.wording import a_type
 from innerloop.kernels import first_use
 from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import hookspecs
@@ -831,7 +832,7 @@ def _names_offered(plugin: Any, staging: _Staging) -> list[tuple[str, str]]:
 def _returned_error(origin: str, kind: Kind, value: Any) -> PluginError:
     """The error for a hook implementation that returned ``value`` instead of registering it."""
     name = getattr(value, "name", None)
-    what = f"a {type(value).__name__}" + (f" named {name!r}" if isinstance(name, str) else "")
+    what = a_type(value) + (f" named {name!r}" if isinstance(name, str) else "")
     return PluginError(
         f"plugin {origin!r}: its hook {kind.hook} returned {what}, which would be silently dropped; "
         f"hooks register objects through their argument: call register(obj) instead of returning it "

@@ -73,6 +73,7 @@ from innerloop.core.callers import warning_stacklevel
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
+from innerloop.core.wording import a_type
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import (
     AT_LEAST_0,
@@ -1078,11 +1079,11 @@ def _input_target_pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         got = f"a tensor of shape {tuple(batch.shape)}"
     elif isinstance(batch, (tuple, list)):
-        got = f"a {type(batch).__name__} of " + ", ".join(
+        got = f"{a_type(batch)} of " + ", ".join(
             f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in batch
         )
     else:
-        got = f"a {type(batch).__name__}"
+        got = a_type(batch)
     raise TypeError(
         "trainer.fit / trainer.validate / trainer.test batches must be (inputs [B, T], targets [B, T]) pairs of token-id "
         f"tensors of one shape (a DataModule's val_dataloader() gives them), got {got}; trainer.predict "

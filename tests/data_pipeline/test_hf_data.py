@@ -220,7 +220,7 @@ def test_what_cannot_be_read_is_one_error_naming_the_setting(tmp_path, capsys) -
         _module(jsonl, True, text_field="body")
     with pytest.raises(
         DataError,
-        match=r"data.text_field='id' of document 0 .* is a int \(0\); every document's text must be a string",
+        match=r"data.text_field='id' of document 0 .* is an int \(0\); every document's text must be a string",
     ):
         _module(jsonl, True, text_field="id")
     saved = _write(tmp_path / "c", "saved-dict")

@@ -1478,7 +1478,7 @@ def remake_token_index(model: torch.nn.Module, record: Any, where: str = TOKEN_I
     if isinstance(record, list) and len(record) != len(layers):
         raise ValueError(
             f"{where}={record!r} has {len(record)} entries, but the model has {len(layers)} TTT "
-            "layers (one entry each)"
+            f"layer{'' if len(layers) == 1 else 's'} (one entry each)"
         )
     made = record if isinstance(record, list) else [record] * len(layers)
     for layer, dtype in zip(layers, made, strict=True):

@@ -307,5 +307,6 @@ def test_a_python_built_config_s_token_index_refusal_names_the_config_not_config
     config = InnerloopConfig(model=model, innerloop_token_index_dtype=["float64", "float64"])
     with pytest.raises(
         ValueError, match=r"^InnerloopConfig\.innerloop_token_index_dtype=\[.*\] has 2 entries"
-    ):
+    ) as caught:
         InnerloopForCausalLM(config)
+    assert "the model has 1 TTT layer (one entry each)" in str(caught.value)  # was "1 TTT layers"

@@ -690,17 +690,18 @@ _AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 float64 as it is)."""
 
 
-def check_device_and_dtype(x: torch.Tensor, weights: torch.Tensor) -> None:
+def check_device_and_dtype(x: torch.Tensor, weights: torch.Tensor, name: str = "x") -> None:
     """A layer's input ``x`` is on its ``weights``' device and in their dtype (another dtype only under
-    ``torch.autocast``); each error names ``x``, what it is and what to do."""
+    ``torch.autocast``); each error names the argument (``name``), what it is and what to do."""
     if x.device != weights.device:
         raise ValueError(
-            f"x is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
+            f"{name} is on {x.device} but the layer's weights are on {weights.device}: move one to the other"
         )
     if x.dtype != weights.dtype and not autocasting(x.device.type):
         raise TypeError(
-            f"x is {x.dtype} but the layer's weights are {weights.dtype}: cast x (x.to({weights.dtype})) "
-            f"or the layer (layer.to({x.dtype})), or run under torch.autocast for mixed precision"
+            f"{name} is {x.dtype} but the layer's weights are {weights.dtype}: cast {name} "
+            f"({name}.to({weights.dtype})) or the layer (layer.to({x.dtype})), or run under torch.autocast "
+            "for mixed precision"
         )
 
 

@@ -429,18 +429,18 @@ def check_not_narrower(name: str, tensor: torch.Tensor, weights: torch.Tensor) -
         )
 
 
-def check_hidden_states(x: Any, hidden_size: int, weights: torch.Tensor) -> None:
+def check_hidden_states(x: Any, hidden_size: int, weights: torch.Tensor, name: str = "x") -> None:
     """``x`` is a floating-point ``[B, T, hidden_size]`` tensor on ``weights``' device, in their dtype
-    (another one only under ``torch.autocast``); each error names ``x``, what it is and what is valid.
-    Shapes and dtypes only: no value is read (no device sync; traces under ``torch.compile``), so a NaN
-    in ``x`` is not refused here: it comes out as NaN."""
+    (another one only under ``torch.autocast``); each error names the argument (``name``), what it is and
+    what is valid. Shapes and dtypes only: no value is read (no device sync; traces under
+    ``torch.compile``), so a NaN in ``x`` is not refused here: it comes out as NaN."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor [B, T, hidden_size], got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 3 or x.shape[-1] != hidden_size:
-        raise ValueError(f"x must have shape [B, T, hidden_size={hidden_size}], got {tuple(x.shape)}")
-    check_device_and_dtype(x, weights)
+        raise ValueError(f"{name} must have shape [B, T, hidden_size={hidden_size}], got {tuple(x.shape)}")
+    check_device_and_dtype(x, weights, name)
 
 
 class CausalSelfAttention(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from innerloop.core.functional import RMSNorm, causal_depthwise_conv
-from innerloop.core.layer import TTTLayer, check_positive_int
+from innerloop.core.layer import TTTLayer, check_device_and_dtype, check_positive_int
 from innerloop.core.protocol import InnerLoss
 from innerloop.core.state import TTTState, cat_rows, check_batch_rows, check_states, take_rows
 from innerloop.models.attention import CausalSelfAttention, KVCache, check_hidden_states, check_not_narrower
@@ -34,12 +34,30 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
+        hidden_size = check_positive_int("hidden_size", hidden_size)
+        intermediate_size = check_positive_int("intermediate_size", intermediate_size)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., hidden_size]`` (any leading dims), floating point, on the weights' device and in their
+        dtype (another one under ``torch.autocast``) -> ``[..., hidden_size]``."""
+        check_features(x, self.gate_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def check_features(x: Any, weight: torch.Tensor) -> None:
+    """``x`` is a floating-point ``[..., in_features]`` tensor for the linear map of ``weight [out, in]``,
+    on its device and in its dtype (another one only under ``torch.autocast``); each error names ``x``,
+    what it is and what is valid (shapes and dtypes only: no value is read)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [..., hidden_size], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"x must have shape [..., hidden_size={weight.shape[-1]}], got {tuple(x.shape)}")
+    check_device_and_dtype(x, weight)
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -271,6 +289,7 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, state: BlockState | None = None) -> tuple[torch.Tensor, BlockState]:
         """``h [B, T, D]`` → ``h [B, T, D]`` and the block's new state."""
+        check_hidden_states(h, self.mlp_norm.weight.shape[-1], self.mlp_norm.weight, "h")
         conv_history = None
         if self.pre_conv is not None:
             conv_out, conv_history = self.pre_conv(

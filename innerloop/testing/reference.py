@@ -6,6 +6,7 @@ every rule can be checked against it. Use float64 and tiny shapes.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -146,6 +147,18 @@ def naive_token_loop(
     return torch.cat(outputs, dim=2), new_state
 
 
+def _check_one_float_dtype(dtypes: dict[str, torch.dtype]) -> None:
+    """A TypeError naming the tensor whose dtype is not floating point or not the others' (the most
+    common one), with every dtype given (a matmul of two dtypes names neither tensor)."""
+    common = Counter(dtypes.values()).most_common(1)[0][0]
+    for name, dtype in dtypes.items():
+        if dtype != common or not dtype.is_floating_point:
+            raise TypeError(
+                f"causal_linear_attention: {name} is {dtype}; query, key and value must be floating-point "
+                f"tensors of one dtype, got {dtypes}"
+            )
+
+
 def causal_linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``out_i = sum_{j <= i} (q_i . k_j) v_j`` for ``[B, H, T, f]`` inputs (unnormalised); ``value``'s
     last dim may differ from the others'."""
@@ -164,6 +177,7 @@ def causal_linear_attention(query: torch.Tensor, key: torch.Tensor, value: torch
             "causal_linear_attention takes query and key of one shape [B, H, T, f] and value [B, H, T, f_v] "
             f"of the same B, H, T; got {shapes}"
         )
+    _check_one_float_dtype({"query": query.dtype, "key": key.dtype, "value": value.dtype})
     scores = (query @ key.transpose(-1, -2)).tril()  # [B, H, T, T]
     return scores @ value
 

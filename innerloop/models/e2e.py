@@ -672,7 +672,15 @@ def _step_scales(h_chunk: torch.Tensor, before: FastWeights) -> torch.Tensor:
     wide = torch.float64 if h_chunk.device.type != "mps" else torch.float32
     with torch.no_grad():
         tensors = (h_chunk, *(before[name] for name in sorted(before)))
-        return torch.stack([t.detach().abs().amax(dim=tuple(range(1, t.dim()))).to(wide) for t in tensors])
+        # A tensor with no element (an empty batch) has no magnitude to take (amax of none raises): 0, finite.
+        return torch.stack(
+            [
+                t.detach().abs().amax(dim=tuple(range(1, t.dim()))).to(wide)
+                if t.numel()
+                else t.new_zeros(t.shape[:1], dtype=wide)
+                for t in tensors
+            ]
+        )
 
 
 #: How many times its magnitude at a call's start a fast weight must have grown through the inner steps

@@ -118,3 +118,46 @@ def test_e2e_lm_runs_an_empty_batch_as_causal_lm_does():
     assert logits.shape == (0, 9, 16)
     logits, _ = model(torch.zeros(0, 3, dtype=torch.long), state)
     assert logits.shape == (0, 3, 16)
+
+
+def _naive_arguments():
+    from innerloop.testing import make_problem
+
+    problem = make_problem(
+        "linear", "reconstruction", batch=2, heads=2, head_dim=3, tokens=6, mini_batch_size=4
+    )
+    return dict(state=problem.state, task=problem.task, views=problem.views, lr=problem.lr, tau=problem.tau)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "message"),
+    [
+        ("lr", lambda a: a["lr"][:, :, :3], r"lr must be a floating-point tensor \[B, H, T\].*\(2, 2, 6\), got torch.float64 \(2, 2, 3\)"),
+        ("lr", lambda a: a["lr"][0], r"lr must be .*got torch.float64 \(2, 6\)"),
+        ("lr", lambda a: (a["lr"] * 10).long(), r"lr must be a floating-point tensor .*got torch.int64"),
+        ("lr", lambda a: None, r"lr must be a torch.Tensor"),
+        ("tau", lambda a: a["tau"][:2], r"tau must be a floating-point tensor \[mini_batch_size\] = \(4,\), got torch.float64 \(2,\)"),
+        ("decay", lambda a: a["lr"][:, :1], r"decay must be .*\[B, H, T\].*got torch.float64 \(2, 1, 6\)"),
+        ("momentum", lambda a: a["lr"][..., :5], r"momentum must be .*got torch.float64 \(2, 2, 5\)"),
+    ],
+)  # fmt: skip
+def test_naive_token_loop_names_a_gate_of_the_wrong_shape(name, bad, message):
+    """innerloop.testing.naive_token_loop (the token-by-token oracle) took lr, tau, decay and momentum
+    unchecked: lr [B, H, 3] for 6 tokens failed as 'IndexError: index 3 is out of bounds for dimension 2',
+    tau [2] for mini-batches of 4 as 'index 2 is out of bounds', an integer lr ran with truncated rates."""
+    arguments = _naive_arguments()
+    arguments[name] = bad(arguments)
+    from innerloop.testing import naive_token_loop
+
+    with pytest.raises((TypeError, ValueError), match=message):
+        naive_token_loop(**arguments)
+
+
+@pytest.mark.slow  # two token-by-token loops with autograd: 0.6 s on the loaded machine
+def test_naive_token_loop_still_takes_legal_gates():
+    from innerloop.testing import naive_token_loop
+
+    arguments = _naive_arguments()
+    outputs, _ = naive_token_loop(**arguments, decay=arguments["lr"] * 0)
+    reference, _ = naive_token_loop(**arguments)
+    torch.testing.assert_close(outputs, reference, rtol=0, atol=0)

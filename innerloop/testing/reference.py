@@ -60,6 +60,27 @@ def _check_recordable(state: TTTState, views: Views, gates: dict[str, torch.Tens
         )
 
 
+def _check_gates(views: Views, mini_batch_size: int, gates: dict[str, torch.Tensor | None]) -> None:
+    """Each of ``lr`` (required), ``decay``, ``momentum`` a floating-point ``[B, H, T]`` tensor of the
+    views' batch, heads and tokens, and ``tau`` one of ``[mini_batch_size]``, else an error naming it, what
+    was given and what is valid (not an IndexError or a broadcasting error from inside the loop)."""
+    tokens = tuple(views.query.shape[:3])
+    for name, gate in gates.items():
+        if gate is None and name != "lr":
+            continue
+        wanted = (mini_batch_size,) if name == "tau" else tokens
+        layout = "[mini_batch_size]" if name == "tau" else "[B, H, T] (the views' query [B, H, T, f])"
+        if not isinstance(gate, torch.Tensor):
+            raise TypeError(
+                f"naive_token_loop: {name} must be a torch.Tensor {layout}, got {type(gate).__name__}"
+            )
+        if not gate.is_floating_point() or tuple(gate.shape) != wanted:
+            raise ValueError(
+                f"naive_token_loop: {name} must be a floating-point tensor {layout} = {wanted}, got "
+                f"{gate.dtype} {tuple(gate.shape)}"
+            )
+
+
 def _per_head(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``value [B, H]`` shaped to multiply ``like [B, H, *shape]``."""
     return value.reshape(value.shape + (1,) * (like.dim() - 2))
@@ -111,7 +132,9 @@ def naive_token_loop(
 
     At the end of a mini-batch the weights it read become ``W_b``.
     """
-    _check_recordable(state, views, {"lr": lr, "tau": tau, "decay": decay, "momentum": momentum})
+    gates = {"lr": lr, "tau": tau, "decay": decay, "momentum": momentum}
+    _check_gates(views, task.mini_batch_size, gates)
+    _check_recordable(state, views, gates)
     pairs = task.loss.pairs(views, state.loss_carry)
     if pairs.valid is not None:
         lr = lr * pairs.valid.to(lr.dtype)

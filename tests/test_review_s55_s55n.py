@@ -161,3 +161,22 @@ def test_naive_token_loop_still_takes_legal_gates():
     outputs, _ = naive_token_loop(**arguments, decay=arguments["lr"] * 0)
     reference, _ = naive_token_loop(**arguments)
     torch.testing.assert_close(outputs, reference, rtol=0, atol=0)
+
+
+def test_run_layer_in_chunks_names_a_layer_that_cannot_be_called():
+    """run_layer_in_chunks(None, x, ...) raised "'NoneType' object is not callable" from its loop."""
+    from innerloop.testing import run_layer_in_chunks
+
+    with pytest.raises(
+        TypeError, match=r"run_layer_in_chunks: layer must be a callable module.*got NoneType"
+    ):
+        run_layer_in_chunks(None, torch.zeros(1, 4, 8), [2])
+
+
+@pytest.mark.parametrize("config", [None, [("hidden_size", 8)], "hidden_size=8"])
+def test_twin_layers_names_a_config_that_is_not_a_mapping(config):
+    """twin_layers(None, ...) raised 'TTTLayer() argument after ** must be a mapping, not NoneType'."""
+    from innerloop.testing import twin_layers
+
+    with pytest.raises(TypeError, match=r"twin_layers: config must be a mapping of TTTLayer's arguments"):
+        twin_layers(config, seed=0, kernel="torch")

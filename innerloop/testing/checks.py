@@ -660,6 +660,11 @@ def run_layer_in_chunks(
 
     A point outside ``(0, T)`` cuts nothing and is ignored (one list serves sequences of several
     lengths); repeated points count once."""
+    if not callable(layer):
+        raise TypeError(
+            "run_layer_in_chunks: layer must be a callable module (layer(x, state) -> (y, state)), got "
+            f"{type(layer).__name__}"
+        )
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"run_layer_in_chunks: x must be a torch.Tensor [B, T, D] (the layer's input), got {type(x).__name__}"
@@ -686,6 +691,11 @@ def twin_layers(
     The weights are moved away from their initial values so that no parameter sits at a value (a zero
     bias, a unit LayerNorm weight) where a wrong formula would still give the right number.
     """
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"twin_layers: config must be a mapping of TTTLayer's arguments (e.g. dict(hidden_size=64, "
+            f"num_heads=4)), got {type(config).__name__}"
+        )
     torch.manual_seed(_check_seed_and_dtype(seed, dtype))  # each named if wrong, not int()'s silent cast
     reference = TTTLayer(**config, kernel="torch").to(dtype)
     with torch.no_grad():

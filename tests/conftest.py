@@ -152,14 +152,17 @@ SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside 
 def _restore_torch_globals():
     """Every test starts with the process's torch threads, default dtype and denormal setting: a test
     that changes one (a benchmark's ``main`` sets the threads) must not change the rounding of the
-    tests after it (the resume tests compare runs bit for bit, some of them trained in a subprocess)."""
+    tests after it (the resume tests compare runs bit for bit, some of them trained in a subprocess).
+    Gradient mode too: a test that raises an interrupt inside ``torch.no_grad().__enter__`` leaves it off,
+    and the tests after it in the process would run without graphs (kernels chosen for training skipped)."""
     import torch
 
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    threads, dtype, grad_enabled = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
     yield
     torch.set_num_threads(threads)
     torch.set_default_dtype(dtype)
     torch.set_flush_denormal(False)
+    torch.set_grad_enabled(grad_enabled)
 
 
 @pytest.fixture(scope="session")

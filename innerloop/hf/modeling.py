@@ -778,15 +778,25 @@ class NonFiniteScoresCheck(LogitsProcessor):
     """Refuses scores with a row of NaN or ``+inf``, or ``-inf`` for every token, before any processor
     reads them (:class:`~innerloop.core.NonFiniteRowsError`, naming the rows), as
     :func:`innerloop.models.generate` does: greedy search took the argmax of a NaN row, token 0, and went
-    on silently (a TTT-E2E decode call that only scores is not checked by the model). One reduction of
-    the scores per token; transformers' loop reads the device at every token already."""
+    on silently (a TTT-E2E decode call that only scores is not checked by the model). A row that has
+    ended (one of ``eos_token_ids`` generated after the ``prompt_length`` tokens given), whose next
+    token transformers replaces by the pad token, is not refused: its non-finite scores are made 0. One
+    reduction of the scores per token; transformers' loop reads the device at every token already."""
+
+    def __init__(self, eos_token_ids: list[int] | None = None, prompt_length: int | None = None) -> None:
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        """``scores``, unchanged, if every row has a finite largest score."""
+        """``scores``, unchanged, if every row has a finite largest score (an ended row's made 0)."""
         finite = torch.isfinite(scores.amax(dim=-1))  # [B]: max propagates NaN
         if bool(finite.all()):
             return scores
-        rows = (~finite).nonzero().flatten().tolist()
+        ended = self._ended_rows(input_ids)
+        broken = ~finite & ~ended
+        if not bool(broken.any()):  # only rows whose next token is replaced by the pad token
+            return torch.where((~finite)[:, None], torch.zeros_like(scores), scores)
+        rows = broken.nonzero().flatten().tolist()
         error = NonFiniteRowsError(
             f"generate: the model produced non-finite logits after {input_ids.shape[1]} tokens in rows {rows} "
             "(of the batch transformers runs: beams and returned sequences counted): NaN or +inf, or -inf for "
@@ -794,8 +804,16 @@ class NonFiniteScoresCheck(LogitsProcessor):
             "NaN (TTT-E2E checks a call that trains on a chunk, not one that only scores a decoded token: "
             "innerloop.models.generate names its likely cause)"
         )
-        error.rows, error.finite_rows = rows, finite.nonzero().flatten().tolist()
+        error.rows, error.finite_rows = rows, (~broken).nonzero().flatten().tolist()
         raise error
+
+    def _ended_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B]``: whether each row generated an end-of-sequence token after the prompt (read only when
+        a row's scores are not finite)."""
+        if not self.eos_token_ids or self.prompt_length is None or input_ids.shape[1] <= self.prompt_length:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        eos = torch.tensor(self.eos_token_ids, dtype=input_ids.dtype, device=input_ids.device)
+        return torch.isin(input_ids[:, self.prompt_length :], eos).any(dim=1)
 
 
 TIED_HEAD_KEY = "model.lm_head.weight"
@@ -2083,7 +2101,11 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         for index, processor in enumerate(processors):
             if type(processor) is TemperatureLogitsWarper:
                 processors[index] = ShiftedTemperatureLogitsWarper(processor.temperature)
-        processors.insert(0, NonFiniteScoresCheck())  # the model's own scores, before any processor
+        eos = generation_config.eos_token_id
+        eos_ids = [] if eos is None else torch.as_tensor(eos).flatten().tolist()
+        prompt_length = kwargs.get("input_ids_seq_length", args[0] if args else None)
+        # the model's own scores, before any processor
+        processors.insert(0, NonFiniteScoresCheck(eos_ids, prompt_length))
         return processors
 
     def _prepare_attention_mask_for_generation(

@@ -1,0 +1,53 @@
+"""Review s55q of s55a's per-row non-finite errors: transformers' generate() must not refuse a run whose
+finite rows are intact because a row that has already ended (its end-of-sequence token generated: what it
+decodes next is replaced by the pad token) went NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.core import NonFiniteRowsError
+
+
+def _nan_after_row_0_ended(model) -> None:
+    """Row 0's final hidden states NaN from the second decoded token's call on (the first decode call
+    produced its end-of-sequence token)."""
+    calls = []
+
+    def hook(module, inputs, output):
+        if inputs[0].shape[1] == 1:
+            calls.append(1)
+            if len(calls) >= 2:
+                output = output.clone()
+                output[0] = float("nan")
+        return output
+
+    model.model.norm.register_forward_hook(hook)
+
+
+@pytest.mark.slow  # transformers' generate on a tiny TTT model (~0.5 s)
+@pytest.mark.parametrize("sample", [False, True])
+def test_hf_generate_does_not_refuse_a_run_for_a_row_that_already_ended(sample) -> None:
+    """NonFiniteScoresCheck refused every row when a finished row's (discarded) scores went NaN: greedy
+    search returned the other rows intact before it. Now the finished row is left out of the check (its
+    scores made 0, which transformers replaces by the pad token) and a still-running row is refused."""
+    pytest.importorskip("transformers")
+    from tests.hf.hf_testing import tiny_hf_model
+
+    model = tiny_hf_model("ttt_linear")
+    ids = torch.randint(5, 50, (2, 4))
+    reference = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    eos = int(reference[0, 4])  # row 0's first decoded token ends it
+    if int(reference[1, 4]) == eos or eos in reference[1, 4:].tolist():
+        pytest.skip("row 1 decodes row 0's first token too at this seed")  # not at seed 0
+    _nan_after_row_0_ended(model)
+    mode = {"do_sample": True, "top_k": 1} if sample else {"do_sample": False}  # sampling's path, the argmax
+    out = model.generate(ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=0, **mode)
+    assert out[0, 4:].tolist() == [eos, 0, 0, 0]
+    assert torch.equal(out[1], reference[1])
+    model.model.norm._forward_hooks.clear()
+    _nan_after_row_0_ended(model)
+    with pytest.raises(NonFiniteRowsError) as caught:  # a row still running is refused, as before
+        model.generate(ids, max_new_tokens=4, pad_token_id=0, **mode)
+    assert caught.value.rows == [0] and caught.value.finite_rows == [1]

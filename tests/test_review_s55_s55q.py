@@ -23,7 +23,7 @@ def _nan_after_row_0_ended(model) -> None:
                 output[0] = float("nan")
         return output
 
-    model.model.norm.register_forward_hook(hook)
+    (model.model.norm if hasattr(model, "model") else model.norm).register_forward_hook(hook)
 
 
 @pytest.mark.slow  # transformers' generate on a tiny TTT model (~0.5 s)
@@ -50,4 +50,25 @@ def test_hf_generate_does_not_refuse_a_run_for_a_row_that_already_ended(sample) 
     _nan_after_row_0_ended(model)
     with pytest.raises(NonFiniteRowsError) as caught:  # a row still running is refused, as before
         model.generate(ids, max_new_tokens=4, pad_token_id=0, **mode)
+    assert caught.value.rows == [0] and caught.value.finite_rows == [1]
+
+
+def test_models_generate_does_not_refuse_a_run_for_a_row_that_already_ended() -> None:
+    """innerloop.models.generate refused the batch when a row that had ended (it repeats its
+    end-of-sequence id whatever it scores) went NaN; its finite rows are now returned, a running row's
+    NaN still refused."""
+    from innerloop.models import ModelConfig, build_model
+    from innerloop.models.generate import generate
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1)).eval()
+    ids = torch.randint(5, 50, (2, 4))
+    reference = torch.stack([t for t, _ in generate(model, ids, 4, top_k=1)], dim=1)
+    eos = int(reference[0, 0])
+    assert eos not in reference[1].tolist()  # seed 0: row 1 never decodes it
+    _nan_after_row_0_ended(model)
+    tokens = torch.stack([t for t, _ in generate(model, ids, 4, top_k=1, eos_token_id=eos)], dim=1)
+    assert tokens[0].tolist() == [eos] * 4 and torch.equal(tokens[1], reference[1])
+    with pytest.raises(NonFiniteRowsError) as caught:
+        list(generate(model, ids, 4, top_k=1))
     assert caught.value.rows == [0] and caught.value.finite_rows == [1]

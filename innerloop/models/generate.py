@@ -306,6 +306,8 @@ def _sample(
     stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt_ids.device)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [B]
     for step in range(max_new_tokens):
+        if stops:  # an ended row repeats its end-of-sequence id whatever it scores: not refused
+            last = torch.where(ended[:, None], torch.zeros_like(last), last)
         bad = _non_finite_rows(last)
         if bad:
             raise _non_finite_logits_error(model, state, step, bad)

@@ -53,6 +53,7 @@ def test_hf_generate_does_not_refuse_a_run_for_a_row_that_already_ended(sample) 
     assert caught.value.rows == [0] and caught.value.finite_rows == [1]
 
 
+@pytest.mark.slow  # a model built and 12 decode calls (~1.4 s at load 16 on 2 cores)
 def test_models_generate_does_not_refuse_a_run_for_a_row_that_already_ended() -> None:
     """innerloop.models.generate refused the batch when a row that had ended (it repeats its
     end-of-sequence id whatever it scores) went NaN; its finite rows are now returned, a running row's
@@ -72,3 +73,14 @@ def test_models_generate_does_not_refuse_a_run_for_a_row_that_already_ended() ->
     with pytest.raises(NonFiniteRowsError) as caught:
         list(generate(model, ids, 4, top_k=1))
     assert caught.value.rows == [0] and caught.value.finite_rows == [1]
+
+
+def test_rows_not_told_leave_finite_rows_unset() -> None:
+    """with_rows with no row told (no value of one row alone holds NaN or inf) set finite_rows to every
+    row, though its message says the rows could not be told and NonFiniteRowsError documents None then:
+    a caller rerunning finite_rows reran the broken row too."""
+    from innerloop.core.layer import with_rows
+
+    error = with_rows(ValueError("layer produced non-finite outputs"), 3, [])
+    assert error.rows == [] and error.finite_rows is None
+    assert "could not be told" in str(error)

@@ -755,7 +755,7 @@ def with_rows(error: ValueError, batch: int, rows: list[int], given_state: objec
     run them again from ``given_state``, the state given to the call (:func:`rerun_recipe`)."""
     error = error if isinstance(error, NonFiniteRowsError) else NonFiniteRowsError(*error.args)
     finite = [row for row in range(batch) if row not in set(rows)]
-    error.rows, error.finite_rows = rows, finite
+    error.rows, error.finite_rows = rows, (finite if rows else None)  # None: not told
     if not rows:
         said = (
             "which batch rows went non-finite could not be told: no value of one row alone holds NaN or inf"

@@ -2166,11 +2166,20 @@ def _check_rule_at_large_rates(
     if set(problem_kwargs) & {*PLUGIN_CHECK_SHAPE, "max_lr"} or not wrapping.get("norm", True):
         return
     options = {**problem_kwargs, **wrapping, "max_lr": LARGE_RATES_BOUND}
-    _check_rule_on(check, model, loss, options)
-    if check.gradients:
-        variant = rule_variants(check.rule)[-1]
-        problem = make_problem(model, loss, seed=check.seed, **variant, **options).for_rule(check.rule)
-        check_update_rule_gradients_match_naive(check.rule, problem, check.tolerance, check.cut_points)
+    try:
+        _check_rule_on(check, model, loss, options)
+        if check.gradients:
+            variant = rule_variants(check.rule)[-1]
+            problem = make_problem(model, loss, seed=check.seed, **variant, **options).for_rule(check.rule)
+            check_update_rule_gradients_match_naive(check.rule, problem, check.tolerance, check.cut_points)
+    except Exception as err:  # the rule's own error or a failed comparison: said where, and the way out
+        err.add_note(
+            f"check_update_rule: this is its large-rates case, inner learning rates in [0, {LARGE_RATES_BOUND:g}) "
+            "(LARGE_RATES_BOUND; a layer's reach base_lr / head_dim). A rule defined only for smaller rates "
+            "(its documented domain) is checked within it by passing that bound: check_update_rule(rule, "
+            "max_lr=...), which every problem then draws its rates below."
+        )
+        raise
 
 
 def _check_rule_on_first(

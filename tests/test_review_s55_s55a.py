@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_review_s54_s54r import _e2e
 
 from innerloop import TTTLayer
 from innerloop.core import NonFiniteRowsError
 from innerloop.core.family_layers import DeltaNetLayer
-from innerloop.models import E2EConfig, ModelConfig, NonFiniteInnerStepError, build_model
+from innerloop.models import ModelConfig, NonFiniteInnerStepError, build_model
 from innerloop.models.generate import generate
 from innerloop.plugins.e2e import NextTokenChunkLoss
 
@@ -28,19 +29,6 @@ def _nan_embedding(model: torch.nn.Module) -> None:
         return output.masked_fill((inputs[0] == BAD_TOKEN)[..., None], float("nan"))
 
     model.embed.register_forward_hook(hook)
-
-
-def _e2e(**options) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        mixer="e2e",
-        window=8,
-        hidden_size=16,
-        num_heads=2,
-        num_layers=2,
-        e2e=E2EConfig(chunk_size=4, **options),
-    )
-    return build_model(config).eval()
 
 
 def _ids_with_one_bad_row(batch: int, bad: int, length: int = 16) -> torch.Tensor:

@@ -81,6 +81,6 @@ def test_rows_not_told_leave_finite_rows_unset() -> None:
     a caller rerunning finite_rows reran the broken row too."""
     from innerloop.core.layer import with_rows
 
-    error = with_rows(ValueError("layer produced non-finite outputs"), 3, [])
+    error = with_rows(ValueError("layer produced non-finite outputs"), 3, [], None)
     assert error.rows == [] and error.finite_rows is None
     assert "could not be told" in str(error)

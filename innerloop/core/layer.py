@@ -2077,6 +2077,7 @@ __all__ = [
     "CALL_OPTIONS",
     "MAX_MINI_BATCH_SIZE",
     "ModelTooLargeError",
+    "NonFiniteRowsError",
     "TTTLayer",
     "check_head_split",
     "check_inner_norm_width",

@@ -159,7 +159,7 @@ def test_states_that_cannot_be_joined_are_refused_naming_why() -> None:
         LMState.cat([at_5, at_5.to(torch.float32)])
     with pytest.raises(TypeError, match=r"mixer states of different kinds \['KVCache', 'TTTState'\]"):
         LMState.cat([at_5, other_model])
-    with pytest.raises(TypeError, match=r"states\[1\] is a E2EState, not a LMState"):
+    with pytest.raises(TypeError, match=r"states\[1\] is an E2EState, not a LMState"):
         LMState.cat([at_5, E2EState((), {}, torch.zeros(1, 0, 1), torch.zeros(1, 0), 0)])
     with pytest.raises(ValueError, match="non-empty list of LMStates"):
         LMState.cat([])

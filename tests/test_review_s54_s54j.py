@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_review_s54_s54g import TINY
 
 from innerloop.data.text import DataError, resolve_files
 from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
@@ -89,15 +90,7 @@ def test_a_fifo_or_a_link_to_one_in_a_data_folder_is_not_read(tmp_path: Path, ca
 
 def _tiny_hf_model(seed: int) -> InnerloopForCausalLM:
     torch.manual_seed(seed)
-    tiny = {
-        "hidden_size": 32,
-        "num_heads": 2,
-        "num_layers": 2,
-        "intermediate_size": 48,
-        "mixer": "swa",
-        "window": 8,
-    }
-    return InnerloopForCausalLM(InnerloopConfig(model=tiny)).eval()
+    return InnerloopForCausalLM(InnerloopConfig(model=dict(TINY))).eval()  # s54g's tiny swa model
 
 
 @pytest.mark.slow  # four sharded saves of a tiny model and a load: about 2 s

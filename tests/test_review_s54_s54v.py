@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_review_s54_s54r import _e2e
 
 from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
 from innerloop.models import E2EConfig, NonFiniteInnerStepError, build_model
@@ -103,16 +104,7 @@ def test_hf_build_draws_once() -> None:
 
 
 def _e2e_inner_lr(inner_lr: float) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        mixer="e2e",
-        window=8,
-        hidden_size=16,
-        num_heads=2,
-        num_layers=2,
-        e2e=E2EConfig(chunk_size=4, inner_lr=inner_lr),
-    )
-    return build_model(config).eval()
+    return _e2e(inner_lr=inner_lr)  # s54r's tiny TTT-E2E model
 
 
 @pytest.mark.parametrize("prompt", [2, 4, 5, 6, 7])

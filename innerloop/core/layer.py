@@ -754,7 +754,8 @@ def with_rows(error: ValueError, batch: int, rows: list[int], given_state: objec
     that went non-finite, and the others as ``finite_rows``, named at the end of its message with how to
     run them again from ``given_state``, the state given to the call (:func:`rerun_recipe`)."""
     error = error if isinstance(error, NonFiniteRowsError) else NonFiniteRowsError(*error.args)
-    finite = [row for row in range(batch) if row not in set(rows)]
+    broken = set(rows)
+    finite = [row for row in range(batch) if row not in broken]
     error.rows, error.finite_rows = rows, (finite if rows else None)  # None: not told
     if not rows:
         said = (

@@ -128,6 +128,22 @@ def permissions_to_give(path: str | os.PathLike[str]) -> int:
     return 0o666 & ~umask
 
 
+def flush_files_in(folder: str | os.PathLike[str], mode: int | None = None) -> list[Path]:
+    """Flush every plain file of ``folder`` to disk (``os.fsync``), first giving it ``mode`` where one is
+    given: for a writer that fills a staging folder (a library's ``save_pretrained``) and then renames it,
+    or its files, into place: a rename that reaches the disk before the bytes it names leaves, after a
+    power cut, a file of zero bytes in place of the one it replaced. Returns the files flushed."""
+    flushed = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and not path.is_symlink():
+            if mode is not None:
+                os.chmod(path, mode)
+            with open(path, "rb+") as file:
+                os.fsync(file.fileno())
+            flushed.append(path)
+    return flushed
+
+
 def make_parent_folder(path: Path) -> None:
     """Create ``path``'s folder and those above it; a file standing where one of them goes is a
     :class:`NotADirectoryError` naming the file to be written and that file (mkdir's own error named

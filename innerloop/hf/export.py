@@ -51,8 +51,9 @@ from innerloop.config.load import (
     given_argument,
     given_flag,
 )
+from innerloop.core.durable import fsync_directory
 from innerloop.core.functional import check_path_argument, is_flag, user_path
-from innerloop.data.atomic import file_sha256
+from innerloop.data.atomic import file_sha256, flush_files_in
 from innerloop.data.tokenizer import Tokenizer as RunTokenizer
 from innerloop.data.tokenizer import TokenizerError, UnknownTokenizer
 from innerloop.hf.configuration import MODEL_TYPE, InnerloopConfig
@@ -334,8 +335,12 @@ def export_model(
         if loaded is not None:
             _write_tokenizer(staging, wrapped.config.vocab_size, loaded)
         _write_manifest(staging)
-        _sync_files(staging)
+        # the bytes on disk before the rename makes them visible; the usual permissions (the weights file
+        # is written private, 0600, by the library that writes it)
+        flush_files_in(staging, mode=0o666 & ~_umask())
+        fsync_directory(staging)  # its entries, before the rename names them
         _move_into_place(staging, out)
+        fsync_directory(out.parent)  # the rename itself: a power cut after it keeps the new export
     finally:
         if os.path.lexists(staging):  # the new export is not in place
             _undo_staging(staging, out)
@@ -467,17 +472,6 @@ def run_tokenizer(checkpoint: str | os.PathLike[str]) -> RunTokenizer:
     files, when it records that its tokenizer is unknown): the one place that decides which tokenizer
     files an export of a checkpoint gets without ``--tokenizer``."""
     return checkpoint_tokenizer(checkpoint)
-
-
-def _sync_files(folder: Path) -> None:
-    """Flush every file of ``folder`` to disk (before the rename makes them visible), each with the
-    usual permissions (the weights file is written private, 0600, by the library that writes it)."""
-    permissions = 0o666 & ~_umask()
-    for path in folder.iterdir():
-        if path.is_file():
-            os.chmod(path, permissions)
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -59,6 +59,7 @@ from innerloop.checkpoints import (
     warn_changed_plugins,
 )
 from innerloop.core.callers import warning_stacklevel
+from innerloop.core.durable import fsync_directory
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
     as_integer,
@@ -69,7 +70,7 @@ from innerloop.core.functional import (
 )
 from innerloop.core.layer import NonFiniteRowsError
 from innerloop.core.state import check_batch_rows
-from innerloop.data.atomic import atomic_write_text, file_sha256, permissions_to_give
+from innerloop.data.atomic import atomic_write_text, file_sha256, flush_files_in, permissions_to_give
 from innerloop.hf.arguments import (
     CACHE_NAMES,
     SUPPORTED_ARGUMENTS,
@@ -1419,8 +1420,10 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             staging = Path(tempfile.mkdtemp(dir=folder, prefix=SAVE_STAGING_PREFIX))
             try:
                 save_into(staging)
+                flush_files_in(staging)  # each file's bytes on disk before its rename makes it visible
                 forget_replaced_export_files(folder, replacements=staging)  # before the files it names change
                 _move_saved_files(staging, folder)
+                fsync_directory(folder)  # the renames themselves: a power cut after them keeps this save
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
@@ -1551,7 +1554,8 @@ def _move_saved_files(staging: Path, folder: Path) -> None:
     ``config.json`` is in (a save stopped right after it, by a Ctrl-C) the folder loads this save's
     weights: an earlier unsharded ``model.safetensors`` left beside new shards is what transformers
     loads. A file that replaces one keeps that file's permissions (a private ``chmod 600`` config stays
-    private); a new one has the writer's."""
+    private); a new one has the usual permissions (``0o666`` less the umask: safetensors writes the
+    weights private, 0600, which on a shared machine no one else could load), as an export's files."""
     names = sorted(p.name for p in staging.iterdir())
     if _SHARD_INDEX in names:  # shards whose names the earlier save's have: never loaded beside those
         (folder / _SHARD_INDEX).unlink(missing_ok=True)
@@ -1564,9 +1568,9 @@ def _move_saved_files(staging: Path, folder: Path) -> None:
 
 
 def _move_in(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``, giving it the permissions of the file it replaces (if any)."""
-    if target.is_file():
-        os.chmod(source, permissions_to_give(target))
+    """Rename ``source`` to ``target``, giving it the permissions of the file it replaces (if any, else
+    the usual ones: :func:`~innerloop.data.atomic.permissions_to_give`)."""
+    os.chmod(source, permissions_to_give(target))  # a new file: the usual 0o666 less the umask
     os.replace(source, target)
 
 

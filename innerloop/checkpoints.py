@@ -123,6 +123,11 @@ class CheckpointError(ValueError):
     version, or holding weights that do not fit the model). The message is one line naming the file."""
 
 
+class NewerCheckpointError(CheckpointError):
+    """A checkpoint of a format version newer than this innerloop reads: a whole file, most likely, that
+    an upgrade of innerloop reads (so never to be removed as damaged)."""
+
+
 _WARNED_UNVERIFIED: set[str] = set()
 """The format-version-1 files warned about in this process (:class:`UnverifiedCheckpointWarning`)."""
 
@@ -957,7 +962,7 @@ def _check_header(name: str, metadata: dict[str, str]) -> None:
         return
     if version != FORMAT_VERSION:
         newer = isinstance(version, str) and version.isdigit() and int(version) > int(FORMAT_VERSION)
-        raise CheckpointError(
+        raise (NewerCheckpointError if newer else CheckpointError)(
             f"{name} has checkpoint format version {version!r}; this innerloop reads versions "
             f"{UNVERIFIED_VERSION!r} and {FORMAT_VERSION!r}"
             + ("; it was written by a newer innerloop: upgrade innerloop to read it" if newer else "")

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from innerloop import checkpoints
+from innerloop.checkpoints import save_checkpoint
 from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+from innerloop.train.run_dir import (
+    CHECKPOINT_FILE,
+    PENDING_CHECKPOINT,
+    RunDirError,
+    settle_pending_checkpoint,
+)
 
 TINY = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32}
 
@@ -90,3 +98,34 @@ def test_an_export_flushes_its_staging_folder_before_the_rename_and_the_parent_a
         events
     )
     assert ("fsync", str(tmp_path)) in events[into_place + 1 :], events
+
+
+def _training_checkpoint(path: Path, step: int) -> Path:
+    """A minimal training checkpoint of ``global_step`` ``step`` (what ``settle_pending_checkpoint`` reads)."""
+    checkpoint = {
+        "pytorch-lightning_version": "2.0.0",
+        "state_dict": {"w": torch.ones(2)},
+        "hyper_parameters": {},
+        "loops": {},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}}}],
+        "global_step": step,
+    }
+    return save_checkpoint(checkpoint, path)
+
+
+def test_a_pending_checkpoint_of_a_newer_format_is_kept_and_the_launch_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a pending checkpoint written by a newer innerloop (a run killed during its validation, then launched
+    # again from an older install) was removed as "not a whole checkpoint": the run's latest steps, lost,
+    # although the file was whole and an upgrade reads it
+    _training_checkpoint(tmp_path / CHECKPOINT_FILE, step=4)
+    with monkeypatch.context() as newer:
+        newer.setattr(checkpoints, "FORMAT_VERSION", str(int(checkpoints.FORMAT_VERSION) + 1))
+        pending = _training_checkpoint(tmp_path / PENDING_CHECKPOINT, step=6)
+    written = pending.read_bytes()
+    with pytest.raises(RunDirError) as refused:
+        settle_pending_checkpoint(tmp_path)
+    assert pending.read_bytes() == written
+    message = str(refused.value)
+    assert str(pending) in message and "newer innerloop" in message and "upgrade" in message

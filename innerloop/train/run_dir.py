@@ -34,6 +34,7 @@ import torch
 
 from innerloop.checkpoints import (
     CheckpointError,
+    NewerCheckpointError,
     UnverifiedCheckpointWarning,
     load_checkpoint,
     load_training_checkpoint,
@@ -440,7 +441,8 @@ def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
     readable ``last.safetensors``): ``--resume`` then continues from it, and it replaces
     ``last.safetensors`` once the resumed run finds the next step's loss on its weights finite, as in
     the run that wrote it. Otherwise it is removed. Says in one line which, and why; returns the step
-    of a kept one. Call it holding the lock."""
+    of a kept one. Call it holding the lock. One written by a newer innerloop (a newer format version) is
+    neither: it is kept, and :class:`RunDirError` says so (this innerloop cannot judge it)."""
     out_dir = Path(out_dir)
     pending = out_dir / PENDING_CHECKPOINT
     if not pending.is_file():
@@ -474,6 +476,12 @@ def _judge_pending(pending: Path, last_step: int | None) -> tuple[int, str | Non
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnverifiedCheckpointWarning)
             checkpoint = load_training_checkpoint(pending)
+    except NewerCheckpointError as err:  # whole, most likely: an upgrade reads it
+        raise RunDirError(
+            f"{str(pending)!r}, the latest checkpoint an interrupted run wrote but had not confirmed, was "
+            f"written by a newer innerloop ({err}); it is kept: upgrade innerloop to continue the run from it, "
+            "or remove the file to drop its steps"
+        ) from None
     except (CheckpointError, UnverifiedCheckpointWarning) as err:
         return -1, f"it is not a whole checkpoint ({err})"
     step = checkpoint.get("global_step")

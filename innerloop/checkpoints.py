@@ -128,6 +128,11 @@ class NewerCheckpointError(CheckpointError):
     an upgrade of innerloop reads (so never to be removed as damaged)."""
 
 
+class CheckpointUnreadableError(CheckpointError):
+    """A checkpoint the file system would not let this process read (permission denied, an I/O error of a
+    network mount): nothing is known of the file itself, which may be whole."""
+
+
 _WARNED_UNVERIFIED: set[str] = set()
 """The format-version-1 files warned about in this process (:class:`UnverifiedCheckpointWarning`)."""
 
@@ -999,6 +1004,8 @@ def _read_file(path: Path, name: str, attempts: int = 3) -> tuple[dict[str, str]
         with contextlib.suppress(OSError):
             if attempts > 1 and stamp is not None and file_stamp(path) != stamp:
                 return _read_file(path, name, attempts - 1)  # replaced meanwhile: the new one
+        if isinstance(err, OSError):  # the file system's refusal, not the file's contents
+            raise CheckpointUnreadableError(f"{name} cannot be read: {_one_line(err)}") from None
         raise CheckpointError(
             f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
             f"`innerloop train`; it may be truncated, corrupt or of another format): {_one_line(err)}"

@@ -129,3 +129,42 @@ def test_a_pending_checkpoint_of_a_newer_format_is_kept_and_the_launch_refused_n
     assert pending.read_bytes() == written
     message = str(refused.value)
     assert str(pending) in message and "newer innerloop" in message and "upgrade" in message
+
+
+def test_a_pending_checkpoint_that_cannot_be_read_now_is_kept_not_removed_as_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a read that failed for the file system's reason (permission denied, an NFS I/O error) was taken as a
+    # damaged file, and the whole pending checkpoint removed: its steps lost to a passing error
+    _training_checkpoint(tmp_path / CHECKPOINT_FILE, step=4)
+    pending = _training_checkpoint(tmp_path / PENDING_CHECKPOINT, step=6)
+    real_open = checkpoints.safe_open
+
+    def safe_open(path: str, *args: object, **kwargs: object) -> object:
+        if Path(path).name == PENDING_CHECKPOINT:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "safe_open", safe_open)
+    with pytest.raises(RunDirError) as refused:
+        settle_pending_checkpoint(tmp_path)
+    assert pending.is_file()
+    assert str(pending) in str(refused.value) and "Permission denied" in str(refused.value)
+
+
+def test_a_pending_checkpoint_refused_for_a_plugin_s_settings_now_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a pending checkpoint whose plugin is registered now with other settings was removed as "not a whole
+    # checkpoint", while the refusal's own advice (register it with the settings it was saved with) would
+    # have read it
+    _training_checkpoint(tmp_path / CHECKPOINT_FILE, step=4)
+    pending = _training_checkpoint(tmp_path / PENDING_CHECKPOINT, step=6)
+
+    def settings_differ(source: str, record: object, model: object = None) -> None:
+        raise checkpoints.PluginSettingsError(f"{source} was saved with the mixer 'mine' of other settings")
+
+    monkeypatch.setattr(checkpoints, "check_plugin_settings", settings_differ)
+    with pytest.raises(RunDirError, match="other settings") as refused:
+        settle_pending_checkpoint(tmp_path)
+    assert pending.is_file() and str(pending) in str(refused.value)

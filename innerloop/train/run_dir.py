@@ -34,7 +34,9 @@ import torch
 
 from innerloop.checkpoints import (
     CheckpointError,
+    CheckpointUnreadableError,
     NewerCheckpointError,
+    PluginSettingsError,
     UnverifiedCheckpointWarning,
     load_checkpoint,
     load_training_checkpoint,
@@ -441,8 +443,10 @@ def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
     readable ``last.safetensors``): ``--resume`` then continues from it, and it replaces
     ``last.safetensors`` once the resumed run finds the next step's loss on its weights finite, as in
     the run that wrote it. Otherwise it is removed. Says in one line which, and why; returns the step
-    of a kept one. Call it holding the lock. One written by a newer innerloop (a newer format version) is
-    neither: it is kept, and :class:`RunDirError` says so (this innerloop cannot judge it)."""
+    of a kept one. Call it holding the lock. One this process cannot read for a reason that says nothing
+    against the file (:data:`_NOT_ABOUT_THE_FILE`: written by a newer innerloop, unreadable to the file
+    system now, a plugin registered with other settings) is neither: it is kept, and
+    :class:`RunDirError` says so."""
     out_dir = Path(out_dir)
     pending = out_dir / PENDING_CHECKPOINT
     if not pending.is_file():
@@ -469,6 +473,12 @@ def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
     return step
 
 
+_NOT_ABOUT_THE_FILE = (NewerCheckpointError, CheckpointUnreadableError, PluginSettingsError)
+"""Why a checkpoint is not read that says nothing against the file itself: a newer format (an upgrade
+reads it), the file system's refusal (permissions, a mount's I/O error), a plugin registered now with
+other settings than it was saved with."""
+
+
 def _judge_pending(pending: Path, last_step: int | None) -> tuple[int, str | None]:
     """The pending checkpoint's global_step, and why it must not be kept (None if it may) beside a
     ``last.safetensors`` of ``last_step`` (None: none there, or not readable)."""
@@ -476,11 +486,11 @@ def _judge_pending(pending: Path, last_step: int | None) -> tuple[int, str | Non
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnverifiedCheckpointWarning)
             checkpoint = load_training_checkpoint(pending)
-    except NewerCheckpointError as err:  # whole, most likely: an upgrade reads it
+    except _NOT_ABOUT_THE_FILE as err:  # the file may be whole: never removed for it
         raise RunDirError(
-            f"{str(pending)!r}, the latest checkpoint an interrupted run wrote but had not confirmed, was "
-            f"written by a newer innerloop ({err}); it is kept: upgrade innerloop to continue the run from it, "
-            "or remove the file to drop its steps"
+            f"{str(pending)!r}, the latest checkpoint an interrupted run wrote but had not confirmed, cannot "
+            f"be judged here ({err}); it is kept: once that is fixed, launch again to continue the run from "
+            "it, or remove the file to drop its steps"
         ) from None
     except (CheckpointError, UnverifiedCheckpointWarning) as err:
         return -1, f"it is not a whole checkpoint ({err})"

@@ -16,6 +16,7 @@ from innerloop.train.run_dir import (
     CHECKPOINT_FILE,
     PENDING_CHECKPOINT,
     RunDirError,
+    lock_run_dir,
     settle_pending_checkpoint,
 )
 
@@ -168,3 +169,14 @@ def test_a_pending_checkpoint_refused_for_a_plugin_s_settings_now_is_kept(
     with pytest.raises(RunDirError, match="other settings") as refused:
         settle_pending_checkpoint(tmp_path)
     assert pending.is_file() and str(pending) in str(refused.value)
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_out_dir_where_a_file_stands_is_refused_naming_the_file(tmp_path: Path, below: str) -> None:
+    # the refusal said only "cannot be used: File exists" (or "Not a directory"), naming no file
+    blocker = tmp_path / "run"
+    blocker.write_text("mine")
+    with pytest.raises(RunDirError) as refused, lock_run_dir(blocker / below if below else blocker):
+        pass
+    assert f"{str(blocker)!r} is a file, not a folder" in str(refused.value)
+    assert blocker.read_text() == "mine"

@@ -83,7 +83,9 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunDirError(f"out_dir={str(out_dir)!r} cannot be used: {err.strerror or err}") from None
+        raise RunDirError(
+            f"out_dir={str(out_dir)!r} cannot be used: {_why_not_a_folder(out_dir, err)}"
+        ) from None
     folder_fd = _lock_the_folder(out_dir)
     try:
         with _lock_file_held(out_dir, lock_path) as fd:
@@ -105,6 +107,15 @@ def lock_run_dir(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if folder_fd is not None:
             os.close(folder_fd)  # releases the folder's lock
+
+
+def _why_not_a_folder(out_dir: Path, err: OSError) -> str:
+    """Why ``out_dir`` could not be made: the file standing where it or a folder above it goes, named
+    (mkdir said only 'File exists' or 'Not a directory'), else ``err``'s reason."""
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is None:
+        return str(err.strerror or err)
+    return f"{str(blocker)!r} is a file, not a folder; move it, or train into another out_dir"
 
 
 def _lock_the_folder(out_dir: Path) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -180,3 +181,37 @@ def test_an_out_dir_where_a_file_stands_is_refused_naming_the_file(tmp_path: Pat
         pass
     assert f"{str(blocker)!r} is a file, not a folder" in str(refused.value)
     assert blocker.read_text() == "mine"
+
+
+@pytest.mark.slow  # ~1 s: a short training run
+@pytest.mark.parametrize(("code", "reason"), [(errno.EROFS, "Read-only file system")])  # EIO: alike
+def test_a_checkpoint_write_failing_otherwise_than_a_full_disk_says_the_last_checkpoint_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str
+) -> None:
+    # a full disk said which checkpoint was kept and how to continue; a file system turned read-only
+    # (ext4's errors=remount-ro) or an I/O error raised the bare "writing ... failed", saying nothing
+    # of the last checkpoint, which was whole
+    from lm_testing import TINY as TINY_RUN
+
+    from innerloop.config import load_config
+    from innerloop.train import train
+
+    out = tmp_path / "run"
+    run, cfg = load_config(
+        "tiny", [*TINY_RUN, f"out_dir={out}", "trainer.max_steps=6", "trainer.checkpoint_every=2"]
+    )
+    real_save, writes = checkpoints.save_file, []
+
+    def fails_the_second(*args: object, **kwargs: object) -> None:
+        writes.append(1)
+        if len(writes) > 1:
+            raise OSError(code, reason)
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", fails_the_second)
+    with pytest.raises(OSError) as raised:
+        train(run, cfg)
+    message = str(raised.value)
+    assert raised.value.errno == code and reason in message
+    assert "(after 2 steps), is kept: continue it with" in message
+    assert checkpoints.load_checkpoint(out / CHECKPOINT_FILE)["global_step"] == 2

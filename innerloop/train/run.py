@@ -978,7 +978,7 @@ def _fit(
         raise type(err)(f"{err}; {_last_checkpoint_note(ckpt, run)}") from None
     except (OSError, SafetensorError) as err:
         if not out_of_space(err):
-            raise
+            raise _kept_said(err, out_dir, ckpt, run) from None
         raise RunDirError(
             f"writing into out_dir={run.out_dir!r} failed: {' '.join(str(err).split())}; free some space: "
             f"{_last_checkpoint_note(ckpt, run, overrides='')}"
@@ -1000,6 +1000,18 @@ def _fit(
         if replace_previous:
             settle_previous_run(out_dir)  # removed if this run has a checkpoint, else put back
     return config_path, undone
+
+
+def _kept_said(err: BaseException, out_dir: Path, ckpt: Path, run: RunConfig) -> BaseException:
+    """``err``, a write into ``out_dir`` that failed otherwise than for a full disk (a file system turned
+    read-only, an I/O error), with what is kept and how to continue after its message (of its class,
+    errno and file name kept: :func:`_with_words`); any other error as it is."""
+    # atomic_write's message: "writing '<file>' failed: ..." (the folder as given, or as Lightning resolved it)
+    folders = {out_dir, Path(os.path.realpath(out_dir))}
+    written_here = any(f"writing {repr(str(folder / '-'))[:-2]}" in str(err) for folder in folders)
+    if not isinstance(err, OSError) or not written_here:
+        return err
+    return _with_words(err, _last_checkpoint_note(ckpt, run, overrides=""))
 
 
 def _what_was_interrupted(trainer: L.Trainer) -> str:

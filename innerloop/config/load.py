@@ -1694,8 +1694,14 @@ def _strategies_by_name(registry: Any) -> list[str]:
 @functools.cache
 def _required_parameters(strategy: Any) -> tuple[str, ...]:
     """The parameters that ``strategy`` (a class) takes by name and has no default for (``inspect``
-    is slow: asked once per class, not on every config load)."""
+    is slow: asked once per class, not on every config load). A class that takes only ``*args,
+    **kwargs`` passes them on to its base (Lightning's deprecated ``single_tpu`` is ``single_xla``'s
+    class so): its base's parameters are the ones it needs."""
     parameters = inspect.signature(strategy).parameters.values()
+    passed_on = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    bases = [base for base in getattr(strategy, "__bases__", ()) if base is not object]
+    if parameters and all(p.kind in passed_on for p in parameters) and bases:
+        return _required_parameters(bases[0])
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return tuple(p.name for p in parameters if p.default is p.empty and p.kind in named)
 

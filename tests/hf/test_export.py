@@ -254,7 +254,7 @@ def test_convert_to_hf_reproduces_the_reference_logits(
     with torch.no_grad():
         result = model(ids, labels=ids)
         generated = model.generate(ids[:, :13], max_new_tokens=1, do_sample=False, pad_token_id=0)
-    assert (result.logits - reference_logits).abs().max().item() < 1e-4  # measured 2.0e-6 and 9.5e-7
+    assert (result.logits - reference_logits).abs().max().item() < 1e-5  # measured 2.0e-6 and 9.5e-7 (s56e)
     # the loss of labels= and greedy decoding, against the reference's logits (review s49l)
     reference_loss = torch.nn.functional.cross_entropy(
         reference_logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()

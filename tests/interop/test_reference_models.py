@@ -20,6 +20,11 @@ from innerloop.interop.ttt_lm_pytorch import MODEL_FIELD_MAP, TTT_CONFIG_FIELDS,
 
 MODELS = Path(__file__).parents[1] / "data" / "models"
 FIXTURES = ["ttt_linear_transformer", "ttt_mlp_mamba"]
+# The models' README asks 1e-4 of any converter. Measured (review s56e), max-abs on logits up to 2.8
+# (one float32 ulp 2.4e-7): float32 2.0e-6 (linear) and 9.5e-7 (mlp); float64 weights 2.7e-6 and 1.2e-6
+# (the reference's own float32 rounding); prefill then decode 2.7e-6 and 1.2e-6. 1e-4 was 37x to 105x
+# that and let a final RMSNorm eps of 1e-5 for the reference's 1e-6 through (1.7e-5 off).
+REFERENCE_LOGITS = 1e-5
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -29,7 +34,7 @@ def test_logits_equal_the_reference_in_float32(name):
     with torch.no_grad():
         logits, _ = model(expected["input_ids"])
     assert logits.dtype == torch.float32
-    assert (logits - expected["logits"]).abs().max().item() < 1e-4
+    assert (logits - expected["logits"]).abs().max().item() < REFERENCE_LOGITS
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -40,7 +45,7 @@ def test_logits_equal_the_reference_in_float64(name):
     expected = load_file(str(MODELS / name / "expected.safetensors"))
     with torch.no_grad():
         logits, _ = model(expected["input_ids"])
-    assert (logits - expected["logits"].double()).abs().max().item() < 1e-4
+    assert (logits - expected["logits"].double()).abs().max().item() < REFERENCE_LOGITS
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -54,7 +59,7 @@ def test_prefill_then_decode_equals_one_shot(name):
         for t in range(13, ids.shape[1]):
             logits, state = model(ids[:, t : t + 1], state)
             pieces.append(logits)
-    assert (torch.cat(pieces, dim=1) - whole).abs().max().item() < 1e-4
+    assert (torch.cat(pieces, dim=1) - whole).abs().max().item() < REFERENCE_LOGITS
 
 
 def test_every_reference_config_field_is_mapped_or_refused():
@@ -268,7 +273,7 @@ def test_convert_then_generate(tmp_path, capsys):
     expected = load_file(str(MODELS / "ttt_mlp_mamba" / "expected.safetensors"))
     with torch.no_grad():
         logits, _ = converted(expected["input_ids"])
-    assert (logits - expected["logits"]).abs().max().item() < 1e-4
+    assert (logits - expected["logits"]).abs().max().item() < REFERENCE_LOGITS
     code, err = _cli(capsys, "generate", str(out / "last.safetensors"), "--tokens", "5")
     assert code == 0, err
     code, err = _cli(

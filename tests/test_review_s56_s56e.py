@@ -11,15 +11,18 @@ official TTT-E2E logits 6.6e-7, fast weights 1.9e-7 (magnitude 0.17), float64 7.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from interop import test_reference_models as reference_model_tests
 from interop.test_reference_models import REFERENCE_LOGITS
+from interop.test_ttt_e2e import OFFICIAL_LOGITS
 
 from innerloop.core.functional import relative_error
-from innerloop.interop import ttt_lm_pytorch
+from innerloop.interop import ttt_e2e, ttt_lm_pytorch
 
 safetensors = pytest.importorskip("safetensors", reason="the reference vectors are safetensors files")
 from safetensors.torch import load_file  # noqa: E402
@@ -96,3 +99,47 @@ def test_prefill_at_any_split_then_the_rest_gives_the_reference_logits(name):
         for t in range(29, ids.shape[1]):
             step, state = model(ids[:, t : t + 1], state)
             assert (step[:, 0] - expected[:, t]).abs().max().item() < REFERENCE_LOGITS, t
+
+
+# --------------------------------------------------------------------------------------------------
+# The official TTT-E2E vectors (tests/data/e2e, the repository's copy of ../shared/e2e/ttt_e2e_tiny)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def official_e2e():
+    from safetensors.numpy import load_file as load_numpy
+
+    e2e = MODELS.parent / "e2e"
+    config = json.loads((e2e / "config.json").read_text(encoding="utf-8"))
+    return load_numpy(e2e / "weights.safetensors"), config, load_numpy(e2e / "outputs.safetensors")
+
+
+@pytest.mark.slow  # 0.5 to 1 s: one float64 run of 2 x 128 tokens with test-time training
+def test_the_official_e2e_model_in_float64_gives_the_official_logits(official_e2e):
+    """The float32 official logits from float64 weights: the official float32 rounding, 7.5e-7."""
+    arrays, config, official = official_e2e
+    model = ttt_e2e.model_from_arrays(arrays, config).double()
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(official["input_ids"]))
+    assert logits.dtype == torch.float64
+    error = np.abs(logits.numpy() - official["logits_ttt_on"]).max()
+    assert error < OFFICIAL_LOGITS, error
+
+
+@pytest.mark.slow  # 0.3 to 0.8 s: 3 rows of 128 tokens with test-time training
+def test_three_official_rows_of_different_lengths_give_each_its_official_logits(official_e2e):
+    """Rows of 128, 50 and 17 tokens right-padded with 0: chunk c is scored with the weights chunks < c
+    trained, so a row's logits up to its length are the official ones (measured 6.6e-7)."""
+    arrays, config, official = official_e2e
+    model = ttt_e2e.model_from_arrays(arrays, config)
+    ids = torch.from_numpy(official["input_ids"])
+    rows, lengths = (0, 1, 0), (128, 50, 17)
+    batch = torch.zeros(3, ids.shape[1], dtype=torch.long)
+    for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        batch[b, :length] = ids[row, :length]
+    with torch.no_grad():
+        logits, _ = model(batch)
+    for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        error = np.abs(logits[b, :length].numpy() - official["logits_ttt_on"][row, :length]).max()
+        assert error < OFFICIAL_LOGITS, (b, error)

@@ -45,6 +45,9 @@ CHUNK = CONFIG["model"]["mini_batch_size"]
 # The official logits: their README asks 1e-4 of any loader; measured 6.6e-7 (on) and 6.9e-7 (off) here,
 # float32 logits of magnitude < 0.67 (one ulp 6e-8), so 1e-5 is 15x what is seen (review s49l)
 OFFICIAL_LOGITS = 1e-5
+# The official fast weights (magnitude < 0.18, one float32 ulp 1.5e-8): their README asks 1e-5; measured
+# 1.9e-7 over every chunk (review s56e), so 1e-5 was 52x what is seen; 1e-6 is 5x
+OFFICIAL_FAST_WEIGHTS = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,7 @@ def test_fast_weights_after_the_first_and_last_chunk_equal_the_official(arrays, 
         for name, ours in OURS.items():
             mine = after[chunk][f"blocks.{block}.prime.{ours}.weight"].transpose(0, 2, 1)  # [B, in, out]
             error = np.abs(mine - official_fast(official, chunk, 0, name)).max()
-            assert error < 1e-5, (chunk, name, error)
+            assert error < OFFICIAL_FAST_WEIGHTS, (chunk, name, error)
 
 
 @pytest.mark.skipif(
@@ -175,7 +178,8 @@ def test_every_chunk_of_the_shared_vectors_from_their_orbax_checkpoint() -> None
     for chunk, weights in enumerate(after):
         for name, ours in OURS.items():
             mine = weights[f"blocks.{model.num_prefix}.prime.{ours}.weight"].transpose(0, 2, 1)
-            assert np.abs(mine - full[f"fast_{name}_after_chunk"][:, chunk, 0]).max() < 1e-5, (chunk, name)
+            error = np.abs(mine - full[f"fast_{name}_after_chunk"][:, chunk, 0]).max()
+            assert error < OFFICIAL_FAST_WEIGHTS, (chunk, name, error)
 
 
 # --------------------------------------------------------------------------------------------------

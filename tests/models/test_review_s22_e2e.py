@@ -391,13 +391,14 @@ def test_official_tiny_logits_and_every_chunks_fast_weights() -> None:
         ("down_proj", "fast_w2_after_chunk"),
     ):
         got = state.fast[f"blocks.3.prime.{ours}.weight"].transpose(1, 2)
-        assert (got - out[theirs][:, 7, 0]).abs().max() < 1e-5  # 2e-7 measured
+        assert (got - out[theirs][:, 7, 0]).abs().max() < 1e-6  # 1.9e-7 measured (1e-5 was 52x; s56e)
     # my float64 reference on the converted weights gives the official logits and per-chunk weights
     ref = Reference(m.double())
     logits, history = ref.one(ids[0])
     assert (logits - out["logits_ttt_on"][0].double()).abs().max() < 1e-5  # 7e-7 measured
     for c, fast in enumerate(history):
-        assert (fast[(3, "gate_proj")].T - out["fast_w1_after_chunk"][0, c, 0].double()).abs().max() < 1e-5
+        error = (fast[(3, "gate_proj")].T - out["fast_w1_after_chunk"][0, c, 0].double()).abs().max()
+        assert error < 1e-6, (c, error)  # the official float32 rounding: 1.9e-7 at most (s56e)
 
 
 @needs_shared

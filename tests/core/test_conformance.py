@@ -88,7 +88,9 @@ def test_output_and_every_gradient_fp32(request, name, update_rule):
         if not key.startswith("grad.param."):
             continue
         ours = next(iter(convert_state_dict({key.removeprefix("grad.param."): expected})))
-        assert relative_error(parameters[ours].grad, expected) <= 1e-4, ours
+        # measured 4.6e-7 to 3.5e-6 (every case, both rules; the largest learnable_token_idx's with
+        # minibatch_gd on mlp c5, then learnable_ttt_lr_bias's): 1e-4 was 28x that (review s56e)
+        assert relative_error(parameters[ours].grad, expected) <= 1e-5, ours
         checked += 1
     assert checked == len(params)  # every parameter of the reference has its gradient checked
 

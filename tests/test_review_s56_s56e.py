@@ -52,6 +52,7 @@ def test_the_reference_logits_tolerance_sees_a_final_norm_eps_ten_times_the_refe
         reference_model_tests.test_logits_equal_the_reference_in_float32(name)
 
 
+@pytest.mark.slow  # 0.3 to 0.5 s a model: a load and a bfloat16 run (CPU bfloat16 matmuls are slow)
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_bfloat16_weights_give_the_reference_logits_to_bfloat16_precision(name):
     ids, expected = _reference(name)

@@ -17,8 +17,19 @@ file:
   - ``python -m pytest`` is checked, not run (it is this suite): its paths exist, a hypothesis
     profile it names is registered.
   - ``ruff check`` runs; ``ruff format`` runs with ``--check`` (a test never rewrites files).
+  - ``python benchmarks/<script>.py`` with ``--quick`` runs; without it (minutes to an hour) it is
+    parsed by the script's own argument parser, not run.
+  - ``innerloop -p ./my_loss.py ...`` (and ``INNERLOOP_PLUGIN_MODULES=my_loss``) runs in a process of
+    its own (a plugin module stays out of this one's registry), with the ``MyLoss`` of CONTRIBUTING.md's
+    python block, registered, as the ``my_loss.py`` beside it.
   - any other command fails the test: decide how it is covered here.
 - ```toml: parses.
+- ```text: not a program (a diagram, a formula, a program's output or error lines); no line of it may
+  be a command (:data:`COMMAND_LINE`), so a command cannot hide there unrun. A fence with no language
+  fails: it was silently run by nothing.
+
+Pages outside :data:`DOCUMENTS` with code blocks are in :data:`COVERED_ELSEWHERE`, with the test that
+covers them.
 """
 
 from __future__ import annotations
@@ -59,6 +70,63 @@ NOT_RUN_HERE = {
     ),
 }
 HARDWARE_KEYS = ("trainer.devices=", "trainer.strategy=", "trainer.accelerator=")
+SCIENCE_RUNS = " ".join(
+    f"runs/science/runs/{name}"
+    for name in (
+        "linear",
+        "mlp",
+        "swa-64",
+        "linear-mamba-backbone",
+        "mlp-mamba-backbone",
+        "swa-64-mamba-backbone",
+        "full-attention",
+        "full-attention-mamba-backbone",
+        "ttt-e2e-window-64",
+    )
+)
+#: Other commands that are not run, with the reason and the test that covers what they do; an
+#: ``innerloop`` one is parsed by the CLI's argument parser.
+NOT_RUN_HERE |= {
+    f"innerloop compare {SCIENCE_RUNS} --baseline swa-64 --seq-len 512 1024 --out runs/science/compare": (
+        "reads the nine runs of science.py's sweep and comparison (about an hour of training); "
+        "tests/benchmarks/test_science.py runs a quick study"
+    ),
+    "innerloop convert ttt-e2e CHECKPOINT CONFIG OUT --tokenizer TOKENIZER": (
+        "a usage line (placeholders for the official checkpoint); "
+        "tests/interop/test_ttt_e2e.py::test_cli_converts_to_an_innerloop_checkpoint converts a tiny one"
+    ),
+    "python benchmarks/science.py sweep --quick --out /tmp/science-quick": (
+        "every point of the sweep, a training process each (over 10 minutes on 2 busy cores); "
+        "tests/benchmarks/test_science.py::test_a_quick_study_trains_each_point_once_and_reads_it_back runs one"
+    ),
+    "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args "
+    "pretrained=exported/tiny,trust_remote_code=True --tasks lambada_openai --device cpu --batch_size 1": (
+        "lm-eval-harness and the LAMBADA download; tests/hf/test_lm_eval.py runs lm_eval on an export"
+    ),
+}
+#: Languages a fence may carry (a fence with none is run by nothing: a defect).
+LANGUAGES = ("bash", "python", "toml", "text")
+#: A line of a ```text block that is a command (not ``innerloop train: error: ...``, the output, nor
+#: the layer list's ``innerloop   the package's __init__``).
+COMMAND_LINE = re.compile(
+    r"^\s*(?:[A-Z_]+=\S+\s+)*(?:innerloop\s+(?:-p\s|(?:train|eval|generate|compare|convert|export|"
+    r"plugins|tokenizer|params)\b(?!:))|python\s+(?:-m\s|\S+\.py\b)|pip\s+install|lm_eval\s|ruff\s)",
+    re.M,
+)
+#: Pages, other than :data:`DOCUMENTS`, with code blocks, and what covers those blocks.
+COVERED_ELSEWHERE = {
+    "benchmarks/RESULTS.md": "tests/benchmarks/test_review_s22_bench.py parses every command (minutes each)",
+    "examples/innerloop-huber/README.md": (
+        "tests/train/test_examples.py installs the package in a temporary folder, runs its tests, trains its config"
+    ),
+    "innerloop/kernels/triton/ttt_linear/README.md": (
+        "a Public API block of signatures, not a program: tests/test_review_s52_s52j.py holds them to the module's"
+    ),
+    "innerloop/kernels/triton/ttt_mlp/README.md": (
+        "a Public API block of signatures, not a program: tests/test_review_s52_s52j.py holds them to the module's"
+    ),
+    "tests/data/e2e_meta_gradient/README.md": "the command that made the folder's files (JAX and the official code)",
+}
 
 
 @dataclass(frozen=True)
@@ -89,7 +157,48 @@ def test_the_markdown_parser_finds_the_blocks() -> None:
     readme = code_blocks(REPO / "README.md")
     assert [b.language for b in readme][:2] == ["bash", "python"]
     assert "innerloop.TTTLayer(hidden_size=768" in readme[1].text
-    assert all(b.language in ("bash", "python", "toml", "") for d in DOCUMENTS for b in code_blocks(d))
+
+
+def _markdown_pages() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    return [REPO / name for name in listed.stdout.split()]
+
+
+def test_every_block_says_its_language_and_every_page_with_blocks_is_covered() -> None:
+    """A fence with no language (or ``py``, ``sh``) was run by nothing: CONTRIBUTING.md's ``innerloop -p
+    ./my_loss.py`` block and docs/science.md's commands were untagged. A page outside DOCUMENTS with
+    blocks (a new README) names what covers them in COVERED_ELSEWHERE."""
+    untagged = [
+        f"{block.id}: {block.language!r}"
+        for page in _markdown_pages()
+        for block in code_blocks(page)
+        if block.language not in LANGUAGES
+    ]
+    assert not untagged, f"blocks whose language is not one of {LANGUAGES}: {untagged}"
+    pages = {page.relative_to(REPO).as_posix() for page in _markdown_pages() if code_blocks(page)}
+    documents = {document.relative_to(REPO).as_posix() for document in DOCUMENTS}
+    assert pages - documents == set(COVERED_ELSEWHERE), (
+        "say what covers the blocks of a page in COVERED_ELSEWHERE"
+    )
+
+
+def test_no_text_block_holds_a_command() -> None:
+    hidden = [
+        f"{block.id}: {match.group(0)!r}"
+        for document in DOCUMENTS
+        for block in code_blocks(document)
+        if block.language == "text"
+        for match in COMMAND_LINE.finditer(block.text)
+    ]
+    assert not hidden, f"commands in ```text blocks (run by nothing; make them ```bash): {hidden}"
+    from innerloop.cli import _HANDLERS
+
+    assert all(COMMAND_LINE.search(f"innerloop {command} x") for command in _HANDLERS), sorted(_HANDLERS)
+    assert COMMAND_LINE.search("HF_HUB_OFFLINE=1 lm_eval --model hf") and COMMAND_LINE.search("python a.py")
+    assert not COMMAND_LINE.search("innerloop train: error: unknown config key")
+    assert not COMMAND_LINE.search("innerloop   the package's __init__")
 
 
 # --------------------------------------------------------------------------------------------- python
@@ -321,21 +430,60 @@ def run(argv: list[str], cwd: Path, environment: dict[str, str] | None = None) -
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
-def run_innerloop(written: str, argv: list[str], cwd: Path) -> None:
-    """Run an ``innerloop`` command in-process (``innerloop.cli.main``, as the console script does)."""
-    from innerloop.cli import main
-
-    if written in NOT_RUN_HERE:
+def check_not_run(argv: list[str]) -> None:
+    """A command of :data:`NOT_RUN_HERE`: a training's config loads and validates (without the hardware
+    overrides); another ``innerloop`` command's arguments, or a benchmark's, parse."""
+    if argv[:2] == ["innerloop", "train"]:
         from innerloop.config import load_config
 
         rest = argv[2:]
         preset = rest[rest.index("--config") + 1] if "--config" in rest else "tiny"
         overrides = [a for a in rest if "=" in a and not a.startswith(HARDWARE_KEYS)]
         load_config(preset, overrides)
-        return
+    elif argv[:1] == ["innerloop"]:
+        from innerloop.cli import _parse_intermixed, _parser
+
+        parser = _parser()
+        _parse_intermixed(parser, argv[1:])
+    elif argv[:1] == ["python"] and argv[1].startswith("benchmarks/"):
+        from benchmark_testing import parse_benchmark_args  # tests/ is on sys.path
+
+        parse_benchmark_args(Path(argv[1]).stem, argv[2:])
+
+
+#: The ``my_loss.py`` that the ``innerloop -p ./my_loss.py`` blocks load: CONTRIBUTING.md's ``MyLoss``.
+def my_loss_module() -> str:
+    contributing = next(b for b in code_blocks(REPO / "CONTRIBUTING.md") if "class MyLoss(" in b.text)
+    return f"{contributing.text}\n\nimport innerloop\n\ninnerloop.register_inner_loss(MyLoss())\n"
+
+
+def _command(arguments: list[str]) -> str | None:
+    """The command of ``innerloop``'s arguments: the first word that is not ``-p MODULE``."""
+    words = iter(arguments)
+    for word in words:
+        if word == "-p":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _loads_a_plugin_module(argv: list[str], environment: dict[str, str]) -> bool:
+    return "-p" in argv or "INNERLOOP_PLUGIN_MODULES" in environment
+
+
+def run_innerloop(written: str, argv: list[str], cwd: Path, environment: dict[str, str]) -> None:
+    """Run an ``innerloop`` command in-process (``innerloop.cli.main``, as the console script does), or
+    in a process of its own where it loads a plugin module (which would stay in this one's registry)."""
+    from innerloop.cli import main
+
     arguments = argv[1:]
-    if arguments[0] == "train" and "--resume" not in arguments:
+    if _command(arguments) == "train" and "--resume" not in arguments:
         arguments = [*arguments, *SHORTEN_TRAINING]
+    if _loads_a_plugin_module(argv, environment):
+        run([sys.executable, "-m", "innerloop", *arguments], cwd, environment)
+        return
+    assert not environment, f"{written}: an innerloop command run in-process cannot set {sorted(environment)}"
     before = Path.cwd()
     os.chdir(cwd)
     try:
@@ -347,7 +495,9 @@ def run_innerloop(written: str, argv: list[str], cwd: Path) -> None:
 def run_bash_block(block: Block, cwd: Path) -> None:
     for written, argv in commands(block.text):
         environment, argv = _split_environment(argv)
-        if argv[:2] == ["pip", "install"]:
+        if written in NOT_RUN_HERE:
+            check_not_run(argv)
+        elif argv[:2] == ["pip", "install"]:
             check_pip_install(argv)
         elif argv[:3] == ["python", "-m", "pytest"]:
             check_pytest(environment, argv)
@@ -356,9 +506,13 @@ def run_bash_block(block: Block, cwd: Path) -> None:
         elif argv[:2] == ["ruff", "format"]:
             run([*argv[:2], "--check", *argv[2:]], REPO, environment)
         elif argv[0] == "innerloop":
-            run_innerloop(written, argv, cwd)
+            run_innerloop(written, argv, cwd, environment)
         elif argv[:2] == ["python", argv[1]] and argv[1].startswith("benchmarks/") and "--quick" in argv:
             run(argv, REPO, environment)  # a benchmark at its tiny CI sizes, with the block's environment
+        elif argv[:2] == ["python", argv[1]] and argv[1].startswith("benchmarks/"):
+            from benchmark_testing import parse_benchmark_args  # tests/ is on sys.path
+
+            parse_benchmark_args(Path(argv[1]).stem, argv[2:])  # minutes to an hour: parsed, not run
         else:
             pytest.fail(f"{block.id}: tests/test_docs.py does not know how to check {written!r}")
 
@@ -389,6 +543,7 @@ def test_not_run_commands_are_still_in_the_docs() -> None:
 )
 def test_bash_blocks_run(document: Path, tmp_path) -> None:
     (tmp_path / "docs").symlink_to(REPO / "docs")  # commands read docs/*.md as a corpus
+    (tmp_path / "my_loss.py").write_text(my_loss_module())  # what `innerloop -p ./my_loss.py` loads
     for block in code_blocks(document):
         if block.language == "bash":
             run_bash_block(block, tmp_path)

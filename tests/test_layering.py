@@ -361,7 +361,7 @@ def test_every_declared_dynamic_import_exists() -> None:
 def test_docs_show_the_layers_and_the_exceptions() -> None:
     """docs/architecture.md lists the same layers, in the same order, and every lazy import."""
     text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
-    block = re.search(r"<!-- layers -->\n```\n(.*?)```", text, re.S)
+    block = re.search(r"<!-- layers -->\n```text\n(.*?)```", text, re.S)
     assert block, "docs/architecture.md has no ```-fenced layer list after '<!-- layers -->'"
     documented = [line.split()[0] for line in block.group(1).splitlines() if line.strip()]
     assert documented[::-1] == list(LAYERS), (

@@ -111,7 +111,7 @@ def test_the_e2e_options_table_gives_every_options_default() -> None:
 
 
 def _quoted_error_lines() -> list[str]:
-    block = _section("docs/training.md", "```\ninnerloop train: error: model.ttt.update_rule", "\n```\n")
+    block = _section("docs/training.md", "```text\ninnerloop train: error: model.ttt.update_rule", "\n```\n")
     return block.split("\n", 1)[1].splitlines()
 
 
@@ -223,8 +223,19 @@ def test_every_benchmark_command_the_docs_give_parses(
     parse_benchmark_args(name, argv)
 
 
+def _without_plugin_modules(argv: list[str]) -> list[str]:
+    """``argv`` less its ``-p MODULE`` pairs (``innerloop -p ./my_loss.py train ...``)."""
+    kept, skip = [], False
+    for word in argv:
+        if not skip and word != "-p":
+            kept.append(word)
+        skip = word == "-p" and not skip
+    return kept
+
+
 def _run_folder_made(argv: list[str]) -> str | None:
     """The ``runs/<name>`` an ``innerloop train`` command writes (``out_dir=``, else its preset's)."""
+    argv = _without_plugin_modules(argv)
     if argv[:2] != ["innerloop", "train"] or "--resume" in argv:
         return None
     for word in argv:
@@ -235,6 +246,7 @@ def _run_folder_made(argv: list[str]) -> str | None:
 
 
 def _run_folders_read(argv: list[str]) -> set[str]:
+    argv = _without_plugin_modules(argv)
     if argv[:1] != ["innerloop"] or argv[1:2] == ["train"]:
         return set()
     written = {argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "--out"}

@@ -104,7 +104,7 @@ def test_help_of_batch_defaults_names_an_unknown_run_not_a_missing_config(comman
     assert "whose run is unknown" in text
 
 
-# -- the error lines the docs quote in their plain (```) blocks, each produced by the code ----------------
+# -- the error lines the docs quote in their text (```text) blocks, each produced by the code ----------------
 #
 # tests/test_docs.py runs the python and bash blocks; a plain block is prose to it, so a quoted error
 # line could drift from the code's. test_review_s52_s52j.py runs docs/training.md's four config errors;
@@ -124,7 +124,7 @@ def _plain_block_error_lines() -> list[str]:
         line
         for document in DOCUMENTS
         for block in code_blocks(document)
-        if block.language == ""
+        if block.language == "text"
         for line in QUOTED_ERROR.findall(block.text)
     ]
 

@@ -116,3 +116,21 @@ def test_every_results_table_section_gives_its_command_and_commit() -> None:
         and not (re.search(r"^```bash$", body, re.M) and COMMIT.search(body))
     ]
     assert not lacking, f"sections with a table but no command block or commit: {lacking}"
+
+
+@pytest.mark.slow  # loads the main job's config (imports the config layer: torch, models): ~3 s alone
+def test_every_command_of_results_md_is_a_benchmark_or_a_training_whose_config_loads() -> None:
+    """tests/benchmarks/test_review_s22_bench.py parses RESULTS.md's ``python benchmarks/...`` lines and
+    passed over any other line: the main job's ``innerloop train trainer.progress_bar=false`` was
+    checked by nothing. Each command is now one of the two, an ``innerloop train`` one loaded as
+    tests/test_docs.py loads a command it does not run."""
+    from test_docs import check_not_run, code_blocks, commands  # tests/ is on sys.path
+
+    others = []
+    for block in code_blocks(REPO / "benchmarks" / "RESULTS.md"):
+        for written, argv in commands(block.text):
+            if argv[:2] == ["innerloop", "train"]:
+                check_not_run(argv)
+            elif not (argv[:1] == ["python"] and argv[1].startswith("benchmarks/")):
+                others.append(written)
+    assert not others, f"RESULTS.md commands that no test checks: {others}"

@@ -90,7 +90,7 @@ def _git(*arguments: str, given: str | None = None) -> subprocess.CompletedProce
 
 def test_every_commit_results_md_names_is_in_the_history() -> None:
     """Each table says the commit it ran at; a hash mistyped, or of a branch never merged, cannot be
-    checked out to rerun it. Measured: every hash of RESULTS.md (40 distinct) is a commit here."""
+    checked out to rerun it. Measured: every hash of RESULTS.md (26 distinct) is a commit here."""
     if _git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
         pytest.skip("not a full git checkout: old commits are not here to look up")
     text = (REPO / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")

@@ -70,6 +70,7 @@ from innerloop.kernels.dispatch import TORCH_PATH, refused_named_kernels
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import (
     PLUGIN_FIELDS,
+    PLUGIN_SECTIONS,
     reset_unused_family_options,
     with_earlier_defaults,
 )
@@ -425,10 +426,11 @@ def used_plugins(model: Mapping[str, Any]) -> list[tuple[str, str]]:
     defaults = ModelConfig().to_dict()
     mixer = model.get("mixer", defaults["mixer"])
     fields = PLUGIN_FIELDS.get(mixer) if isinstance(mixer, str) else None
-    section = model.get(mixer, {}) if fields is not None else None
+    section_name = PLUGIN_SECTIONS.get(mixer, mixer) if fields is not None else None
+    section = model.get(section_name, {}) if section_name is not None else None
     if not isinstance(section, Mapping):
         return []
-    section = {**defaults[mixer], **section}
+    section = {**defaults[section_name], **section}
     return [(kind, section[key]) for key, kind in fields if isinstance(section.get(key), str)]
 
 

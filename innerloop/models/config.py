@@ -685,7 +685,7 @@ MIXER_TABLE: dict[str, Mixer] = {
     "gated_deltanet": Mixer(
         "Gated DeltaNet, FLA's gated_deltanet layer (options in model.family)", _build_family
     ),
-    "titans": Mixer("Titans, linear or MLP memory (model.family.memory)", _build_family),
+    "titans": Mixer("Titans, linear, MLP or a plugin's memory (model.family.memory)", _build_family),
 }
 """Every mixer, by its ``model.mixer`` name: ``validate_model_config`` and the block builder
 (:func:`innerloop.models.blocks.build_mixer`) both read it, so adding a mixer is one entry here."""
@@ -924,9 +924,13 @@ def validate_model_config(config: ModelConfig) -> None:
 PLUGIN_FIELDS = {
     "ttt": (("inner_model", "inner_model"), ("inner_loss", "inner_loss"), ("update_rule", "update_rule")),
     E2E: (("inner_loss", "model_inner_loss"), ("update_rule", "model_update_rule")),
+    "titans": (("memory", "inner_model"),),
 }
-"""The plugin names a model config holds, by mixer: that mixer's section (``model.ttt``, ``model.e2e``)
--> (field, registry kind). Another mixer reads no plugin by name."""
+"""The plugin names a model config holds, by mixer: that mixer's section (``model.ttt``, ``model.e2e``;
+``model.family`` for ``titans``: :data:`PLUGIN_SECTIONS`) -> (field, registry kind). Another mixer reads
+no plugin by name (the other family members' memory is ``matrix``, fixed)."""
+PLUGIN_SECTIONS = {"titans": "family"}
+"""The section of a mixer of :data:`PLUGIN_FIELDS` whose name is not the mixer's own."""
 
 
 def unread_model_keys(config: ModelConfig) -> dict[str, str]:
@@ -1014,6 +1018,8 @@ def _warn_unknown_unread_plugins(config: ModelConfig) -> None:
     must load where a plugin it never used is not installed."""
     unread = unread_model_keys(config)
     for section, plugin_fields in PLUGIN_FIELDS.items():
+        if section in PLUGIN_SECTIONS:  # model.family: its memory is checked by the member that reads it
+            continue
         if f"model.{section}" not in unread:
             continue
         for key, kind in plugin_fields:
@@ -1110,12 +1116,7 @@ def _check_ttt(ttt: TTTConfig) -> None:
 def _check_family(config: ModelConfig) -> None:
     """The family options fit the member ``config.mixer``, and its layer accepts them."""
     family = config.family
-    memories = ("matrix", "mlp") if config.mixer == "titans" else ("matrix",)
-    if family.memory not in memories:
-        raise ValueError(
-            f"model.family.memory={family.memory!r} is not a memory of mixer {config.mixer!r}; valid: "
-            f"{list(memories)} (only titans takes the MLP memory)"
-        )
+    _check_family_memory(config.mixer, family.memory)
     for key in ("mini_batch_size", "conv_kernel"):
         if getattr(family, key) < 1:
             raise ValueError(f"model.family.{key}={getattr(family, key)} must be >= 1")
@@ -1126,6 +1127,26 @@ def _check_family(config: ModelConfig) -> None:
         FAMILY_LAYERS[config.mixer](4, 1, **_family_options(config))
     except ValueError as err:
         raise ValueError(f"model.family: {err}") from None
+
+
+def _check_family_memory(mixer: str, memory: str) -> None:
+    """``model.family.memory`` is one the member reads: ``matrix`` (the only memory of linear attention,
+    DeltaNet and Gated DeltaNet), or for Titans any registered inner model (its layer takes any, a
+    plugin's as the built-in ``mlp``: the registry is asked, not a list of the built-ins)."""
+    if mixer != "titans":
+        if memory != "matrix":
+            raise ValueError(
+                f"model.family.memory={memory!r} is not a memory of mixer {mixer!r}; valid: ['matrix'] "
+                "(only titans takes another memory: any registered inner_model)"
+            )
+        return
+    choices = available("inner_model")
+    if memory not in choices:
+        hint = get_registry().broken_hint("inner_model", memory)  # a broken plugin that provides it, if any
+        raise ValueError(
+            f"model.family.memory={memory!r} is not a registered inner_model, which titans takes as its "
+            f"memory; registered: {choices} (`innerloop plugins` lists them with their sources). {hint}".rstrip()
+        )
 
 
 def reset_unused_family_options(model: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -1,0 +1,65 @@
+"""Review s56g: the plugin discipline -- a third-party plugin takes every path a built-in takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from innerloop.checkpoints import used_plugins
+from innerloop.core.protocol import GELU_TANH, AffineLayer, StackModel
+from innerloop.models.config import ModelConfig
+from innerloop.models.factory import build_model
+from innerloop.registry import isolated_registry, register_inner_model
+
+
+class NarrowMemory(StackModel):
+    """A plugin's deep memory: two affine maps with tanh-GELU between them, hidden width 2f."""
+
+    name = "s56g_narrow_memory"
+
+    @property
+    def stack(self) -> tuple[AffineLayer, ...]:
+        return (AffineLayer("W1", "b1", GELU_TANH), AffineLayer("W2", "b2", None))
+
+    def param_shapes(self, head_dim: int) -> dict[str, tuple[int, ...]]:
+        hidden = 2 * head_dim
+        return {"W1": (head_dim, hidden), "b1": (1, hidden), "W2": (hidden, head_dim), "b2": (1, head_dim)}
+
+    def init_params(self, num_heads: int, head_dim: int, generator: torch.Generator | None = None):
+        hidden = 2 * head_dim
+        return {
+            "W1": torch.randn(num_heads, head_dim, hidden, generator=generator) * 0.02,
+            "b1": torch.zeros(num_heads, 1, hidden),
+            "W2": torch.randn(num_heads, hidden, head_dim, generator=generator) * 0.02,
+            "b2": torch.zeros(num_heads, 1, head_dim),
+        }
+
+
+def _titans(memory: str) -> ModelConfig:
+    return ModelConfig.from_dict(
+        {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "mixer": "titans", "family": {"memory": memory}}
+    )
+
+
+@pytest.mark.slow  # registering the memory runs its conformance checks (~3 s)
+def test_titans_takes_a_plugins_memory_from_the_config_as_its_layer_does() -> None:
+    """``TitansLayer(inner_model=...)`` takes any registered inner model; ``model.family.memory`` took only
+    the built-in names ``matrix`` and ``mlp`` (a list of built-ins consulted in place of the registry)."""
+    with isolated_registry():
+        memory = register_inner_model(NarrowMemory())
+        model = build_model(_titans(memory.name))
+        layers = [m for m in model.modules() if getattr(m, "inner_model", None) is not None]
+        assert [layer.inner_model.name for layer in layers] == [memory.name]
+
+
+def test_titans_refuses_an_unregistered_memory_naming_the_registered_ones() -> None:
+    with pytest.raises(ValueError, match=r"model.family.memory='rnn'.*registered.*'matrix', 'mlp'"):
+        build_model(_titans("rnn"))
+
+
+def test_a_checkpoint_records_a_titans_memory_plugin() -> None:
+    """The memory is a plugin a Titans checkpoint uses: recorded with its origin, as ``model.ttt``'s are."""
+    saved = {"mixer": "titans", "family": {"memory": "s56g_narrow_memory"}}
+    assert used_plugins(saved) == [("inner_model", "s56g_narrow_memory")]
+    assert used_plugins({"mixer": "titans"}) == [("inner_model", "matrix")]
+    assert used_plugins({"mixer": "deltanet"}) == []  # its memory is fixed: matrix

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ from innerloop.checkpoints import used_plugins
 from innerloop.core.protocol import GELU_TANH, AffineLayer, StackModel
 from innerloop.models.config import ModelConfig
 from innerloop.models.factory import build_model
-from innerloop.registry import isolated_registry, register_inner_model
+from innerloop.registry import get_registry, hookimpl, isolated_registry, register, register_inner_model
+from innerloop.registry.manager import PluginError
 
 
 class NarrowMemory(StackModel):
@@ -63,3 +66,23 @@ def test_a_checkpoint_records_a_titans_memory_plugin() -> None:
     assert used_plugins(saved) == [("inner_model", "s56g_narrow_memory")]
     assert used_plugins({"mixer": "titans"}) == [("inner_model", "matrix")]
     assert used_plugins({"mixer": "deltanet"}) == []  # its memory is fixed: matrix
+
+
+def test_a_hook_with_an_argument_no_hook_passes_is_refused_in_one_line_naming_it() -> None:
+    """pluggy's refusal of a hookimpl argument the spec does not declare came as its three lines, which
+    broke ``innerloop plugins``' table of broken plugins and the one line ``innerloop -p`` prints."""
+    plugin = types.ModuleType("s56g_extra_argument")
+
+    @hookimpl
+    def register_inner_losses(register, config):  # noqa: ARG001 (the mistake under test)
+        pass
+
+    plugin.register_inner_losses = register_inner_losses
+    before = get_registry().names("inner_loss")
+    with pytest.raises(PluginError) as refused:
+        register(plugin)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "s56g_extra_argument" in message and "'config'" in message and "register_inner_losses" in message
+    assert "def register_inner_losses(register)" in message  # what to write instead
+    assert get_registry().names("inner_loss") == before

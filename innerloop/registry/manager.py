@@ -208,7 +208,9 @@ class Registry:
             self.plugin_manager.check_pending()
         except (pluggy.PluginValidationError, ValueError) as error:
             self._forget(plugin)
-            raise PluginError(f"plugin {origin!r} is not a valid innerloop plugin: {error}") from error
+            raise PluginError(
+                f"plugin {origin!r} is not a valid innerloop plugin: {_one_line(error)}{_hook_arguments_advice(error)}"
+            ) from error
         try:
             for kind in KINDS:
                 returned = self._hook_of(plugin, kind.hook)(register=self.registrar(kind, origin, staging))
@@ -973,6 +975,20 @@ def _builtin_modules() -> frozenset[str]:
     from innerloop.plugins import DEFAULT_PLUGINS
 
     return frozenset(DEFAULT_PLUGINS)
+
+
+def _one_line(error: BaseException) -> str:
+    """``error``'s message on one line (pluggy's validation errors take three), its lines joined by "; "."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _hook_arguments_advice(error: BaseException) -> str:
+    """What to write instead, where pluggy refused a hook for arguments its spec does not declare (every
+    innerloop hook passes one, ``register``); "" for another error."""
+    hook = next((kind.hook for kind in KINDS if f"hook {kind.hook!r}" in str(error)), None)
+    if hook is None or "can not be found in the hookspec" not in str(error):
+        return ""
+    return f" (every innerloop hook takes one argument: def {hook}(register): register(obj)). Nothing was registered"
 
 
 def _is_builtin_module(plugin: Any) -> bool:

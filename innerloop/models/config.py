@@ -101,8 +101,8 @@ class FamilyConfig:
     members and the FLA layer file each follows are in ``docs/family.md``).
 
     Args:
-        memory: Titans' inner model, ``matrix`` (linear memory) or ``mlp`` (the paper's deep memory);
-            the other members are ``matrix`` only.
+        memory: Titans' inner model, ``matrix`` (linear memory), ``mlp`` (the paper's deep memory) or
+            any registered inner model (a plugin's); the other members are ``matrix`` only.
         mini_batch_size: tokens per gradient point of Titans (16), and the dual form's block size of
             linear attention (any value is the same model); DeltaNet and Gated DeltaNet are K = 1.
         base_lr: scale of the inner learning rate (beta, theta; linear attention's lr); at most 2 for

@@ -11,6 +11,7 @@ from innerloop.checkpoints import used_plugins
 from innerloop.core.protocol import GELU_TANH, AffineLayer, StackModel
 from innerloop.models.config import ModelConfig
 from innerloop.models.factory import build_model
+from innerloop.ops import scan
 from innerloop.registry import get_registry, hookimpl, isolated_registry, register, register_inner_model
 from innerloop.registry.manager import PluginError
 
@@ -86,3 +87,17 @@ def test_a_hook_with_an_argument_no_hook_passes_is_refused_in_one_line_naming_it
     assert "s56g_extra_argument" in message and "'config'" in message and "register_inner_losses" in message
     assert "def register_inner_losses(register)" in message  # what to write instead
     assert get_registry().names("inner_loss") == before
+
+
+def test_decay_given_to_a_rule_without_it_says_how_a_plugin_rule_takes_decay(monkeypatch) -> None:
+    """The refusal listed the three built-in rules as "rules that do", as if no plugin's could: it now
+    says what makes a rule take decay (``supports_decay``), and that the built-ins are not the only ones."""
+    rule = get_registry().update_rule("minibatch_gd")  # registered: no registration checks to run
+    monkeypatch.setattr(type(rule), "supports_decay", False)  # a rule that takes no decay
+    q = k = v = torch.randn(1, 1, 4, 2)
+    lr = torch.full((1, 1, 4), 0.1)
+    with pytest.raises(ValueError, match="decay") as refused:
+        scan(q, k, v, lr, update_rule=rule, mini_batch_size=2, decay=torch.zeros(1, 1, 4))
+    message = str(refused.value)
+    assert "supports_decay" in message and "'minibatch_gd'" in message
+    assert "built-in" in message and "innerloop plugins" in message

@@ -447,7 +447,8 @@ def _check_rule_takes(
         what = "decay (or decay_log) is given" if decay is not None else "the state carries a decay product"
         raise ValueError(
             f"decay: {what} but update_rule={rule.name!r} does not support decay (forgetting); "
-            "rules that do: 'dual_form', 'minibatch_gd', 'momentum'"
+            "rules that do set supports_decay: the built-in 'dual_form', 'minibatch_gd' and 'momentum', "
+            "and a plugin's that does (`innerloop plugins` lists the registered rules)"
         )
     if (momentum is not None or state.momentum) and not rule.supports_momentum:
         what = "momentum is given" if momentum is not None else "the state carries momentum"

@@ -101,3 +101,12 @@ def test_decay_given_to_a_rule_without_it_says_how_a_plugin_rule_takes_decay(mon
     message = str(refused.value)
     assert "supports_decay" in message and "'minibatch_gd'" in message
     assert "built-in" in message and "innerloop plugins" in message
+
+
+def test_momentum_given_to_a_rule_without_it_says_how_a_plugin_rule_takes_it() -> None:
+    """The sibling of the decay refusal: it named only the built-in ``momentum`` rule."""
+    q = k = v = torch.randn(1, 1, 4, 2)
+    lr = torch.full((1, 1, 4), 0.1)
+    with pytest.raises(ValueError, match="momentum") as refused:
+        scan(q, k, v, lr, update_rule="dual_form", mini_batch_size=2, momentum=torch.zeros(1, 1, 4))
+    assert "supports_momentum" in str(refused.value)

@@ -453,7 +453,8 @@ def _check_rule_takes(
     if (momentum is not None or state.momentum) and not rule.supports_momentum:
         what = "momentum is given" if momentum is not None else "the state carries momentum"
         raise ValueError(
-            f"momentum: {what} but update_rule={rule.name!r} does not take momentum; use update_rule='momentum'"
+            f"momentum: {what} but update_rule={rule.name!r} does not take momentum; use update_rule='momentum' "
+            "or another rule that sets supports_momentum (`innerloop plugins` lists the registered rules)"
         )
     if tau is not None and not rule.uses_token_scale:
         raise ValueError(

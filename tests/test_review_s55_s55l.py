@@ -8,8 +8,9 @@ into stacked matrices (``left1 = [eta * (XQ XK^T + 1); (tau lr XK)^T]``), the gr
 those products over the sequence lost most of their digits: measured at width 64, 4 heads, 256
 tokens, against float64, the token scale's gradient 2.9e-2 -> 8.5e-2 (TTT-Linear) and 1.5e-3 -> 2.8e-2
 (TTT-MLP), the learning-rate gate's bias 2.4e-3 -> 1.3e-2 (TTT-MLP), backward outside -> inside the
-autocast region. The fused path's products now compute their backward with autocast off (the scan's
-float32 policy), so a backward inside the region gives the gradients of one outside it.
+autocast region. The scan's backward now runs with autocast off (the scan's float32 policy; s56b made
+it one mechanism for every path, ``core.scan.run_scan_without_autocast``), so a backward inside the
+region gives the gradients of one outside it.
 """
 
 from __future__ import annotations

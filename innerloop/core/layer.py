@@ -24,7 +24,6 @@ import os
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -57,7 +56,7 @@ from innerloop.core.protocol import (
     Views,
     check_stack_on_random_weights,
 )
-from innerloop.core.scan import model_refusal, run_scan
+from innerloop.core.scan import model_refusal, run_scan, run_scan_without_autocast
 from innerloop.core.state import StateSignature, TTTState, inner_output_label
 
 NON_FINITE_POLICIES = ("raise", "ignore")
@@ -2013,10 +2012,10 @@ class TTTLayer(nn.Module):
         decay, momentum, decay_log = self.scan_gates(x)
         if not self.update_rule.uses_token_scale:
             lr, tau = _without_token_scale(lr, tau), None
-        under_autocast = autocasting(x.device.type)
         views, gates = self.in_scan_dtype(views, lr, tau, decay, momentum, decay_log)
-        with torch.autocast(x.device.type, enabled=False) if under_autocast else nullcontext():
-            inner_out, new_state = self._run_scan_recorded(state, views, *gates)
+        inner_out, new_state = run_scan_without_autocast(
+            x.device.type, self._run_scan_recorded, state, views, *gates
+        )
         new_state = replace(new_state, conv_history=conv_history)
         # Back to the weights' dtype (a no-op for float32 and float64 layers, under autocast or not): a
         # bfloat16 layer's post-norm takes bfloat16, also under autocast.

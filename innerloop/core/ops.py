@@ -18,7 +18,6 @@ these arguments (docs/family.md has the table). ``TTTLayer`` runs the same path
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from innerloop.core.layer import (
     resolve_plugins,
 )
 from innerloop.core.protocol import InnerLoss, InnerModel, InnerTask, UpdateRule, Views
-from innerloop.core.scan import run_scan
+from innerloop.core.scan import run_scan, run_scan_without_autocast
 from innerloop.core.state import StateSignature, TTTState
 
 Weights = dict[str, torch.Tensor]
@@ -348,12 +347,6 @@ def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     return None if tensor is None else tensor.to(dtype)
 
 
-def _autocast_off(device_type: str) -> AbstractContextManager:
-    """Autocast switched off where it is on (the scan's products run in its dtype), else nothing."""
-    autocasting = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-    return torch.autocast(device_type, enabled=False) if autocasting else nullcontext()
-
-
 def _no_token_result(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -515,15 +508,10 @@ def scan(
     _check_momentum_is_read(initial, momentum)  # after _initial_state: a rule without momentum says so first
     if q.shape[2] == 0:  # an empty piece: no token read, the weights go on as given (a boundary)
         return _no_token_result(q, k, v, lr, state, tau, momentum)
-    with _autocast_off(q.device.type):
-        outputs, final = run_scan(
-            rule,
-            state,
-            task,
-            views,
-            *(_cast(t, dtype) for t in (lr, tau, decay, momentum)),
-            decay_log=_cast(decay_log, dtype),
-        )
+    gates = [_cast(t, dtype) for t in (lr, tau, decay, momentum)]
+    outputs, final = run_scan_without_autocast(
+        q.device.type, run_scan, rule, state, task, views, *gates, decay_log=_cast(decay_log, dtype)
+    )
     weights = final.scan_weights(tau)
     if final.offset or final.loss_carry:  # weights alone cannot continue: marked for `initial` to refuse
         weights = PartialWeights(weights)

@@ -12,10 +12,12 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from innerloop.core.functional import decay_from_log, log_segment_sums
+from innerloop.core.eager import run_eagerly
+from innerloop.core.functional import decay_from_log, log_segment_sums, transformed_or_dual
 from innerloop.core.protocol import InnerModel, InnerTask, LossPairs, Params, UpdateRule, Views
 from innerloop.core.state import TTTState
 from innerloop.core.wording import a_type
@@ -565,6 +567,80 @@ def run_scan(
     return check_rule_returns(rule, result, state, views)  # a plugin wrong only at this call's shape
 
 
+def autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for meta tensors (which autocast does not know)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+@run_eagerly("innerloop: the scan's autograd nodes are read and hooked")
+def run_scan_without_autocast(
+    device_type: str, scan: Callable[..., tuple[torch.Tensor, TTTState]], *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, TTTState]:
+    """``scan(*args, **kwargs)`` (a :func:`run_scan` call) with autocast off on ``device_type``, its forward and its
+    backward: the scan's state, inner LayerNorm statistics and gradient sums stay in their float32 (at
+    least) dtype, also when ``loss.backward()`` is called inside the ``torch.autocast`` region, which
+    applies autocast to the backward's ops (PyTorch advises against it; users and some trainers do it).
+
+    The nodes that end the scan's graph (its outputs' and state's) get a pre-hook. A backward outside
+    autocast (the usual one) finds autocast off there and does nothing more. A backward inside it turns
+    autocast off for every node the scan recorded (whatever path: the torch ops of a rule, a kernel's
+    ``autograd.Function``), which the autograd engine restores after each node: the projections and the
+    rest of the model keep their bfloat16 backward. Outside autocast this is the plain call."""
+    if not autocast_on(device_type):
+        return scan(*args, **kwargs)
+    recording = torch.is_grad_enabled()
+    last_before = _last_sequence_number() if recording else 0
+    with torch.autocast(device_type, enabled=False):
+        outputs, state = scan(*args, **kwargs)
+    roots = [outputs, *state.tensors().values()]
+    if recording and not transformed_or_dual(roots):  # torch.func's wrapped tensors: its own graph
+        hook = functools.partial(_autocast_off_from_here, last_before, device_type)
+        for node in {t.grad_fn for t in roots if t.grad_fn is not None}:
+            node.register_prehook(hook)
+    return outputs, state
+
+
+_SEQUENCE_PROBE = torch.zeros((), requires_grad=True)
+"""A leaf whose view's node reads the autograd sequence counter (never written, never differentiated)."""
+_ACCUMULATE_GRAD_SEQUENCE = 2**64 - 1  # a leaf's AccumulateGrad node: no computation to guard
+_GUARDED = "innerloop: backward without autocast"  # the key a guarded node's metadata holds
+
+
+def _last_sequence_number() -> int:
+    """The sequence number of a node recorded now: every node recorded later (on this thread) has a larger one."""
+    with torch.enable_grad():
+        return _SEQUENCE_PROBE.view_as(_SEQUENCE_PROBE).grad_fn._sequence_nr()
+
+
+def _autocast_off(device_type: str, grad_outputs: tuple) -> None:
+    torch.set_autocast_enabled(device_type, False)  # for this node only: the engine restores it after
+
+
+def _autocast_off_from_here(last_before: int, device_type: str, grad_outputs: tuple) -> None:
+    """The pre-hook of a node that ends a scan: in a backward under autocast, turns it off for this
+    node and hooks :func:`_autocast_off` on every scan node below (recorded after ``last_before``) that
+    is not hooked yet (marked in the node's metadata: the hook holds no node, no reference cycle)."""
+    if not torch.is_autocast_enabled(device_type):
+        return
+    root = torch._C._current_autograd_node()
+    torch.set_autocast_enabled(device_type, False)
+    if root is None or root.metadata.get(_GUARDED):
+        return
+    root.metadata[_GUARDED] = True
+    hook = functools.partial(_autocast_off, device_type)
+    pending = [child for child, _ in root.next_functions]
+    while pending:
+        node = pending.pop()
+        if node is None or node.metadata.get(_GUARDED):
+            continue
+        number = node._sequence_nr()
+        if number <= last_before or number == _ACCUMULATE_GRAD_SEQUENCE:
+            continue
+        node.metadata[_GUARDED] = True
+        node.register_prehook(hook)
+        pending.extend(child for child, _ in node.next_functions)
+
+
 _ALLOCATION_FAILURES = (RuntimeError, MemoryError, torch.OutOfMemoryError)
 """The allocation failures the scan rewords as a new exception of the same type (their constructors take
 a message); a subclass of one keeps its object (its own ``__init__`` and fields) and gets a note."""
@@ -747,6 +823,7 @@ __all__ = [
     "Reader",
     "run_planned",
     "run_scan",
+    "run_scan_without_autocast",
     "Segment",
     "SegmentCarry",
     "SegmentPlan",

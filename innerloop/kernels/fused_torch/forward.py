@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import FunctionCtx
 
-from innerloop.core.functional import overflow_safe_scale_if_needed, transformed_or_dual
+from innerloop.core.functional import overflow_safe_scale_if_needed
 from innerloop.core.protocol import AffineLayer, Params
 from innerloop.kernels.spec import (
     KernelForward,
@@ -81,42 +80,6 @@ def _builds_a_graph() -> bool:
 def _guard(t: torch.Tensor, message: str) -> torch.Tensor:
     """``t``, whose backward refuses to build a graph (``create_graph=True``) with ``message``."""
     return refusing_identity(t, message, _builds_a_graph)
-
-
-class _ProductWithoutAutocastInBackward(torch.autograd.Function):
-    """``a @ b`` (the same leading dimensions) whose backward computes with autocast off, as the
-    forward did: a ``loss.backward()`` called inside ``torch.autocast`` otherwise runs the scan's
-    products' backward in the autocast dtype (autocast applies to a backward's ops), which rounded the
-    gradients of the token scale and learning rates, sums of these products over the sequence, to a
-    few percent (the scan's state and gradient sums are kept in float32)."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        return a @ b
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        a, b = ctx.saved_tensors
-        with torch.autocast(grad.device.type, enabled=False) if _autocast_on(grad) else nullcontext():
-            grad_a = grad @ b.transpose(-1, -2) if ctx.needs_input_grad[0] else None
-            grad_b = a.transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b
-
-
-def _autocast_on(t: torch.Tensor) -> bool:
-    device = t.device.type
-    return device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-
-
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for the scan: through :class:`_ProductWithoutAutocastInBackward` where it records a
-    graph (the leading dimensions equal, as the scan's are), else the plain product."""
-    records = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    records = records and not torch.compiler.is_compiling()  # the compiled step: inductor's own backward
-    if records and a.shape[:-2] == b.shape[:-2] and not transformed_or_dual((a, b)):
-        return _ProductWithoutAutocastInBackward.apply(a, b)
-    return a @ b
 
 
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +137,7 @@ def _hoist(
     # would zero-fill a gradient of both1's whole size for each slice.
     keys, queries = blocks(xk), blocks(xq)
     both1 = torch.cat([keys, queries], dim=2)
-    similarity = _product(queries, keys.transpose(-1, -2))  # [NB, BH, K, K]
+    similarity = torch.matmul(queries, keys.transpose(-1, -2))  # [NB, BH, K, K]
     update_rows = [(update_scale * keys).transpose(-1, -2)]  # [NB, BH, f, K]
     if first_has_bias:
         both1 = _with_ones(both1)
@@ -248,12 +211,12 @@ class _Scan:
 
         Returns ``(z_both [BH, 2K, out1], key_inputs, key_pre)``: each layer's input and pre-activation.
         """
-        z_both = _product(both_n, self.weights[0])
+        z_both = torch.matmul(both_n, self.weights[0])
         key_inputs, key_pre = [both_n[:, :mini_batch]], [z_both[:, :mini_batch]]
         for index in range(1, len(self.stack)):
             h = _activate(self.stack[index - 1], key_pre[-1])
             key_inputs.append(_with_ones(h) if self.has_bias[index] else h)
-            key_pre.append(_product(key_inputs[-1], self.weights[index]))
+            key_pre.append(torch.matmul(key_inputs[-1], self.weights[index]))
         return z_both, key_inputs, key_pre
 
     def key_gradients(
@@ -275,7 +238,7 @@ class _Scan:
         grads = [grad]
         for index in range(len(self.stack) - 1, 0, -1):
             weight = self.weights[index][:, : key_pre[index - 1].shape[-1]]  # without the bias row
-            grad = _product(grad, weight.transpose(-1, -2))
+            grad = torch.matmul(grad, weight.transpose(-1, -2))
             below = self.stack[index - 1].activation
             if below is not None:
                 grad = grad * below.derivative(key_pre[index - 1])
@@ -297,15 +260,15 @@ class _Scan:
         z_both, key_inputs, key_pre = self.key_side(both_n, mini_batch)
         grads = self.key_gradients(key_pre, shift_n, gamma_sq)
         # the query side (the dual form, layer by layer) and the weight updates
-        products = _product(left_n, grads[0])  # [BH, K + in1, out1]
+        products = torch.matmul(left_n, grads[0])  # [BH, K + in1, out1]
         z = z_both[:, mini_batch:] - products[:, :mini_batch]
         for index in range(1, len(self.stack)):
             hq = _activate(self.stack[index - 1], z)
             hq = _with_ones(hq) if self.has_bias[index] else hq
-            mix = eta_n * _product(hq, key_inputs[index].transpose(-1, -2))  # [BH, K, K]
+            mix = eta_n * torch.matmul(hq, key_inputs[index].transpose(-1, -2))  # [BH, K, K]
             left = torch.cat([mix, (scale_n * key_inputs[index]).transpose(-1, -2)], dim=1)
-            later = _product(left, grads[index])  # [BH, K + in, out]
-            z = _product(hq, self.weights[index]) - later[:, :mini_batch]
+            later = torch.matmul(left, grads[index])  # [BH, K + in, out]
+            z = torch.matmul(hq, self.weights[index]) - later[:, :mini_batch]
             self.step_weights(index, later[:, mini_batch:])
         self.step_weights(0, products[:, mini_batch:])
         return z

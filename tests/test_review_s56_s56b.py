@@ -89,8 +89,9 @@ def _scan_gradients(q, k, v, lr, where: str) -> list[torch.Tensor]:
 
 
 def test_the_functional_scan_keeps_its_backward_in_float32_inside_autocast():
-    """``innerloop.ops.scan`` (TTT-MLP, torch path): measured, the largest error against float64 0.6%,
-    the same inside and outside the region; before the fix the learning rate's 3.3x that outside."""
+    """``innerloop.ops.scan`` (TTT-MLP, torch path): measured, the largest error against float64 6.5e-3
+    (lr), the same inside and outside the region; before the fix inside, k's and v's 1.02x and lr's
+    1.05x those outside (4.36e-3 -> 4.45e-3, 6.48e-3 -> 6.81e-3)."""
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 32, 8, generator=generator) for _ in range(3))
     lr = torch.rand(1, 2, 32, generator=generator) * 0.1

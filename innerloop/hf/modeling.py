@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.generation.logits_process import LogitsProcessor, TemperatureLogitsWarper
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
@@ -777,36 +778,74 @@ class ShiftedTemperatureLogitsWarper(TemperatureLogitsWarper):
 
 class NonFiniteScoresCheck(LogitsProcessor):
     """Refuses scores with a row of NaN or ``+inf``, or ``-inf`` for every token, before any processor
-    reads them (:class:`~innerloop.core.NonFiniteRowsError`, naming the rows), as
-    :func:`innerloop.models.generate` does: greedy search took the argmax of a NaN row, token 0, and went
-    on silently (a TTT-E2E decode call that only scores is not checked by the model). A row that has
-    ended (one of ``eos_token_ids`` generated after the ``prompt_length`` tokens given), whose next
-    token transformers replaces by the pad token, is not refused: its non-finite scores are made 0. One
+    reads them (:class:`~innerloop.core.NonFiniteRowsError`), as :func:`innerloop.models.generate` does:
+    greedy search took the argmax of a NaN row, token 0, and went on silently (a TTT-E2E decode call that
+    only scores is not checked by the model). The error's ``rows`` / ``finite_rows`` are indices of the
+    ``prompts`` prompts passed to generate; its message names transformers' rows too (each prompt runs
+    ``num_beams`` beams, or ``num_return_sequences`` sequences, as consecutive rows). A row that has
+    finished, whose next token transformers discards (replaces by the pad token, or drops once every row
+    is done), is not refused: its non-finite scores are made 0. It finished if it generated one of
+    ``eos_token_ids`` after the ``prompt_length`` tokens given, or if any stopping criterion (stop_strings,
+    a custom StoppingCriteria) said so (:meth:`record_stopped`, which generate's criteria call). One
     reduction of the scores per token; transformers' loop reads the device at every token already."""
 
-    def __init__(self, eos_token_ids: list[int] | None = None, prompt_length: int | None = None) -> None:
+    def __init__(
+        self,
+        eos_token_ids: list[int] | None = None,
+        prompt_length: int | None = None,
+        prompts: int | None = None,
+        beams: bool = False,
+    ) -> None:
         self.eos_token_ids = list(eos_token_ids or [])
         self.prompt_length = prompt_length
+        self.prompts = prompts
+        self.beams = beams  # whether a prompt's rows are beams (a beam search), not returned sequences
+        self.stopped: torch.Tensor | None = None  # [B] bool, on the device: rows a criterion has finished
+
+    def record_stopped(self, done: torch.Tensor) -> None:
+        """Adds the rows a stopping criterion finished (``done`` ``[B]`` bool, what transformers takes
+        out of its unfinished sequences), on the device: no read-back."""
+        self.stopped = done if self.stopped is None else self.stopped | done
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        """``scores``, unchanged, if every row has a finite largest score (an ended row's made 0)."""
+        """``scores``, unchanged, if every row has a finite largest score (a finished row's made 0)."""
         finite = torch.isfinite(scores.amax(dim=-1))  # [B]: max propagates NaN
         if bool(finite.all()):
             return scores
-        ended = self._ended_rows(input_ids)
-        broken = ~finite & ~ended
-        if not bool(broken.any()):  # only rows whose next token is replaced by the pad token
+        finished = self._ended_rows(input_ids)
+        if self.stopped is not None and self.stopped.shape == finished.shape:
+            finished = finished | self.stopped.to(finished.device)
+        broken = ~finite & ~finished
+        if not bool(broken.any()):  # only rows whose next token transformers discards
             return torch.where((~finite)[:, None], torch.zeros_like(scores), scores)
-        rows = broken.nonzero().flatten().tolist()
+        raise self._error(input_ids.shape[1], broken.nonzero().flatten().tolist(), broken.shape[0])
+
+    def _error(self, length: int, rows: list[int], batch: int) -> NonFiniteRowsError:
+        """The error for transformers' ``rows`` of ``batch``, told as the prompts passed."""
+        prompts = self.prompts if self.prompts and batch % self.prompts == 0 else batch
+        per_prompt = batch // prompts
+        broken_prompts = sorted({row // per_prompt for row in rows})
+        where = f"in prompts {broken_prompts} of {prompts}"
+        if per_prompt > 1:
+            kind = "beams" if self.beams else "sequences"
+            where += (
+                " ("
+                + "; ".join(
+                    f"prompt {prompt} {kind} {[row % per_prompt for row in rows if row // per_prompt == prompt]} "
+                    f"of {per_prompt}"
+                    for prompt in broken_prompts
+                )
+                + f"; transformers' rows {rows}, prompt * {per_prompt} + {kind[:-1]})"
+            )
         error = NonFiniteRowsError(
-            f"generate: the model produced non-finite logits after {input_ids.shape[1]} tokens in rows {rows} "
-            "(of the batch transformers runs: beams and returned sequences counted): NaN or +inf, or -inf for "
-            "every token, from which no token can be chosen; the model's weights or state overflowed or hold "
-            "NaN (TTT-E2E checks a call that trains on a chunk, not one that only scores a decoded token: "
-            "innerloop.models.generate names its likely cause)"
+            f"generate: the model produced non-finite logits after {length} tokens {where}: NaN or +inf, or "
+            "-inf for every token, from which no token can be chosen; the model's weights or state overflowed "
+            "or hold NaN (TTT-E2E checks a call that trains on a chunk, not one that only scores a decoded "
+            "token: innerloop.models.generate names its likely cause)"
         )
-        error.rows, error.finite_rows = rows, (~broken).nonzero().flatten().tolist()
-        raise error
+        error.rows = broken_prompts
+        error.finite_rows = [prompt for prompt in range(prompts) if prompt not in broken_prompts]
+        return error
 
     def _ended_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B]``: whether each row generated an end-of-sequence token after the prompt (read only when
@@ -815,6 +854,24 @@ class NonFiniteScoresCheck(LogitsProcessor):
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         eos = torch.tensor(self.eos_token_ids, dtype=input_ids.dtype, device=input_ids.device)
         return torch.isin(input_ids[:, self.prompt_length :], eos).any(dim=1)
+
+
+class StopsRecorded(StoppingCriteriaList):
+    """generate's stopping criteria, whose verdicts (the rows each step finished) are also told to a
+    :class:`NonFiniteScoresCheck` (:meth:`~NonFiniteScoresCheck.record_stopped`), so that a row finished
+    for any reason is not refused for its discarded scores. Same verdicts; one elementwise op a step."""
+
+    def __init__(self, criteria: StoppingCriteriaList, check: NonFiniteScoresCheck) -> None:
+        super().__init__(criteria)
+        self.check = check
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        """The criteria's verdict, recorded."""
+        done = super().__call__(input_ids, scores, **kwargs)
+        self.check.record_stopped(done)
+        return done
 
 
 TIED_HEAD_KEY = "model.lm_head.weight"
@@ -2108,9 +2165,20 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         eos = generation_config.eos_token_id
         eos_ids = [] if eos is None else torch.as_tensor(eos).flatten().tolist()
         prompt_length = kwargs.get("input_ids_seq_length", args[0] if args else None)
-        # the model's own scores, before any processor
-        processors.insert(0, NonFiniteScoresCheck(eos_ids, prompt_length))
+        prompts = kwargs.get("encoder_input_ids", args[1] if len(args) > 1 else None)
+        prompt_count = prompts.shape[0] if torch.is_tensor(prompts) else None
+        check = NonFiniteScoresCheck(eos_ids, prompt_length, prompt_count, generation_config.num_beams > 1)
+        processors.insert(0, check)  # the model's own scores, before any processor
+        # a greedy or sampling run's rows stay in place: its stopping criteria tell the check which finished
+        self._scores_check = None if check.beams else check
         return processors
+
+    def _get_stopping_criteria(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' stopping criteria, whose verdicts the generate call's
+        :class:`NonFiniteScoresCheck` also records (:class:`StopsRecorded`) outside a beam search."""
+        criteria = super()._get_stopping_criteria(generation_config, *args, **kwargs)
+        check, self._scores_check = getattr(self, "_scores_check", None), None
+        return criteria if check is None else StopsRecorded(criteria, check)
 
     def _prepare_attention_mask_for_generation(
         self, inputs_tensor: torch.Tensor, generation_config: Any, model_kwargs: dict[str, Any]

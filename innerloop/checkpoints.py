@@ -63,6 +63,7 @@ from innerloop.core.callers import warning_stacklevel
 from innerloop.core.functional import check_flag, check_path_argument, first_non_finite, user_path
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer
+from innerloop.core.protocol import no_kernel_reason
 from innerloop.core.wording import a_type
 from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
 from innerloop.data.tokenizer import Tokenizer, tokenizer_from_state
@@ -323,7 +324,7 @@ def _no_kernel_reason(rule_name: Any) -> str | None:
     registry = get_registry()
     if not isinstance(rule_name, str) or rule_name not in registry.names("update_rule"):
         return None
-    return getattr(registry.update_rule(rule_name), "no_kernel_reason", None)
+    return no_kernel_reason(registry.update_rule(rule_name))
 
 
 def missing_config_keys(given: Any, full: Mapping[str, Any], prefix: str = "model.") -> list[str]:

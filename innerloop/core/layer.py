@@ -55,6 +55,7 @@ from innerloop.core.protocol import (
     UpdateRule,
     Views,
     check_stack_on_random_weights,
+    no_kernel_reason,
 )
 from innerloop.core.scan import model_refusal, run_scan, run_scan_without_autocast
 from innerloop.core.state import StateSignature, TTTState, inner_output_label
@@ -512,10 +513,10 @@ def _check_kernel_name(
     clash = registry.clash_error("kernel", kernel) if isinstance(kernel, str) else None
     if clash is not None:  # two installed distributions provide it: neither is used
         raise clash
-    no_kernel_reason = getattr(rule, "no_kernel_reason", None)
-    if no_kernel_reason is not None:  # its blocks never reach a kernel: one registered for it never runs
+    refusal = no_kernel_reason(rule)
+    if refusal is not None:  # its blocks never reach a kernel: one registered for it never runs
         raise ValueError(
-            f"kernel={kernel!r} cannot run update_rule={rule.name!r}: {no_kernel_reason}; "
+            f"kernel={kernel!r} cannot run update_rule={rule.name!r}: {refusal}; "
             f"{_kernels_running(model, loss)}; use kernel='auto' or 'torch' with update_rule={rule.name!r}"
         )
     if kernel not in specs:
@@ -545,7 +546,7 @@ def _kernels_running(model: InnerModel, loss: InnerLoss) -> str:
     by_rule = {
         name: [spec.name for spec in registry.kernels_for(model.name, loss.name, name)]
         for name in registry.names("update_rule")
-        if getattr(registry.update_rule(name), "no_kernel_reason", None) is None
+        if no_kernel_reason(registry.update_rule(name)) is None
     }
     running = {name: kernels for name, kernels in by_rule.items() if kernels}
     if not running:

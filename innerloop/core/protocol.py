@@ -375,7 +375,9 @@ class UpdateRule(ABC):
     uses_token_scale: ClassVar[bool] = True
     #: None: the rule sends its blocks to the kernel dispatch (:mod:`innerloop.kernels.dispatch`); else
     #: why it never does (``minibatch_gd``: the primal form, on torch; ``momentum``: no kernel contract
-    #: carries its state ``S``), said when a layer names a kernel for it.
+    #: carries its state ``S``), said when a layer names a kernel for it. It speaks for the ``forward``
+    #: of the class that sets it: a subclass with a ``forward`` of its own does not inherit it (read it
+    #: with :func:`no_kernel_reason`), and restates it if its blocks still never reach a kernel.
     no_kernel_reason: ClassVar[str | None] = None
 
     #: The token-by-token statement of what this rule computes, which the checks compare it with (whole
@@ -415,6 +417,29 @@ class UpdateRule(ABC):
         """
 
 
+def no_kernel_reason(rule: object) -> str | None:
+    """Why ``rule``'s blocks never reach a kernel (its ``no_kernel_reason``), or None if they may.
+
+    The reason speaks for the ``forward`` of the class that set it: a subclass that overrides ``forward``
+    (a user's ``minibatch_gd`` that sends its blocks to the kernel dispatch) does not inherit it; one
+    that keeps the inherited ``forward``, or sets ``no_kernel_reason`` itself, does."""
+    reason = getattr(rule, "no_kernel_reason", None)
+    if reason is None or "no_kernel_reason" in vars(rule):
+        return reason
+    if "forward" in vars(rule):  # a forward set on the instance: not the one the reason was written for
+        return None
+    mro = type(rule).__mro__
+    reason_owner = next(cls for cls in mro if "no_kernel_reason" in vars(cls))
+    forward_owner = next((cls for cls in mro if "forward" in vars(cls)), None)
+    if (
+        forward_owner is not None
+        and forward_owner is not reason_owner
+        and issubclass(forward_owner, reason_owner)
+    ):
+        return None  # the forward was overridden below the class that gave the reason
+    return reason
+
+
 __all__ = [
     "GELU_TANH",
     "Activation",
@@ -430,6 +455,7 @@ __all__ = [
     "STACK_TOLERANCE",
     "apply_stack",
     "check_stack_on_random_weights",
+    "no_kernel_reason",
     "residual_and_norm",
     "stack_forward_mismatch",
     "Views",

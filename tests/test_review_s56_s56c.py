@@ -84,3 +84,23 @@ def test_a_subclass_that_sends_blocks_to_kernels_may_name_one(monkeypatch) -> No
     x = torch.randn(1, 4, 8)
     torch.testing.assert_close(layer(x)[0], torch_layer(x)[0])
     assert layer.last_dispatch[0] == spec.name, layer.dispatches
+
+
+_DELTA_RULE = {"inner_model": "matrix", "inner_norm": False, "inner_residual": False}
+_DELTA_K = r"delta_chunk: the delta rule is the dual form with mini_batch_size=1, got 4"
+
+
+def test_the_delta_rule_kernel_named_at_another_mini_batch_size_is_refused_at_construction() -> None:
+    # delta_chunk runs mini_batch_size=1 only: a layer naming it at K = 4 was built, and failed at its
+    # first call (KernelUnavailableError); the information is there at construction (and at kernel=).
+    with pytest.raises(ValueError, match=rf"kernel='delta_chunk'.*{_DELTA_K}"):
+        TTTLayer(16, 2, mini_batch_size=4, kernel="delta_chunk", **_DELTA_RULE)
+    layer = TTTLayer(16, 2, mini_batch_size=4, **_DELTA_RULE)
+    with pytest.raises(ValueError, match=_DELTA_K):
+        layer.kernel = "delta_chunk"
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=_DELTA_K):
+        innerloop.ops.scan(
+            x, x, x, torch.zeros(1, 2, 4), mini_batch_size=4, kernel="delta_chunk", **_DELTA_RULE
+        )
+    assert TTTLayer(16, 2, mini_batch_size=1, kernel="delta_chunk", **_DELTA_RULE).kernel == "delta_chunk"

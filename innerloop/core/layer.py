@@ -491,16 +491,18 @@ def _check_kernel_name(
     rule: UpdateRule,
     head_dim: int,
     wrapping: tuple[bool, bool],
+    mini_batch_size: int | None = None,
 ) -> None:
     """A kernel named explicitly must exist for this (model, loss, rule), compute its inner wrapping
-    ``(inner_norm, inner_residual)``, and the plugins must be the registered ones it was written for;
+    ``(inner_norm, inner_residual)``, run ``mini_batch_size`` (its ``check_mini_batch_size``, when both are
+    given: ``delta_chunk`` runs ``K = 1`` only), and the plugins must be the registered ones it was written for;
     the rule must send its blocks to a kernel at all (``no_kernel_reason`` None: a kernel registered for
     ``momentum`` would be refused every block, one for ``minibatch_gd`` never asked): say so at
     construction, not at the first mini-batch (or never).
 
     What only the kernel's ``verify`` knows is not checked here: a :class:`KernelSpec` does not say
     which mini-batch sizes, devices, dtypes or head dims it takes, nor whether it is twice
-    differentiable (``delta_chunk`` runs ``mini_batch_size=1`` only; ``fused_torch_*``, ``cpu_ttt_*``,
+    differentiable (``fused_torch_*``, ``cpu_ttt_*``,
     ``compiled_torch_*`` and ``triton_ttt_*`` refuse the blocks that record a graph of a layer built
     with ``needs_double_backward=True``). The first call that sends the kernel such a block raises
     ``KernelUnavailableError`` naming the kernel and its reason."""
@@ -529,6 +531,10 @@ def _check_kernel_name(
             f"kernel={kernel!r} fuses the inner LayerNorm and residual, which need both on; this layer has "
             f"inner_norm={wrapping[0]}, inner_residual={wrapping[1]}; use kernel='auto' or 'torch'"
         )
+    size_check = getattr(specs[kernel], "check_mini_batch_size", None)
+    refusal = None if size_check is None or mini_batch_size is None else size_check(mini_batch_size)
+    if refusal is not None:
+        raise ValueError(f"kernel={kernel!r} cannot run mini_batch_size={mini_batch_size}: {refusal}")
     for kind, obj in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)
         if reason is not None:
@@ -648,9 +654,11 @@ def resolve_plugins(
     kernel: str,
     head_dim: int,
     wrapping: tuple[bool, bool] = (True, True),
+    mini_batch_size: int | None = None,
 ) -> tuple[InnerModel, InnerLoss, UpdateRule]:
     """The plugin instances named, checked to work together and with the kernel named (if any), which
-    must compute the inner ``wrapping`` ``(inner_norm, inner_residual)``."""
+    must compute the inner ``wrapping`` ``(inner_norm, inner_residual)`` and run ``mini_batch_size``
+    (None: not asked)."""
     model: InnerModel = _resolve("inner_model", inner_model, InnerModel)
     loss: InnerLoss = _resolve("inner_loss", inner_loss, InnerLoss)
     rule: UpdateRule = _resolve("update_rule", update_rule, UpdateRule)
@@ -663,7 +671,7 @@ def resolve_plugins(
     reason = model_refusal(rule, model)
     if reason is not None:
         raise ValueError(f"update_rule={rule.name!r} cannot run inner_model={model.name!r}: {reason}")
-    _check_kernel_name(kernel, model, loss, rule, head_dim, wrapping)
+    _check_kernel_name(kernel, model, loss, rule, head_dim, wrapping, mini_batch_size)
     return model, loss, rule
 
 
@@ -682,6 +690,7 @@ def check_layer_arguments(hidden_size: int, num_heads: int, **options: Any) -> N
         arguments["kernel"],
         int(hidden_size) // int(num_heads),
         (bool(arguments["inner_norm"]), bool(arguments["inner_residual"])),
+        int(arguments["mini_batch_size"]),
     )
 
 
@@ -1029,7 +1038,13 @@ class TTTLayer(nn.Module):
             bool, (use_gate, share_qk, inner_norm, inner_residual)
         )
         self._resolve_plugins(
-            inner_model, inner_loss, update_rule, kernel, head_dim, (inner_norm, inner_residual)
+            inner_model,
+            inner_loss,
+            update_rule,
+            kernel,
+            head_dim,
+            (inner_norm, inner_residual),
+            int(mini_batch_size),
         )
 
         # The numbers as Python ints and floats (the checks accept numpy's scalars too).
@@ -1067,7 +1082,7 @@ class TTTLayer(nn.Module):
                 if name == "kernel":  # a named kernel must be one of this layer's, as at construction
                     wrapping = (self.inner_norm, self.inner_residual)
                     plugins = (self.inner_model, self.inner_loss, self.update_rule)
-                    _check_kernel_name(value, *plugins, self.head_dim, wrapping)
+                    _check_kernel_name(value, *plugins, self.head_dim, wrapping, self.mini_batch_size)
             elif name in type(self).built_options:
                 value = refuse_built_option_change(self, name, value, plugins=PLUGIN_OPTIONS)
         super().__setattr__(name, value)
@@ -1080,11 +1095,12 @@ class TTTLayer(nn.Module):
         kernel: str,
         head_dim: int,
         wrapping: tuple[bool, bool],
+        mini_batch_size: int,
     ) -> None:
         """The plugin instances, checked to work together and with the kernel named (if any), which must
-        compute the inner ``wrapping`` ``(inner_norm, inner_residual)``."""
+        compute the inner ``wrapping`` ``(inner_norm, inner_residual)`` and run ``mini_batch_size``."""
         self.inner_model, self.inner_loss, self.update_rule = resolve_plugins(
-            inner_model, inner_loss, update_rule, kernel, head_dim, wrapping
+            inner_model, inner_loss, update_rule, kernel, head_dim, wrapping, mini_batch_size
         )
         # What the state records about the model, loss and rule: their names, qualified by their class
         # when they are not the registered plugins of those names (see innerloop.core.identity).

@@ -483,7 +483,13 @@ def scan(
     # whatever inner_norm, as TTTLayer checks it, so that a value is valid or not on its own
     check_norm_eps(float(norm_eps), torch.promote_types(q.dtype, torch.float32))
     model, loss, rule = resolve_plugins(
-        inner_model, inner_loss, update_rule, kernel, q.shape[3], (bool(inner_norm), bool(inner_residual))
+        inner_model,
+        inner_loss,
+        update_rule,
+        kernel,
+        q.shape[3],
+        (bool(inner_norm), bool(inner_residual)),
+        mini_batch_size,
     )
     # The scan runs in q's dtype but at least float32, as TTTLayer's (its state, LayerNorm statistics
     # and gradient sums), with autocast off: every path, torch or kernel, gives the same numbers.

@@ -181,6 +181,11 @@ class KernelSpec:
     dispatch refuses it to layers that turn the inner residual or LayerNorm off. A kernel of the bare
     ``g`` (the delta rule's ``x W``) sets it False and refuses the wrapped layers in its own ``verify``.
 
+    ``check_mini_batch_size(K) -> str | None`` (optional): None when the kernel runs mini-batches of ``K``
+    tokens, else why not (``delta_chunk``: ``K = 1`` only). A layer naming the kernel asks it at
+    construction (and at ``layer.kernel = ...``, ``innerloop.ops.scan``), refusing the layer with that
+    reason, rather than at its first step; the kernel's ``verify`` should give the same answer.
+
     ``training_only``: a path that only speeds up training (``compiled_torch_*``). A layer that forces
     it by name uses it for blocks that record an autograd graph; blocks that do not (inference, prefill,
     decoding) are dispatched as under ``kernel="auto"``, and the reason says so. ``kernel="auto"`` may
@@ -204,6 +209,7 @@ class KernelSpec:
     supports_decay: bool = False
     fuses_inner_norm: bool = True
     training_only: bool = False
+    check_mini_batch_size: Callable[[int], str | None] | None = None
 
     def __post_init__(self) -> None:
         self._check_fields()

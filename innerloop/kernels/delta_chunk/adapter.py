@@ -154,13 +154,22 @@ def linear_gates_needed(decay: torch.Tensor, largest: float) -> bool:
     return torch.is_grad_enabled() and decay.requires_grad and largest > 1 - SMALL_GATE
 
 
-def verify(inputs: KernelInputs) -> str | None:
-    """None when the chunked delta rule computes this block, else why not."""
-    if inputs.mini_batch_size != 1:
+def mini_batch_size_refusal(mini_batch_size: int) -> str | None:
+    """None at ``mini_batch_size = 1`` (the delta rule), else why the kernel does not run it: asked at a
+    layer's construction (``KernelSpec.check_mini_batch_size``) and by :func:`verify`."""
+    if mini_batch_size != 1:
         return (
             f"{KERNEL_NAME}: the delta rule is the dual form with mini_batch_size=1, got "
-            f"{inputs.mini_batch_size} (K > 1 is mini-batch gradient descent, another recurrence)"
+            f"{mini_batch_size} (K > 1 is mini-batch gradient descent, another recurrence)"
         )
+    return None
+
+
+def verify(inputs: KernelInputs) -> str | None:
+    """None when the chunked delta rule computes this block, else why not."""
+    refusal = mini_batch_size_refusal(inputs.mini_batch_size)
+    if refusal is not None:
+        return refusal
     norm, residual = bool(inputs.extra.get("norm")), bool(inputs.extra.get("residual"))
     if norm or residual:
         return (
@@ -185,6 +194,7 @@ def kernel_spec(priority: int = 1) -> KernelSpec:
         description="the delta rule (DeltaNet, Gated DeltaNet) in chunks (WY / UT form), pure torch",
         supports_decay=True,
         fuses_inner_norm=False,
+        check_mini_batch_size=mini_batch_size_refusal,
     )
 
 
@@ -193,6 +203,7 @@ __all__ = [
     "SMALL_GATE",
     "delta_rule_kernel_forward",
     "kernel_spec",
+    "mini_batch_size_refusal",
     "linear_gates_needed",
     "verify",
 ]

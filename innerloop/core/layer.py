@@ -1037,15 +1037,8 @@ class TTTLayer(nn.Module):
         use_gate, share_qk, inner_norm, inner_residual = map(
             bool, (use_gate, share_qk, inner_norm, inner_residual)
         )
-        self._resolve_plugins(
-            inner_model,
-            inner_loss,
-            update_rule,
-            kernel,
-            head_dim,
-            (inner_norm, inner_residual),
-            int(mini_batch_size),
-        )
+        plugins = (inner_model, inner_loss, update_rule)
+        self._resolve_plugins(*plugins, kernel, head_dim, (inner_norm, inner_residual), int(mini_batch_size))
 
         # The numbers as Python ints and floats (the checks accept numpy's scalars too).
         self.hidden_size = int(hidden_size)

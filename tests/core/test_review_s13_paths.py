@@ -139,12 +139,12 @@ def test_a_once_differentiable_kernel_named_for_double_backward_is_refused_at_th
         layer(torch.randn(1, 2 * K, HIDDEN, requires_grad=True))
 
 
-def test_delta_chunk_named_with_mini_batches_is_refused_at_the_first_call_naming_the_size():
-    layer = FamilyLayer(24, 2, mini_batch_size=3, kernel="delta_chunk")
+def test_delta_chunk_named_with_mini_batches_is_refused_at_construction_naming_the_size():
+    # refused at the first call (KernelUnavailableError) before s56c; the size is known at construction
     with pytest.raises(
-        KernelUnavailableError, match=r"kernel='delta_chunk' cannot run here: .*mini_batch_size=1, got 3"
+        ValueError, match=r"kernel='delta_chunk' cannot run mini_batch_size=3: .*mini_batch_size=1, got 3"
     ):
-        layer(torch.randn(1, 6, 24))
+        FamilyLayer(24, 2, mini_batch_size=3, kernel="delta_chunk")
 
 
 def test_the_kernel_name_check_says_what_it_leaves_to_the_first_call():

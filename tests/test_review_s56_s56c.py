@@ -9,7 +9,7 @@ import torch
 
 import innerloop
 from innerloop import TTTLayer
-from innerloop.core.protocol import no_kernel_reason
+from innerloop.core.protocol import Views, no_kernel_reason
 from innerloop.kernels.reference import reference_kernel
 from innerloop.kernels.spec import KernelSpec
 from innerloop.plugins.losses.reconstruction import Reconstruction
@@ -104,3 +104,97 @@ def test_the_delta_rule_kernel_named_at_another_mini_batch_size_is_refused_at_co
             x, x, x, torch.zeros(1, 2, 4), mini_batch_size=4, kernel="delta_chunk", **_DELTA_RULE
         )
     assert TTTLayer(16, 2, mini_batch_size=1, kernel="delta_chunk", **_DELTA_RULE).kernel == "delta_chunk"
+
+
+_RULES = {"dual_form": DualForm, "minibatch_gd": MiniBatchGD, "momentum": Momentum}
+
+
+def _problem(rule_name: str):  # type: ignore[no-untyped-def]
+    from innerloop.testing.checks import make_problem
+
+    return make_problem(
+        "linear", "reconstruction", batch=2, heads=2, head_dim=4, tokens=4, mini_batch_size=2
+    ).for_rule(_RULES[rule_name]())
+
+
+def _views(views: Views, change) -> Views:  # type: ignore[no-untyped-def]
+    return Views(*(change(t) for t in (views.query, views.key, views.value)))
+
+
+_BAD_ARGUMENTS = {
+    # name: (the argument changed, what the error names)
+    "views of another head size": (
+        lambda p: {"views": _views(p.views, lambda t: torch.cat([t, t], -1))},
+        "views",
+    ),
+    "3-d views": (lambda p: {"views": _views(p.views, lambda t: t[0])}, "views"),
+    "views of another batch": (lambda p: {"views": _views(p.views, lambda t: t[:1])}, "views"),
+    "views of other heads": (lambda p: {"views": _views(p.views, lambda t: t[:, :1])}, "views"),
+    "int64 views": (lambda p: {"views": _views(p.views, lambda t: t.long())}, "views"),
+    "float16 views": (lambda p: {"views": _views(p.views, lambda t: t.half())}, "views"),
+    "float32 views of a float64 state": (lambda p: {"views": _views(p.views, lambda t: t.float())}, "views"),
+    "a key of another length": (
+        lambda p: {"views": Views(p.views.query, p.views.key[:, :, :3], p.views.value)},
+        "views",
+    ),
+    "no tokens": (lambda p: {"views": p.views.slice_tokens(0, 0), "lr": p.lr[..., :0]}, "views"),
+    "a tuple for views": (lambda p: {"views": (p.views.query, p.views.key, p.views.value)}, "views"),
+    "lr of another length": (lambda p: {"lr": p.lr[..., :3]}, "lr"),
+    "lr [B, H, T, 1]": (lambda p: {"lr": p.lr[..., None]}, "lr"),
+    "float32 lr": (lambda p: {"lr": p.lr.float()}, "lr"),
+    "a list for lr": (lambda p: {"lr": [0.1]}, "lr"),
+    "None for state": (lambda p: {"state": None}, "state"),
+    "None for task": (lambda p: {"task": None}, "task"),
+}
+_BAD_TAU = {
+    "tau of another length": (lambda p: {"tau": p.tau[:1]}, "tau"),
+    "2-d tau": (lambda p: {"tau": p.tau[None]}, "tau"),
+    "None for tau": (lambda p: {"tau": None}, "tau"),
+}
+
+
+def _call(rule_name: str, problem, changed: dict):  # type: ignore[no-untyped-def]
+    arguments = {"state": problem.state, "task": problem.task, "views": problem.views, "lr": problem.lr}
+    arguments["tau"] = problem.tau
+    arguments.update(changed)
+    return _RULES[rule_name]().forward(**arguments)
+
+
+@pytest.mark.parametrize("rule_name", list(_RULES))
+@pytest.mark.parametrize("case", [*_BAD_ARGUMENTS, *_BAD_TAU])
+def test_a_rule_called_directly_refuses_bad_input_naming_the_parameter(rule_name, case) -> None:
+    # Called outside the scan (users property-test rules with hypothesis), a built-in rule gave torch's
+    # own errors ("mat1 and mat2 shapes cannot be multiplied", "expected scalar type Double"), an
+    # AttributeError, torch.cat's "expected a non-empty list", or ran: views of one sequence (or head)
+    # broadcast against a state of two (dual_form, momentum) and returned outputs of the state's shape.
+    if case in _BAD_TAU and rule_name == "momentum":
+        pytest.skip("momentum has no token-index scale (tau must be None; its refusal is tested below)")
+    problem = _problem(rule_name)
+    change, parameter = {**_BAD_ARGUMENTS, **_BAD_TAU}[case]
+    with pytest.raises((TypeError, ValueError), match=rf"update_rule={rule_name!r}.*\b{parameter}\b.*got"):
+        _call(rule_name, problem, change(problem))
+
+
+_SLOW_PRIMAL = pytest.mark.slow  # minibatch_gd's first call in a process: 2.5 s here (torch.func's set-up)
+
+
+@pytest.mark.parametrize(
+    "rule_name", ["dual_form", "momentum", pytest.param("minibatch_gd", marks=_SLOW_PRIMAL)]
+)
+def test_a_rule_called_directly_takes_non_contiguous_views_with_the_same_numbers(rule_name) -> None:
+    problem = _problem(rule_name)
+    strided = _views(problem.views, lambda t: t.transpose(2, 3).contiguous().transpose(2, 3))
+    assert not strided.query.is_contiguous()
+    expected, _ = _call(rule_name, problem, {})
+    actual, _ = _call(
+        rule_name, problem, {"views": strided, "lr": problem.lr.transpose(0, 2).contiguous().transpose(0, 2)}
+    )
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_momentum_called_directly_refuses_a_token_scale_naming_tau() -> None:
+    problem = _problem("momentum")
+    with pytest.raises(
+        ValueError, match=r"update_rule='momentum'.*\btau must be None.*got a Tensor of shape \(2,\)"
+    ):
+        _call("momentum", problem, {"tau": torch.ones(2, dtype=torch.float64)})

@@ -414,6 +414,10 @@ class UpdateRule(ABC):
 
         Returns:
             ``(outputs [B, H, T, f], new_state)``.
+
+        The built-in rules refuse what they cannot run (a wrong shape, dtype or device, ``T = 0``), naming
+        the argument, with :func:`innerloop.core.scan.check_rule_arguments`, once per call (a rule of
+        one's own may call it too).
         """
 
 

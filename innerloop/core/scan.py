@@ -155,6 +155,85 @@ def _check_carry_kept_its_shapes(label: str, before: Mapping, after: Mapping) ->
             )
 
 
+def check_rule_arguments(
+    rule: UpdateRule,
+    state: object,
+    task: object,
+    views: object,
+    lr: object,
+    tau: object,
+    **gates: object,
+) -> None:
+    """Refuse what ``rule.forward`` cannot run, naming the parameter, what was given and what is valid:
+    ``state`` a :class:`TTTState`, ``task`` an :class:`InnerTask` of the state's mini-batch size,
+    ``views`` a :class:`Views` of three ``[B, H, T, f]`` tensors (the state's ``B``, ``H``, ``f``;
+    ``T >= 1``) and ``lr`` and each gate given (``decay``, ``momentum``, ``decay_log``) ``[B, H, T]``,
+    all in the state's dtype and on its device; ``tau`` ``[K]`` (None for a rule without a token-index
+    scale). The built-in rules call it once at the top of ``forward`` (their public entry, called
+    directly too): it reads shapes, dtypes and devices only, never a value (no device sync)."""
+    where = f"update_rule={rule.name!r}: forward"
+    _check_kind(where, "state", state, TTTState)
+    _check_kind(where, "task", task, InnerTask)
+    _check_kind(where, "views", views, Views)
+    signature = state.signature  # type: ignore[attr-defined]
+    if task.mini_batch_size != signature.mini_batch_size:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"{where}: task.mini_batch_size must be the state's ({signature.mini_batch_size}), got "
+            f"{task.mini_batch_size}"  # type: ignore[attr-defined]
+        )
+    like = next(iter(state.params.values()), None)  # type: ignore[attr-defined]
+    query = views.query  # type: ignore[attr-defined]
+    tokens = query.shape[2] if isinstance(query, torch.Tensor) and query.dim() == 4 else None
+    rows = (signature.batch_size, signature.num_heads)
+    for name in ("query", "key", "value"):
+        expected = (*rows, tokens, signature.head_dim)
+        what = "[B, H, T, f] (the state's B, H, f; one T)"
+        _check_tensor(where, f"views.{name}", getattr(views, name), expected, what, like)
+    assert tokens is not None  # views.query passed its check
+    if tokens < 1:
+        raise ValueError(
+            f"{where}: views must hold at least one token, got T = 0 (TTTLayer and innerloop.ops.scan "
+            "return empty outputs for an empty chunk without calling the rule)"
+        )
+    _check_tensor(where, "lr", lr, (*rows, tokens), "[B, H, T]", like)
+    for name, gate in gates.items():
+        if gate is not None:
+            _check_tensor(where, name, gate, (*rows, tokens), "[B, H, T] (or None)", like)
+    if not rule.uses_token_scale:
+        if tau is not None:
+            raise ValueError(
+                f"{where}: tau must be None (the rule has no token-index scale), got {_shape_or_type(tau)}"
+            )
+        return
+    _check_tensor(where, "tau", tau, (task.mini_batch_size,), "[K] (K = task.mini_batch_size)", like)  # type: ignore[attr-defined]
+
+
+def _check_kind(where: str, name: str, value: object, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{where}: {name} must be an innerloop {kind.__name__}, got {a_type(value)}")
+
+
+def _check_tensor(
+    where: str, name: str, value: object, shape: tuple[int | None, ...], what: str, like: torch.Tensor | None
+) -> None:
+    """``value`` must be a tensor of ``shape`` (None: any size, shown ``T``) in ``like``'s dtype and on its
+    device (the state's weights'; anything when the state has none)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor {what}, got {a_type(value)}")
+    given = tuple(value.shape)
+    if len(given) != len(shape) or any(
+        want is not None and want != got for want, got in zip(shape, given, strict=False)
+    ):
+        valid = ", ".join("T" if want is None else str(want) for want in shape)
+        raise ValueError(f"{where}: {name} must have shape {what} = [{valid}], got {list(given)}")
+    if like is None:
+        return
+    if value.dtype != like.dtype:
+        raise TypeError(f"{where}: {name} must be in the state's dtype {like.dtype}, got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{where}: {name} must be on the state's device {like.device}, got {value.device}")
+
+
 def prepare_chunk(
     state: TTTState,
     task: InnerTask,

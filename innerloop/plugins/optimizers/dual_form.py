@@ -24,6 +24,7 @@ from innerloop.core.scan import (
     Segment,
     SegmentCarry,
     advance_state,
+    check_rule_arguments,
     close_mini_batch,
     close_planned,
     plan_dual,
@@ -62,6 +63,7 @@ class DualForm(UpdateRule):
     ) -> tuple[torch.Tensor, TTTState]:
         """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
         given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
+        check_rule_arguments(self, state, task, views, lr, tau, decay=decay, decay_log=decay_log)
         chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, decay_log=decay_log)
         decaying = chunk.decay is not None or bool(state.decay)
         carry = SegmentCarry(state.pending, state.decay_product(), None)

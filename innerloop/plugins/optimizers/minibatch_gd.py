@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from innerloop.core.protocol import InnerTask, UpdateRule, Views
-from innerloop.core.scan import advance_state, close_mini_batch, prepare_chunk, run_planned, split_segments
+from innerloop.core.scan import (
+    advance_state,
+    check_rule_arguments,
+    close_mini_batch,
+    prepare_chunk,
+    run_planned,
+    split_segments,
+)
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import record_torch_part
 from innerloop.kernels.primal import primal_planned_segment, primal_segment
@@ -46,6 +53,7 @@ class MiniBatchGD(UpdateRule):
     ) -> tuple[torch.Tensor, TTTState]:
         """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
         given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
+        check_rule_arguments(self, state, task, views, lr, tau, decay=decay, decay_log=decay_log)
         chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, decay_log=decay_log)
         record_torch_part(task, ON_TORCH_ONLY)
         if chunk.decay is not None or state.decay:  # forgetting: the planned form (core/scan.py)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from innerloop.core.protocol import InnerTask, UpdateRule, Views
-from innerloop.core.scan import advance_state, prepare_chunk, run_planned
+from innerloop.core.scan import advance_state, check_rule_arguments, prepare_chunk, run_planned
 from innerloop.core.state import TTTState
 from innerloop.kernels.dispatch import record_torch_block
 from innerloop.kernels.primal import primal_planned_segment
@@ -54,10 +54,9 @@ class Momentum(UpdateRule):
     ) -> tuple[torch.Tensor, TTTState]:
         """The chunk (:class:`~innerloop.core.protocol.UpdateRule`); ``decay_log`` is ``log(1 - decay)``
         given instead of ``decay``, for decay products in log space (:func:`~innerloop.core.scan.run_scan`)."""
-        if tau is not None:
-            raise ValueError(
-                "token_scale must be None for update_rule='momentum' (it has no token-index scale)"
-            )
+        check_rule_arguments(
+            self, state, task, views, lr, tau, decay=decay, momentum=momentum, decay_log=decay_log
+        )
         chunk, loss_carry = prepare_chunk(state, task, views, lr, decay, momentum, decay_log)
         record_torch_block(self, task, chunk, state.params)
         reader = dual_planned_segment if task.model.stack is not None else primal_planned_segment

@@ -97,6 +97,7 @@ __all__ = [
     "IndexedBatches",
     "RecallDataModule",
     "TextDataModule",
+    "check_split_kind_unchanged",
     "check_split_unchanged",
     "check_text_lengths",
     "checked_window_sizes",
@@ -345,6 +346,34 @@ def check_split_unchanged(
     )
 
 
+def check_split_kind_unchanged(recorded: Any, files_now: int, doing: str) -> None:
+    """Raise :class:`DataError` when a checkpoint's record of its text split (``recorded``, its
+    :meth:`TextDataModule.state_dict`) is of the other kind than the split of the ``files_now`` files its
+    data.paths find now: a run of one file (its held-out cut recorded) meets several, which split by file,
+    so that file is now wholly training (the text it validated on trained on) or wholly held out (the text
+    it trained on validated on); a run of several (its held-out files recorded) meets one, now cut by its
+    bytes, whose first part is trained on whichever side it was on. ``doing``: what would go wrong, for the
+    message (as :func:`check_split_unchanged`'s)."""
+    if not isinstance(recorded, dict) or files_now < 1:
+        return
+    cut, held = recorded.get("validation_cut"), recorded.get("validation_files")
+    if isinstance(cut, int) and not isinstance(cut, bool) and files_now > 1:
+        before = f"one file and held out its text from token {cut} (its last data.val_fraction)"
+        now = f"data.paths now finds {files_now} files, which split by file (each wholly on one side)"
+    elif isinstance(held, list) and files_now == 1:
+        before = f"several files and held out {sorted(map(str, held))}"
+        now = (
+            "data.paths now finds one file, which is cut by its tokens (its last data.val_fraction held out)"
+        )
+    else:
+        return
+    raise DataError(
+        f"the files of data.paths split otherwise than when the checkpoint was written: its run read {before}, "
+        f"and {now}. {doing} would use text the run trained on as validation text, or the reverse: put "
+        "data.paths back as they were"
+    )
+
+
 def validation_file_keys(
     paths: Sequence[str], val_fraction: float, test_fraction: float = 0.0, held_out: str = "val"
 ) -> list[str] | None:
@@ -426,6 +455,7 @@ class TextDataModule(_IndexedDataModule):
         self._training_digest: str | None = None  # see training_digest
         self._validation_digest: str | None = None  # see validation_digest
         self._recorded: dict[str, Any] = {}  # what a resumed checkpoint recorded (state_dict)
+        self._files_found = 0  # the files data.paths found (setup)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the text: for ``stage="validate"`` (an evaluation of the run's held-out text, Lightning's
@@ -439,6 +469,7 @@ class TextDataModule(_IndexedDataModule):
             return
         keys = split_keys(self.paths) if self.paths else None  # the files, found once, and their split keys
         files = sorted(keys) if keys is not None else stdlib_files()
+        self._files_found = len(files)
         if len(files) == 1:
             self._split_one_file(files)
         else:
@@ -556,6 +587,8 @@ class TextDataModule(_IndexedDataModule):
         added or removed) gets a warning (:meth:`_warn_changed_text`)."""
         if self.val_bytes is None:  # before setup: checked there
             return
+        if self.paths:  # one file (its cut) or several (their keys): the record must be of the same kind
+            check_split_kind_unchanged(self._recorded, self._files_found, "Resuming")
         recorded = self._recorded.get("validation_files")
         if isinstance(recorded, list) and self.validation_keys is not None:
             check_split_unchanged(recorded, self.validation_keys, "Resuming")

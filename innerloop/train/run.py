@@ -116,6 +116,7 @@ from innerloop.data.recall import recall_length
 from innerloop.data.text import (
     entry_finds_files,
     held_out_share,
+    one_walk_per_entry,
     path_entries,
     split_keys,
     split_test_files,
@@ -141,6 +142,7 @@ from innerloop.train.data import (
     HFDataModule,
     RecallDataModule,
     TextDataModule,
+    check_split_kind_unchanged,
     check_split_unchanged,
     checked_window_sizes,
     evaluation_examples,
@@ -1973,19 +1975,24 @@ def _check_the_runs_split(run: RunConfig, checkpoint: str | Path, held_out: str 
     otherwise than the checkpoint recorded (:func:`~innerloop.train.data.check_split_unchanged`): they
     would hold text it trained on. A checkpoint without the record (older, or of one file or the default
     corpus) is not checked."""
-    if run.data.name != "text":
+    if run.data.name != "text" or not run.data.paths:
         return
     state = recorded_entry(checkpoint, TextDataModule.__qualname__)  # metadata only (any checkpoint's)
     key = "validation_files" if held_out == "val" else "test_files"
     recorded = state.get(key) if isinstance(state, dict) else None
-    if not isinstance(recorded, list):
-        return
     data = run.data
+    words = "validation" if held_out == "val" else "test"
     try:
-        current = validation_file_keys(data.paths, data.val_fraction, data.test_fraction, held_out)
+        with one_walk_per_entry():  # the files found once for both
+            files_now = len(split_keys(data.paths))
+            current = (
+                validation_file_keys(data.paths, data.val_fraction, data.test_fraction, held_out)
+                if isinstance(recorded, list)
+                else None
+            )
     except DataError:  # files that cannot be found: reading the windows says so, with its context
         return
-    words = "validation" if held_out == "val" else "test"
+    check_split_kind_unchanged(state, files_now, f"Evaluating its {words} windows")
     if current is not None:
         check_split_unchanged(recorded, current, f"Evaluating its {words} windows", words)
 

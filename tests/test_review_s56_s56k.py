@@ -88,3 +88,47 @@ def test_evaluating_a_runs_validation_windows_after_its_split_changed_kind_is_re
                 path.unlink()
     with pytest.raises(DataError, match="split otherwise than when the checkpoint was written"):
         _run_validation_windows(run, checkpoint, 8, None, None)
+
+
+def _project_with_brackets(tmp_path):
+    """A run's folder whose path holds '[1]' with a data folder, and a sibling 'proj1' that the
+    unescaped path would read as a glob matching instead."""
+    project = tmp_path / "proj[1]"
+    (project / "data").mkdir(parents=True)
+    for name in ("a.txt", "b.txt"):
+        (project / "data" / name).write_bytes(b"own " + name.encode())
+    (tmp_path / "proj1" / "data").mkdir(parents=True)
+    (tmp_path / "proj1" / "data" / "other.txt").write_bytes(b"another project's text")
+    return project
+
+
+def test_a_relative_glob_made_absolute_in_a_folder_whose_path_holds_brackets_reads_its_files(
+    tmp_path, monkeypatch
+):
+    """A run records its data.paths absolute, joined to the folder it was started from: a relative glob
+    started from '.../proj[1]' became the glob '.../proj[1]/data/*.txt', whose '[1]' matches the
+    character 1: the run (after its config check passed on the relative glob) read the files of
+    '.../proj1/data', another project's, or failed with "matches no file"."""
+    from innerloop.config.load import absolute_data_paths
+    from innerloop.data.text import resolve_files, split_keys
+
+    project = _project_with_brackets(tmp_path)
+    monkeypatch.chdir(project)
+    absolute = absolute_data_paths(["data/*.txt", "data"])
+    assert resolve_files(absolute[:1]) == sorted((project / "data").glob("*.txt"))
+    assert resolve_files(absolute) == resolve_files(["data/*.txt", "data"])
+    # keyed below the escaped folder, as any glob holding an escape ('s[[]1]/*': s[1]/x.txt) is keyed
+    assert sorted(split_keys(absolute[:1]).values()) == ["proj[1]/data/a.txt", "proj[1]/data/b.txt"]
+
+
+def test_a_relative_file_whose_name_holds_brackets_made_absolute_is_still_read(tmp_path, monkeypatch):
+    from innerloop.config.load import absolute_data_paths
+    from innerloop.data.text import resolve_files
+
+    project = _project_with_brackets(tmp_path)
+    (project / "x[1].txt").write_bytes(b"a file named with brackets")
+    monkeypatch.chdir(project)
+    assert resolve_files(absolute_data_paths(["x[1].txt"])) == [project / "x[1].txt"]
+    # written escaped, as the error of a glob matching nothing advises: that file too
+    assert resolve_files(absolute_data_paths(["x[[]1].txt"])) == [project / "x[1].txt"]
+    assert resolve_files(["x[[]1].txt"]) == [project / "x[1].txt"]

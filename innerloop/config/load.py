@@ -13,6 +13,7 @@ import contextvars
 import copy
 import errno
 import functools
+import glob
 import inspect
 import logging
 import math
@@ -951,7 +952,19 @@ def absolute_data_paths(paths: Sequence[str], base: str | os.PathLike[str] | Non
     """``data.paths`` with every relative entry (``~`` expanded first) joined to ``base`` (default: the
     current directory); absolute entries stay, and a glob stays a glob (it is not expanded)."""
     root = os.fspath(base) if base is not None else os.getcwd()
-    return [os.path.join(root, os.path.expanduser(p)) for p in paths]
+    return [_joined_entry(root, os.path.expanduser(p)) for p in paths]
+
+
+def _joined_entry(root: str, entry: str) -> str:
+    """The ``data.paths`` entry joined to the folder ``root``, which is escaped (:func:`glob.escape`) below
+    a relative glob: run from a folder such as ``proj[1]``, the glob ``data/*.txt`` is that folder's files,
+    never those of a folder ``proj1`` that ``[1]`` matches (an existing file or folder is read as named). The
+    glob's folder, which split keys are relative to, is then the one before the escaped segment (as for
+    any glob holding an escape: :func:`~innerloop.data.text.split_keys`)."""
+    joined = os.path.join(root, entry)
+    if os.path.isabs(entry) or os.path.lexists(joined) or not glob.has_magic(entry):
+        return joined
+    return os.path.join(glob.escape(root), entry)
 
 
 def absolute_tokenizer(spec: str) -> str:

@@ -132,3 +132,20 @@ def test_a_relative_file_whose_name_holds_brackets_made_absolute_is_still_read(t
     # written escaped, as the error of a glob matching nothing advises: that file too
     assert resolve_files(absolute_data_paths(["x[[]1].txt"])) == [project / "x[1].txt"]
     assert resolve_files(["x[[]1].txt"]) == [project / "x[1].txt"]
+
+
+def test_a_glob_below_a_home_folder_whose_path_holds_brackets_reads_its_files(tmp_path, monkeypatch):
+    """'~/data/*.txt' with the home folder '.../home[1]': the '~' was expanded into the glob unescaped, so
+    '[1]' matched 'home1' and the run read another folder's files (the config check alike)."""
+    from innerloop.config.load import absolute_data_paths
+    from innerloop.data.text import resolve_files
+
+    home = tmp_path / "home[1]"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "a.txt").write_bytes(b"own text")
+    (tmp_path / "home1" / "data").mkdir(parents=True)
+    (tmp_path / "home1" / "data" / "other.txt").write_bytes(b"another folder's text")
+    monkeypatch.setenv("HOME", str(home))
+    assert resolve_files(["~/data/*.txt"]) == [home / "data" / "a.txt"]
+    assert resolve_files(absolute_data_paths(["~/data/*.txt"])) == [home / "data" / "a.txt"]
+    assert resolve_files(["~/data"]) == [home / "data" / "a.txt"]  # a folder: as named

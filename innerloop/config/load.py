@@ -62,6 +62,7 @@ from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
 from innerloop.data.text import (
     check_text_split,
+    expanded_entry,
     glob_matches,
     link_reaching,
     one_walk_per_entry,
@@ -949,10 +950,10 @@ def _flat_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def absolute_data_paths(paths: Sequence[str], base: str | os.PathLike[str] | None = None) -> list[str]:
-    """``data.paths`` with every relative entry (``~`` expanded first) joined to ``base`` (default: the
+    """``data.paths`` with every relative entry (``~`` expanded first: :func:`~innerloop.data.text.expanded_entry`) joined to ``base`` (default: the
     current directory); absolute entries stay, and a glob stays a glob (it is not expanded)."""
     root = os.fspath(base) if base is not None else os.getcwd()
-    return [_joined_entry(root, os.path.expanduser(p)) for p in paths]
+    return [_joined_entry(root, expanded_entry(p)) for p in paths]
 
 
 def _joined_entry(root: str, entry: str) -> str:
@@ -1556,7 +1557,7 @@ def _overlap(entry: str, out: Path, written: Sequence[str] = _RUN_FILES) -> str 
 
 def _direct_overlap(entry: str, out: Path, written: Sequence[str]) -> str | None:
     """:func:`_overlap` of the entry's own folder, links above it resolved."""
-    parts = user_path(entry).absolute().parts
+    parts = Path(expanded_entry(entry)).absolute().parts
     magic = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
     root = _real_path(Path(*parts[:magic]))  # the folder the entry names, or a glob's folder
     if magic == len(parts):  # a file or folder: a folder's files are all read

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from innerloop.core.callers import warning_stacklevel
-from innerloop.core.functional import user_path
 from innerloop.core.layer import machine_memory_bytes, memory_size
 from innerloop.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, utf8_file_text
 
@@ -88,6 +87,23 @@ def _entries_named(option: str) -> Iterator[None]:
         _ENTRY_NAMES.reset(token)
 
 
+def expanded_entry(pattern: str) -> str:
+    """The ``data.paths`` entry ``pattern`` with a leading ``~`` read as the home folder (as
+    :func:`~innerloop.core.functional.user_path` reads it), the home folder's path escaped
+    (:func:`glob.escape`) where the rest is a glob: below a home folder ``/home/a[1]``, ``~/data/*.txt`` is
+    that folder's files, never those of ``/home/a1`` that ``[1]`` matches. A path that exists is as named."""
+    expanded = os.path.expanduser(pattern)
+    if expanded == pattern or not glob.has_magic(pattern) or os.path.lexists(expanded):
+        return expanded
+    home, separator, rest = pattern.partition(os.sep)
+    return glob.escape(os.path.expanduser(home)) + separator + rest
+
+
+def _entry_path(pattern: str) -> Path:
+    """:func:`expanded_entry` as a path."""
+    return Path(expanded_entry(pattern))
+
+
 def resolve_files(patterns: Sequence[str], option: str = "data.paths") -> list[Path]:
     """Expand files, directories (all files below) and globs (``**`` allowed) into a sorted file list.
 
@@ -109,7 +125,7 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     of one file the first is its own (:func:`split_keys` keys the file by it). A FIFO, socket or device
     named as the entry, a link to nothing, and a glob :func:`_entry_walk` cannot answer, raise
     :class:`DataError`."""
-    path = user_path(pattern)
+    path = _entry_path(pattern)
     if path.is_file():
         return [(path, os.path.realpath(path))]
     if path.is_symlink() and not path.exists():
@@ -154,7 +170,7 @@ def _refuse_unanswered_glob(pattern: str) -> None:
     """:class:`DataError` naming the ``data.paths`` glob ``pattern`` when the walk's matcher cannot answer
     it (:func:`_entry_walk` gives None): one ending in '/' (``glob.glob`` matches folders only there, so
     it never found a file) or with a '..' after a wildcard."""
-    path = user_path(pattern)
+    path = _entry_path(pattern)
     _, rest = _glob_rest(path)
     if path.is_dir() or not rest:
         return
@@ -214,7 +230,7 @@ def _entry_walk(pattern: str) -> _Walk | None:
 
 def _walk_entry(pattern: str) -> _Walk | None:
     """:func:`_entry_walk`, walked now."""
-    path = user_path(pattern)
+    path = _entry_path(pattern)
     if path.is_dir():
         return _Walk(None).walk(path)
     root, rest = _glob_rest(path)
@@ -229,7 +245,7 @@ def link_reaching(entry: str, folder: Path, names: Sequence[str]) -> Path | None
     :func:`_entry_walk`) through which the entry reads a file of the folder ``folder`` (links resolved)
     named as one of ``names`` (paths relative to it, e.g. the files a run writes into its out_dir), or
     None: the link leads to ``folder``, to a folder above it, or to one inside it."""
-    walk = None if user_path(entry).is_file() else _entry_walk(entry)  # the walk split_keys reads
+    walk = None if _entry_path(entry).is_file() else _entry_walk(entry)  # the walk split_keys reads
     for link, real, places in walk.links if walk is not None else ():
         for name in names:
             below = _path_from(Path(real), folder, Path(name).parts)
@@ -504,7 +520,7 @@ def bracket_hint(pattern: str) -> str:
     matches below it (its brackets escaped, :func:`glob.escape`); ``""`` for a pattern without one."""
     if "[" not in pattern:
         return ""
-    parts = user_path(pattern).parts
+    parts = _entry_path(pattern).parts
     for end in range(len(parts), 0, -1):
         prefix = str(Path(*parts[:end]))
         if "[" in prefix and os.path.exists(prefix):
@@ -537,7 +553,7 @@ _GLOB_MAGIC = frozenset("*?[")
 def _entry_folder(pattern: str) -> Path:
     """The folder a ``data.paths`` entry names files below: a folder itself, a file's parent, or a
     glob's folder before its first wildcard."""
-    path = user_path(pattern)
+    path = _entry_path(pattern)
     if path.is_dir():
         return path
     if path.is_file():

@@ -157,7 +157,7 @@ def _tiny_model(mixer: str, seed: int, window: int = 4, **sections) -> torch.nn.
     seed=seeds(),
     data=st.data(),
 )
-@pytest.mark.slow  # ~1.5 s: 10 examples of two layer runs each
+@pytest.mark.slow  # 0.5 s of CPU (6 examples; 4.6 s of wall on the shared, loaded machine)
 def test_a_family_layer_read_in_any_pieces_equals_the_whole(
     member, heads, head_dim, mini_batch, batch, tokens, chunked, grad, seed, data
 ):
@@ -196,7 +196,7 @@ def test_a_family_layer_read_in_any_pieces_equals_the_whole(
     seed=seeds(),
     data=st.data(),
 )
-@pytest.mark.slow  # ~1 s: 10 examples
+@pytest.mark.slow  # 0.1 s of CPU, 3.8 s of wall on the shared, loaded machine
 def test_a_ttt_layer_on_each_cpu_kernel_read_in_any_pieces_equals_the_whole(
     model, kernel_choice, heads, head_dim, mini_batch, batch, tokens, chunked, share_qk, use_gate, seed, data
 ):
@@ -231,7 +231,7 @@ def test_a_ttt_layer_on_each_cpu_kernel_read_in_any_pieces_equals_the_whole(
     seed=seeds(),
     data=st.data(),
 )
-@pytest.mark.slow  # ~1.5 s: 8 examples of a two-block model
+@pytest.mark.slow  # 0.13 s of CPU, 5 s of wall on the shared, loaded machine
 def test_a_language_model_of_any_mixer_read_in_any_pieces_equals_the_whole(
     mixer, backbone, window, inner_mini_batch, batch, tokens, grad, seed, data
 ):
@@ -266,7 +266,7 @@ def test_a_language_model_of_any_mixer_read_in_any_pieces_equals_the_whole(
     seed=seeds(),
     data=st.data(),
 )
-@pytest.mark.slow  # ~2 s: 8 examples, up to four blocks
+@pytest.mark.slow  # 0.12 s of CPU, 3.2 s of wall on the shared, loaded machine
 def test_ttt_e2e_read_in_any_pieces_equals_the_whole_for_its_options(
     chunk_size, suffix_fraction, num_layers, window, chunk_targets, rope_positions, inner_grad_clip,
     test_time_training, skip_target_id, tokens, seed, data,
@@ -289,7 +289,7 @@ def test_ttt_e2e_read_in_any_pieces_equals_the_whole_for_its_options(
 
 @settings(max_examples=6, deadline=None)
 @given(mixer=st.sampled_from(MIXERS), prefill=st.integers(0, 9), decode=st.integers(1, 6), seed=seeds())
-@pytest.mark.slow  # ~1 s
+@pytest.mark.slow  # 0.1 s of CPU, up to 9 s of wall on the shared, loaded machine
 def test_prefill_of_any_length_then_one_token_at_a_time_equals_the_whole(mixer, prefill, decode, seed):
     model = _tiny_model(mixer, seed % 1000, window=3)
     ids = torch.randint(13, (2, prefill + decode), generator=torch.Generator().manual_seed(seed))
@@ -314,7 +314,7 @@ def test_prefill_of_any_length_then_one_token_at_a_time_equals_the_whole(mixer, 
     wrapping=st.sampled_from([(True, True), (False, False), (True, False), (False, True)]),
     seed=seeds(),
 )
-@pytest.mark.slow  # ~1.2 s: each example runs three layers token by token
+@pytest.mark.slow  # 1.1 s of CPU: each example runs four layers, two token by token
 def test_dual_equals_primal_equals_token_by_token_with_a_decay_gate(
     model, loss, heads, head_dim, mini_batch, tokens, wrapping, seed
 ):
@@ -521,3 +521,45 @@ def test_the_gradient_through_a_carried_state_is_the_whole_ones_and_a_detached_s
     assert_close(carried_gradient.flatten(), differences / 2e-6, f"{name}: vs finite differences", 1e-7)
     detached = second_piece_loss(first, detach=True)
     assert torch.autograd.grad(detached, first, allow_unused=True) == (None,)
+
+
+# ---- rows of different lengths (left padding, the masks innerloop.hf takes) ------------------------
+
+
+@settings(max_examples=4, deadline=None)
+@given(
+    mixer=st.sampled_from(MIXERS),
+    lengths=st.lists(st.integers(1, 7), min_size=2, max_size=3),
+    decode=st.integers(1, 3),
+    seed=seeds(),
+)
+@pytest.mark.slow  # 3.2 s of CPU: InnerloopForCausalLM, one forward per prompt length and token, each row alone
+def test_a_left_padded_batch_then_decoding_gives_each_row_its_own_numbers(mixer, lengths, decode, seed):
+    """``InnerloopForCausalLM`` reads a left-padded batch (``attention_mask`` zeros then ones) and then
+    decodes a token at a time with its cache: each row's logits are those of its prompt read alone."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+
+    sections = {"e2e": {"chunk_size": 3, "suffix_fraction": 0.5, "inner_lr_warmup_fraction": 0.0}}
+    options = {"mixer": mixer, "vocab_size": 13, "hidden_size": 8, "num_heads": 2, "num_layers": 2}
+    options.update(intermediate_size=6, window=3, init_std=0.3, **(sections if mixer == "e2e" else {}))
+    torch.manual_seed(seed % 1000)
+    model = InnerloopForCausalLM(InnerloopConfig(model=options)).eval().double()
+    generator = torch.Generator().manual_seed(seed)
+    longest, batch = max(lengths), len(lengths)
+    prompts = [torch.randint(1, 13, (n,), generator=generator) for n in lengths]
+    ids, mask = torch.zeros(batch, longest, dtype=torch.long), torch.zeros(batch, longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :], mask[row, longest - len(prompt) :] = prompt, 1
+    new = torch.randint(1, 13, (batch, decode), generator=generator)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        logits, cache = [out.logits], out.cache
+        for step in range(decode):
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+            out = model(new[:, step : step + 1], attention_mask=mask, cache=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.cache
+        read = torch.cat(logits, dim=1)
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, new[row]])[None]).logits[0]
+            assert_close(read[row, longest - len(prompt) :], alone, f"{mixer} row {row}", FLOAT64_TOLERANCE)

@@ -6,7 +6,8 @@
   (``base_lr = 0``): every token's inner step is zero, so the inner weights stay at the learned initial
   ones for the whole sequence, and each output is the initial inner model's. An update rule whose step
   does not vanish at learning rate 0 (a plugin's own optimizer) would still move them: that is measured
-  on each layer as it is switched (:func:`weights_moved_at_zero_lr`) and refused with a ``ValueError``;
+  on each layer (:func:`weights_moved_at_zero_lr`), one already at ``base_lr = 0`` too, and refused with
+  a ``ValueError``;
 - an :class:`~innerloop.models.E2ELM` with ``e2e.test_time_training`` off: the prime MLPs stay fixed at
   their meta-learned weights (the same network as a sliding-window Transformer).
 
@@ -30,14 +31,19 @@ from innerloop.models.e2e import E2ELM
 
 
 def modules_learning_at_test_time(model: nn.Module) -> list[str]:
-    """Names of the modules of ``model`` that learn at test time (TTT layers with ``base_lr > 0``,
-    E2E models with ``test_time_training`` on); ``""`` is the model itself."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if (isinstance(module, TTTLayer) and module.base_lr > 0)
-        or (isinstance(module, E2ELM) and module.config.e2e.test_time_training)
-    ]
+    """Names of the modules of ``model`` that learn at test time (TTT layers with ``base_lr > 0``, or at
+    ``base_lr == 0`` with an update rule that moves the inner weights all the same, measured by
+    :func:`weights_moved_at_zero_lr`; E2E models with ``test_time_training`` on); ``""`` is the model
+    itself."""
+    return [name for name, module in model.named_modules() if _learns_at_test_time(module)]
+
+
+def _learns_at_test_time(module: nn.Module) -> bool:
+    """Whether ``module`` is a TTT layer or an E2E model that learns at test time (see
+    :func:`modules_learning_at_test_time`)."""
+    if isinstance(module, TTTLayer):
+        return module.base_lr > 0 or weights_moved_at_zero_lr(module) is not None
+    return isinstance(module, E2ELM) and module.config.e2e.test_time_training
 
 
 ZERO_LR_ROUNDING = 64
@@ -108,10 +114,11 @@ def _moved_at_current_lr(layer: TTTLayer, seed: int) -> str | None:
 def zero_lr_refusal(model: nn.Module) -> str | None:
     """Why :func:`no_test_time_training` refuses ``model``: the first TTT layer (by name) whose update
     rule moves the inner weights at learning rate 0 (:func:`weights_moved_at_zero_lr`, measured at
-    ``base_lr = 0`` and then restored), or None when none does. ``innerloop eval`` and ``compare`` ask
-    before reading any window."""
+    ``base_lr = 0`` and then restored), or None when none does. A layer already at ``base_lr == 0`` is
+    measured too: its rule may still move the weights, which switching cannot stop. ``innerloop eval``
+    and ``compare`` ask before reading any window."""
     for name, module in model.named_modules():
-        if isinstance(module, TTTLayer) and module.base_lr > 0:
+        if isinstance(module, TTTLayer):
             moved = weights_moved_at_zero_lr(module)
             if moved is not None:
                 return f"the TTT layer {name or '(the model itself)'!r}: {moved}"

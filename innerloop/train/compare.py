@@ -12,7 +12,8 @@ windows, see :func:`innerloop.train.run.evaluation_windows`), at one or more len
   and the difference to the baseline over whole windows with its band.
 
 :func:`write_comparison` writes ``compare-<id>.csv`` (curves, differences and bands), ``.png`` (the
-curves overlaid and, below, the differences with their bands) and ``.md`` (the table), atomically;
+curves overlaid and, below, the differences with their bands) and ``.md`` (the table, and what a rerun
+needs: :func:`reproduction_lines`), atomically;
 ``<id>`` is a hash of what was compared, so other comparisons in the same folder are never replaced.
 """
 
@@ -26,6 +27,8 @@ import logging
 import math
 import numbers
 import os
+import platform
+import shlex
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -157,6 +160,9 @@ class Comparison:
     overall: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # on the models' training data and sizes (logged too)
     held_out: str = "val"  # the baseline run's windows compared on: "test" for its test windows
+    reproduce: list[str] = field(default_factory=list)
+    """What a rerun needs (:func:`reproduction_lines`: versions, the bootstrap's settings, the checkpoints'
+    contents, the windows' tokens, the command); :func:`compare` fills it, the table file ends with it."""
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
@@ -316,11 +322,9 @@ def compare(
     reference = models[base]
     tokenizer = _common_tokenizer(checkpoints, names)
     seq_lens = list(dict.fromkeys(seq_lens or [training_seq_len(reference.module, reference.checkpoint)]))
-    notes = _logged_notes(models, base, paths, held_out, seq_lens)
-    rough_bands = few_resamples_note(resamples, confidence) if len(models) > 1 else None
-    if rough_bands is not None:
-        log.warning("%s", rough_bands)
-        notes.append(rough_bands)
+    notes = _logged_notes(models, base, paths, held_out, seq_lens) + _rough_bands_notes(
+        len(models), resamples, confidence
+    )
     comparison = Comparison(
         models, base, [], {}, confidence, resamples, seed, "", notes=notes, held_out=held_out
     )
@@ -331,8 +335,71 @@ def compare(
             evaluation_windows(reference.checkpoint, reference.module, paths, n, *window_sizes)
             for n in seq_lens
         ]
+    comparison.reproduce = reproduction_lines(comparison, every_windows, paths, split, batches)
     _score_lengths(comparison, every_windows, tokenizer, progress)
     return comparison
+
+
+def reproduction_lines(
+    comparison: Comparison,
+    every_windows: Sequence[EvaluationWindows],
+    paths: Sequence[str],
+    split: str | None,
+    batches: int | None,
+) -> list[str]:
+    """The lines that let a comparison be run again and checked: the innerloop, torch and Python versions
+    and the bootstrap's seed, resamples and confidence; each checkpoint's path and content digest
+    (:func:`~innerloop.checkpoints.checkpoint_content_digest`); each length's windows (their count and a
+    SHA-256 of their tokens); and the ``innerloop compare`` command giving the same windows and bands (the
+    baseline by its checkpoint's path, the windows' batch size as resolved, ``batches`` and the data as
+    given, in the current folder)."""
+    lines = [
+        f"innerloop {innerloop_version()}, torch {torch.__version__}, Python {platform.python_version()}; "
+        f"bootstrap seed {comparison.seed}, {comparison.resamples} resamples, "
+        f"{comparison.confidence:.6g} confidence, {torch.get_num_threads()} torch threads"
+    ]
+    lines += [
+        f"{model.name}: {os.path.abspath(model.checkpoint)} (content SHA-256 "
+        f"{checkpoint_content_digest(model.checkpoint)[:16]})"
+        for model in comparison.models
+    ]
+    lines += [
+        f"T={w.inputs.shape[1]}: {len(w.inputs)} windows, tokens SHA-256 {_tokens_digest(w)}"
+        for w in every_windows
+    ]
+    lines.append(
+        f"command (in {os.getcwd()}): `{_compare_command(comparison, every_windows, paths, split, batches)}`"
+    )
+    return lines
+
+
+def _tokens_digest(windows: EvaluationWindows) -> str:
+    """16 hex digits of the SHA-256 of ``windows``' inputs and targets (shape, dtype and values)."""
+    digest = hashlib.sha256()
+    for tokens in (windows.inputs, windows.targets):
+        digest.update(f"{tuple(tokens.shape)}:{tokens.dtype}\0".encode())
+        digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _compare_command(
+    comparison: Comparison,
+    every_windows: Sequence[EvaluationWindows],
+    paths: Sequence[str],
+    split: str | None,
+    batches: int | None,
+) -> str:
+    """The ``innerloop compare`` command line of :func:`reproduction_lines`."""
+    models = [os.path.abspath(model.checkpoint) for model in comparison.models]
+    words = ["innerloop", "compare", *models, "--seq-len", *(str(w.inputs.shape[1]) for w in every_windows)]
+    words += ["--baseline", models[comparison.baseline], "--batch-size", str(every_windows[0].batch_size)]
+    words += [] if batches is None else ["--batches", str(batches)]
+    words += ["--data", *map(str, paths)] if paths else []
+    words += [] if split is None else ["--split", split]
+    words += ["--held-out", comparison.held_out] if comparison.held_out != "val" else []
+    words += ["--no-ttt"] if any(model.no_ttt for model in comparison.models) else []
+    words += ["--resamples", str(comparison.resamples), "--seed", str(comparison.seed)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _score_lengths(
@@ -429,6 +496,16 @@ def _logged_notes(
     for note in notes:
         log.warning("%s", note)
     return notes
+
+
+def _rough_bands_notes(models: int, resamples: int, confidence: float) -> list[str]:
+    """The note (logged as a warning) that ``resamples`` leave too few draws beyond a band's ends for them
+    to stay put (:func:`~innerloop.train.bootstrap.few_resamples_note`); none for one model (no band)."""
+    rough_bands = few_resamples_note(resamples, confidence) if models > 1 else None
+    if rough_bands is None:
+        return []
+    log.warning("%s", rough_bands)
+    return [rough_bands]
 
 
 def _path_list(paths: Any, name: str = "paths") -> list[str]:
@@ -1114,7 +1191,12 @@ def format_table(comparison: Comparison, with_context: bool = False) -> str:
     if not with_context:
         return table
     notes = "".join(f"- {note}\n" for note in comparison.notes)
-    return f"{windows_line(comparison)}\n\n{table}" + (f"\nNotes:\n\n{notes}" if notes else "")
+    reproduce = "".join(f"- {line}\n" for line in comparison.reproduce)
+    return (
+        f"{windows_line(comparison)}\n\n{table}"
+        + (f"\nNotes:\n\n{notes}" if notes else "")
+        + (f"\nReproduce:\n\n{reproduce}" if reproduce else "")
+    )
 
 
 def _has_differences(comparison: Comparison) -> bool:

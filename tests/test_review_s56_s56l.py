@@ -94,3 +94,57 @@ def test_the_comparison_table_records_how_to_reproduce_it_and_the_command_does(t
     for first, second in zip(comparison.lengths, again.lengths, strict=True):
         assert torch.equal(first.loss_sums, second.loss_sums) and first.windows == second.windows == 6
     assert again.overall == comparison.overall
+
+
+# -- compare names every training setting that differs from the baseline's ------------------------------
+
+
+def _run_as_trained(out, corpus, mixer: str, seq_len: int, batch_size: int):
+    """A run folder whose checkpoint records the schedule its config.yaml gives (as `innerloop train`
+    writes it, untrained: 10 steps recorded)."""
+    from dataclasses import asdict
+
+    from innerloop.config.load import load_config, save_config
+    from innerloop.train.checkpoint import save_checkpoint
+    from innerloop.train.module import LanguageModelModule
+    from innerloop.train.run import schedule_arguments
+
+    overrides = [
+        "model.hidden_size=16", "model.num_heads=2", "model.num_layers=1", "model.intermediate_size=32",
+        f"model.mixer={mixer}", "model.window=4", f"data.paths=[{corpus}]", f"data.seq_len={seq_len}",
+        f"data.batch_size={batch_size}", f"out_dir={out}",
+    ]  # fmt: skip
+    run, config = load_config("tiny", overrides)
+    torch.manual_seed(0)
+    module = LanguageModelModule(model=asdict(run.model), seq_len=seq_len, **schedule_arguments(run))
+    tree = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 10}
+    save_checkpoint(tree, out / "last.safetensors")
+    save_config(config, out / "config.yaml")
+    return out
+
+
+@pytest.mark.slow  # four tiny checkpoints loaded (~0.4 s idle)
+def test_a_model_trained_at_another_context_length_or_precision_is_named(tmp_path):
+    """Two runs that took the same steps on the same tokens but at data.seq_len 16 and 32 (batch 4 and 2),
+    or one in bf16-mixed and one in 32-true, were compared without a word: compare named other optim.*,
+    max_steps, tokens and steps, not the training context length or precision."""
+    from innerloop.train.compare import load_compared_model, optimizer_notes
+
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120)))
+    short = _run_as_trained(tmp_path / "short", corpus, "swa", 16, 4)
+    long = _run_as_trained(tmp_path / "long", corpus, "ttt", 32, 2)
+    same = _run_as_trained(tmp_path / "same", corpus, "ttt", 16, 4)
+
+    def models(*runs):
+        return [load_compared_model(run / "last.safetensors", run.name, False) for run in runs]
+
+    assert optimizer_notes(models(short, same), 0) == []
+    (note,) = optimizer_notes(models(short, long), 0)
+    assert note.startswith("long trained with data.seq_len=32, the baseline short with 16: its difference")
+    config = same / "config.yaml"
+    config.write_text(config.read_text().replace("precision: 32-true", "precision: bf16-mixed"))
+    (note,) = optimizer_notes(models(short, same), 0)
+    assert note.startswith(
+        "same trained with trainer.precision='bf16-mixed', the baseline short with '32-true'"
+    )

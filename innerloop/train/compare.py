@@ -966,10 +966,17 @@ def _schedule_disagreements(model: ComparedModel, run: RunConfig) -> list[str]:
 
 
 def _optimizer_settings(run: RunConfig) -> dict[str, Any]:
-    """The settings that decide a run's learning rates at every step: its ``optim.*`` (every key of
-    :class:`~innerloop.config.schema.OptimConfig`) and ``trainer.max_steps`` (the schedule's length)."""
+    """The settings that decide how a run trained on its data: its learning rates at every step (its
+    ``optim.*``, every key of :class:`~innerloop.config.schema.OptimConfig`, and ``trainer.max_steps``, the
+    schedule's length), the context it trained at (``data.seq_len``) and its ``trainer.precision``."""
     settings = {f"optim.{key}": value for key, value in asdict(run.optim).items()}
-    return {**settings, "trainer.max_steps": run.trainer.max_steps}
+    # a run record without them (optimizer_notes is public: a caller's own records) counts as unknown: None
+    data, trainer = getattr(run, "data", None), run.trainer
+    training = {
+        "data.seq_len": getattr(data, "seq_len", None),
+        "trainer.precision": getattr(trainer, "precision", None),
+    }
+    return {**settings, "trainer.max_steps": run.trainer.max_steps, **training}
 
 
 def _settings_acting_on_neither(runs: tuple[RunConfig, RunConfig], both_learn: bool, e2e: bool) -> set[str]:
@@ -978,8 +985,13 @@ def _settings_acting_on_neither(runs: tuple[RunConfig, RunConfig], both_learn: b
     whole steps (:func:`~innerloop.config.load.warmup_steps`, :func:`~innerloop.config.load.decay_steps`:
     0 for another schedule), ``min_lr`` and ``trainer.max_steps`` where both schedules stay constant
     after the warm-up (``max_steps`` still sets an E2E model's inner warm-up), the inner lr's warm-up
-    where not both learn at test time and its start where neither warms it up."""
+    where not both learn at test time and its start where neither warms it up; ``data.seq_len`` of two
+    recall runs (their task's settings set it, and :func:`training_data_notes` names those)."""
     ignored = set()
+    if all(
+        getattr(getattr(run, "data", None), "name", None) == "recall" for run in runs
+    ):  # the task's settings set it: named with them
+        ignored.add("data.seq_len")
     if warmup_steps(runs[0]) == warmup_steps(runs[1]):
         ignored.add("optim.warmup_fraction")
     if decay_steps(runs[0]) == decay_steps(runs[1]):
@@ -994,8 +1006,9 @@ def _settings_acting_on_neither(runs: tuple[RunConfig, RunConfig], both_learn: b
 
 
 def optimizer_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
-    """A line for each model whose run trained with other optimizer settings than the baseline's (both
-    runs known): another ``optim.*`` or ``trainer.max_steps``, so another learning rate at some step; a
+    """A line for each model whose run trained with other settings than the baseline's (both runs known):
+    another ``optim.*`` or ``trainer.max_steps``, so another learning rate at some step, or another
+    training context ``data.seq_len`` or ``trainer.precision`` (:func:`_optimizer_settings`); a
     setting acting on neither run is not named (:func:`_settings_acting_on_neither`: e.g. ``min_lr``
     where both schedules are constant, ``decay_fraction`` where neither is ``wsd``)."""
     found = [_optimizer_run(model) for model in models]

@@ -986,12 +986,14 @@ def _settings_acting_on_neither(runs: tuple[RunConfig, RunConfig], both_learn: b
     0 for another schedule), ``min_lr`` and ``trainer.max_steps`` where both schedules stay constant
     after the warm-up (``max_steps`` still sets an E2E model's inner warm-up), the inner lr's warm-up
     where not both learn at test time and its start where neither warms it up; ``data.seq_len`` of two
-    recall runs (their task's settings set it, and :func:`training_data_notes` names those)."""
+    recall runs (their task's settings set it, and :func:`training_data_notes` names those); and
+    ``trainer.precision`` where one is ``auto`` (what it chose depends on the machine that trained it,
+    which the run does not record: not known to differ)."""
     ignored = set()
-    if all(
-        getattr(getattr(run, "data", None), "name", None) == "recall" for run in runs
-    ):  # the task's settings set it: named with them
-        ignored.add("data.seq_len")
+    if all(getattr(getattr(run, "data", None), "name", None) == "recall" for run in runs):
+        ignored.add("data.seq_len")  # the recall task's settings set it: named with them
+    if "auto" in {getattr(run.trainer, "precision", None) for run in runs}:
+        ignored.add("trainer.precision")  # chosen by the machine that trained it: not known to differ
     if warmup_steps(runs[0]) == warmup_steps(runs[1]):
         ignored.add("optim.warmup_fraction")
     if decay_steps(runs[0]) == decay_steps(runs[1]):

@@ -11,6 +11,7 @@ scan's walk stops at its own projections, the first layer's projections keep the
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,51 @@ def test_only_the_scans_nodes_are_guarded_with_two_layers(monkeypatch):
     assert outside == []
     projections = [node for node in nodes if node.name().startswith(("Addmm", "Mm", "Linear"))]
     assert projections and not any(node.metadata.get(scan_module._GUARDED) for node in projections)
+
+
+# -- s56d: a pending checkpoint this install cannot judge, and --overwrite -----------------------------------
+
+
+def _newer_pending_beside_a_run(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``out_dir`` with a run's last.safetensors (step 4) and a pending checkpoint (step 6) of a newer format."""
+    from test_review_s56_s56d import _training_checkpoint
+
+    from innerloop import checkpoints
+    from innerloop.train.run_dir import CHECKPOINT_FILE, PENDING_CHECKPOINT
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _training_checkpoint(out_dir / CHECKPOINT_FILE, step=4)
+    with monkeypatch.context() as newer:
+        newer.setattr(checkpoints, "FORMAT_VERSION", str(int(checkpoints.FORMAT_VERSION) + 1))
+        return _training_checkpoint(out_dir / PENDING_CHECKPOINT, step=6)
+
+
+def test_a_pending_checkpoint_that_cannot_be_judged_does_not_block_replacing_the_run(tmp_path, monkeypatch):
+    """s56d keeps a pending checkpoint it cannot judge (a newer format, unreadable now, a plugin's other
+    settings) and refuses the launch; a launch that replaces the run (``--overwrite``) was refused too,
+    though it sets the pending file aside with the previous run's files (put back if it fails): the
+    user's explicit replacement blocked until the file was removed by hand."""
+    from innerloop.train.run_dir import settle_pending_checkpoint
+
+    pending = _newer_pending_beside_a_run(tmp_path, monkeypatch)
+    written = pending.read_bytes()
+    assert settle_pending_checkpoint(tmp_path, replacing=True) is None
+    assert pending.read_bytes() == written  # kept: --overwrite sets it aside, it is not judged here
+
+
+# reason: load_config validates the run with Lightning (its first import in the worker: 2-10 s loaded)
+@pytest.mark.slow
+def test_overwrite_replaces_a_run_whose_pending_checkpoint_is_of_a_newer_format(tmp_path, monkeypatch):
+    from lm_testing import TINY as TINY_RUN
+
+    import innerloop.train.run as run_module
+    from innerloop.config import load_config
+
+    out = tmp_path / "run"
+    pending = _newer_pending_beside_a_run(out, monkeypatch)
+    (out / "config.yaml").write_text("{}\n")  # the run's config (what --overwrite replaces)
+    run, cfg = load_config("tiny", [*TINY_RUN, f"out_dir={out}"])
+    reached = []
+    monkeypatch.setattr(run_module, "_train_in_locked_dir", lambda *args, **kwargs: reached.append(kwargs))
+    run_module.train(run, cfg, overwrite=True)
+    assert reached == [{"replace_previous": True}] and pending.is_file()

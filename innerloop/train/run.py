@@ -742,7 +742,8 @@ def train(
     with lock_run_dir(out_dir), _torch_flags_restored():
         _settle_previous_run(out_dir, resume)  # an --overwrite launch killed before it ended
         remove_stale_temporaries(out_dir)
-        settle_pending_checkpoint(out_dir)  # kept for --resume if whole and later, else removed
+        # kept for --resume if whole and later, else removed; --overwrite sets aside one it cannot judge
+        settle_pending_checkpoint(out_dir, replacing=overwrite and not resume)
         if not resume:
             refuse_foreign_config(out_dir)  # a user's own config.yaml, which even --overwrite keeps
             refuse_foreign_outputs(out_dir)  # a user's own loss_by_position.csv / .png, likewise

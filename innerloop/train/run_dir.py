@@ -444,7 +444,7 @@ def remove_stale_temporaries(out_dir: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
-def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
+def settle_pending_checkpoint(out_dir: str | os.PathLike[str], replacing: bool = False) -> int | None:
     """Keep or remove the :data:`PENDING_CHECKPOINT` a killed run left in ``out_dir`` (one killed, e.g.
     during a validation, between writing the checkpoint of a step and confirming it at the next step).
 
@@ -457,13 +457,26 @@ def settle_pending_checkpoint(out_dir: str | os.PathLike[str]) -> int | None:
     of a kept one. Call it holding the lock. One this process cannot read for a reason that says nothing
     against the file (:data:`_NOT_ABOUT_THE_FILE`: written by a newer innerloop, unreadable to the file
     system now, a plugin registered with other settings) is neither: it is kept, and
-    :class:`RunDirError` says so."""
+    :class:`RunDirError` says so, unless the launch is ``replacing`` the run (``--overwrite``, which sets
+    the file aside with the previous run's, put back if the new run ends without a checkpoint)."""
     out_dir = Path(out_dir)
     pending = out_dir / PENDING_CHECKPOINT
     if not pending.is_file():
         return None
     last_step = _step_of(out_dir / CHECKPOINT_FILE)
-    step, problem = _judge_pending(pending, last_step)
+    try:
+        step, problem = _judge_pending(pending, last_step)
+    except RunDirError as unjudged:  # the file may be whole: kept
+        if not replacing:
+            raise
+        log.warning(
+            "%s: %s, which cannot be judged here (%s), is set aside with the previous run's files: removed once "
+            "this run writes its first checkpoint, put back if it ends without one",
+            given_flag("overwrite"),
+            pending,
+            unjudged.__context__,  # the reason _judge_pending gave (raised "from None")
+        )
+        return None
     if problem is not None:
         pending.unlink()
         log.warning(

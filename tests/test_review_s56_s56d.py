@@ -215,3 +215,25 @@ def test_a_checkpoint_write_failing_otherwise_than_a_full_disk_says_the_last_che
     assert raised.value.errno == code and reason in message
     assert "(after 2 steps), is kept: continue it with" in message
     assert checkpoints.load_checkpoint(out / CHECKPOINT_FILE)["global_step"] == 2
+
+
+def test_flushing_a_staged_folder_opens_its_files_read_only(tmp_path: Path, monkeypatch) -> None:
+    # s56o: flush_files_in gave a file its mode and then opened it "rb+" to fsync it: with a mode (or a
+    # umask such as 277) that leaves out the owner's write bit, a non-root user got PermissionError from
+    # export. Root ignores the bit, so the open is made to check it as the kernel would for a user.
+    import builtins
+    import stat
+
+    from innerloop.data.atomic import flush_files_in
+
+    (tmp_path / "config.json").write_text("{}")
+    real_open = builtins.open
+
+    def open_as_a_user(file, mode="r", *args, **kwargs):
+        writing = any(flag in mode for flag in "wa+x")
+        if writing and Path(file).exists() and not Path(file).stat().st_mode & stat.S_IWUSR:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_as_a_user)
+    assert flush_files_in(tmp_path, mode=0o444) == [tmp_path / "config.json"]

@@ -138,7 +138,7 @@ def flush_files_in(folder: str | os.PathLike[str], mode: int | None = None) -> l
         if path.is_file() and not path.is_symlink():
             if mode is not None:
                 os.chmod(path, mode)
-            with open(path, "rb+") as file:
+            with open(path, "rb") as file:  # read-only: a mode (or umask) without the owner's write bit
                 os.fsync(file.fileno())
             flushed.append(path)
     return flushed

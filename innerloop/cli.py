@@ -1008,15 +1008,20 @@ def _text_prompt(prompt: str, tokenizer: Tokenizer) -> str:
         ) from None
 
 
-def _byte_fallback_ids(tokenizer: Tokenizer) -> frozenset[int]:
+def _byte_fallback_ids(tokenizer: Tokenizer) -> dict[int, int]:
     """The ids of ``tokenizer`` that stand for one byte in a byte-fallback run (sentencepiece's
-    ``<0x00>``..``<0xFF>``, where its decoder has ``ByteFallback``): empty for any other tokenizer."""
+    ``<0x00>``..``<0xFF>``, where its decoder has ``ByteFallback``), each with its byte: empty for any
+    other tokenizer."""
     from innerloop.data.tokenizer import HFTokenizer
 
     if not isinstance(tokenizer, HFTokenizer) or '"ByteFallback"' not in tokenizer.tokenizer_json:
-        return frozenset()
+        return {}
     vocabulary = tokenizer.backend.get_vocab(with_added_tokens=False)
-    return frozenset(i for token, i in vocabulary.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token))
+    return {
+        i: int(token[3:5], 16)
+        for token, i in vocabulary.items()
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token)
+    }
 
 
 class _TextWindow:
@@ -1030,23 +1035,30 @@ class _TextWindow:
     can complete it), and it does not end inside a run of byte-fallback ids (a sentencepiece decoder
     decodes a run together: one invalid byte makes every byte of it U+FFFD, its ASCII ones too). Only the
     ids after it are held back; a text that later ids keep changing is printed once :attr:`HELD` ids are
-    held (:attr:`MAX_BYTE_RUN` while they end in a byte-fallback run)."""
+    held. A byte-fallback run is held until it ends, however long (any later byte of it may be invalid):
+    once it is :attr:`LONG_BYTE_RUN` ids long its bytes are checked as they come, not decoded at each id,
+    and from its first invalid byte on its text is settled (one U+FFFD a byte) and printed as it comes."""
 
     CONTEXT = 4
     HELD = 4
     SETTLED_AFTER = 3
-    MAX_BYTE_RUN = 64
+    LONG_BYTE_RUN = 64
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
-        self._byte_ids = _byte_fallback_ids(tokenizer)
+        self._byte_of = _byte_fallback_ids(tokenizer)
         self._ids: list[int] = []
         self._printed = 0  # the ids of the window whose text has been returned
         self._before_break = 0  # the ids of the window before a break (see flush)
+        self._forget_run()
 
     def add(self, ids: Sequence[int]) -> str:
         """The text that ``ids`` add to the text so far, once it is settled ("" while held back)."""
-        self._ids.extend(ids)
+        for token_id in ids:
+            self._ids.append(token_id)
+            self._follow_run(token_id)
+        if self._run >= self.LONG_BYTE_RUN:
+            return self._long_run_text()
         return self._new_text(final=False)
 
     def flush(self) -> str:
@@ -1056,7 +1068,55 @@ class _TextWindow:
         (a character completed, or a byte-fallback run extended, across the break): then it is read alone."""
         text = self._new_text(final=True)
         self._before_break = len(self._ids)
+        self._forget_run()
         return text
+
+    def _forget_run(self) -> None:
+        self._run = 0  # the byte-fallback ids the ids added end in (counted from the last break)
+        self._run_check: codecs.IncrementalDecoder | None = None  # a long run's bytes so far, strict UTF-8
+        self._run_invalid = False  # the run has a byte no later byte makes valid UTF-8
+        self._run_printed = False  # the run's text is settled (all U+FFFD) and printed so far
+
+    def _follow_run(self, token_id: int) -> None:
+        """Counts the byte-fallback run ``token_id`` ends or extends; checks a long run's bytes."""
+        if token_id not in self._byte_of:
+            self._forget_run()
+            return
+        self._run += 1
+        if self._run_invalid or self._run < self.LONG_BYTE_RUN:
+            return
+        if self._run_check is None:  # the run became long: check its bytes so far
+            self._run_check = codecs.getincrementaldecoder("utf-8")(errors="strict")
+            new_ids = self._ids[-min(self._run, len(self._ids)) :]
+        else:
+            new_ids = [token_id]
+        try:
+            self._run_check.decode(bytes(self._byte_of[i] for i in new_ids))
+        except UnicodeDecodeError:
+            self._run_invalid = True
+
+    def _long_run_text(self) -> str:
+        """The text the ids add while they end in a long byte-fallback run: none while its bytes are valid
+        so far (a later byte may still be invalid), one U+FFFD a byte once one is invalid."""
+        if not self._run_invalid:
+            return ""
+        if self._run_printed:  # all ids after the printed ones are bytes of the run
+            text = "\ufffd" * (len(self._ids) - self._printed)
+            self._keep_context(max(0, len(self._ids) - self.CONTEXT))
+            return text
+        before = self._tokenizer.decode(self._ids[: self._printed])
+        after = self._tokenizer.decode(self._ids)
+        if not (after.startswith(before) and after.endswith("\ufffd" * self._run)):
+            return self._new_text(final=False)  # a decoder that reads the run otherwise: held to its end
+        self._run_printed = True
+        self._keep_context(max(0, len(self._ids) - self.CONTEXT))
+        return after[len(before) :]
+
+    def _keep_context(self, start: int) -> None:
+        """Keeps the ids from ``start`` on, all printed: the context for the text after them."""
+        self._ids = self._ids[start:]
+        self._printed = len(self._ids)
+        self._before_break = max(0, self._before_break - start)
 
     def _new_text(self, final: bool) -> str:
         before = self._tokenizer.decode(self._ids[: self._printed])
@@ -1078,14 +1138,13 @@ class _TextWindow:
         return text
 
     def _held_too_long(self) -> bool:
-        held = len(self._ids) - self._printed
-        run = next((n for n, i in enumerate(reversed(self._ids)) if i not in self._byte_ids), len(self._ids))
-        return held >= self.HELD and (run == 0 or run >= self.MAX_BYTE_RUN)
+        """Whether the ids held are :attr:`HELD` or more and end in no byte-fallback run (one is held until
+        it ends: any later byte of it may make all of it U+FFFD)."""
+        return len(self._ids) - self._printed >= self.HELD and self._ids[-1] not in self._byte_of
 
     def _longest_whole(self, before: str) -> tuple[int | None, str]:
         """Where a window held too long may be cut: the last id whose text extends ``before`` with no
-        U+FFFD (a byte-fallback run cut at its length cap inside a character would be U+FFFD for every
-        byte of it, its ASCII ones too), and the text it adds (None, "": none)."""
+        U+FFFD, and the text it adds (None, "": none)."""
         for end in range(len(self._ids), self._printed, -1):
             text = self._tokenizer.decode(self._ids[:end])
             if text.startswith(before) and "\ufffd" not in text[len(before) :]:
@@ -1117,7 +1176,7 @@ class _TextWindow:
         """Whether ids ``[:end]`` end in a byte-fallback run that may go on (the next id, or a later one
         while ``end`` is the last, is a byte too), whose text a later byte may change."""
         ids = self._ids
-        return ids[end - 1] in self._byte_ids and (end == len(ids) or ids[end] in self._byte_ids)
+        return ids[end - 1] in self._byte_of and (end == len(ids) or ids[end] in self._byte_of)
 
 
 def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenizer: Tokenizer) -> int:

@@ -156,6 +156,24 @@ def recorded_weights_dtype(field_name: str, value: Any) -> Any:
     return value
 
 
+_INNERLOOP_KEYS = ("innerloop_plugin_sources", "innerloop_plugins", "innerloop_token_index_dtype")
+"""The config.json keys of innerloop's own prefix that :class:`InnerloopConfig` reads (``model`` aside)."""
+
+
+def _refuse_unknown_innerloop_keys(kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming each key of innerloop's prefix in ``kwargs`` (config.json's other keys)
+    that innerloop does not read: a misspelt record would be dropped, and the model loaded otherwise
+    (a float64 model's token index) or unchecked (its plugins). Other unknown keys stay attributes, as
+    transformers keeps them for its own models."""
+    unknown = sorted(key for key in kwargs if key.startswith("innerloop_"))
+    if unknown:
+        raise ValueError(
+            f"InnerloopConfig: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"(config.json edited by hand, or misspelt?); innerloop reads {', '.join(_INNERLOOP_KEYS)} and "
+            "'model'"
+        )
+
+
 class InnerloopConfig(PreTrainedConfig):
     """The configuration of :class:`~innerloop.hf.modeling.InnerloopForCausalLM`.
 
@@ -217,6 +235,7 @@ class InnerloopConfig(PreTrainedConfig):
                 f"(model.tie_embeddings={config.tie_embeddings!r}, mixer={config.mixer!r}); set "
                 "model.tie_embeddings instead"
             )
+        _refuse_unknown_innerloop_keys(kwargs)
         self.dtype = recorded_weights_dtype("dtype", self.dtype)
         if "torch_dtype" in kwargs:  # transformers' older name: it takes it where dtype is None
             kwargs["torch_dtype"] = recorded_weights_dtype("torch_dtype", kwargs["torch_dtype"])

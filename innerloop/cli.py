@@ -1054,12 +1054,13 @@ class _TextWindow:
 
     def add(self, ids: Sequence[int]) -> str:
         """The text that ``ids`` add to the text so far, once it is settled ("" while held back)."""
+        was_long = self._run_check is not None
         for token_id in ids:
             self._ids.append(token_id)
             self._follow_run(token_id)
-        if self._run >= self.LONG_BYTE_RUN:
+        if self._run >= self.LONG_BYTE_RUN and (was_long or self._run_invalid):
             return self._long_run_text()
-        return self._new_text(final=False)
+        return self._new_text(final=False)  # once as a run becomes long: the text before it
 
     def flush(self) -> str:
         """The text not returned yet, complete or not: at the end of the text, or at a break in it (an id

@@ -99,3 +99,13 @@ def test_an_unknown_innerloop_key_of_config_json_is_refused_by_name(key: str) ->
     with pytest.raises(ValueError, match=rf"{key}.*innerloop_token_index_dtype"):
         InnerloopConfig.from_dict({**saved, key: "float32"})
     assert InnerloopConfig.from_dict({**saved, "some_other_tool_key": 1}).some_other_tool_key == 1
+
+
+def test_the_text_before_a_long_byte_run_of_the_prompt_is_printed_at_once() -> None:
+    """A prompt ending in a long valid byte run (held: a later byte may make it U+FFFD) prints its text
+    before the run at once, as a shorter run's prompt does."""
+    tokenizer = _tokenizer("sentencepiece")
+    hello = tokenizer.encode("hello")
+    window = cli._TextWindow(tokenizer)
+    assert window.add([*hello, *_byte_ids(b"a" * 100)]) == tokenizer.decode(hello)
+    assert window.add(_byte_ids(b"\xff")) == "\ufffd" * 101

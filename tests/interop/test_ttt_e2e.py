@@ -763,7 +763,14 @@ OTHER_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", OTHER_CONFIGS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        # ~0.7 s (one thread, a shared machine; 0.1-0.25 s of CPU): three layers, two of them suffix blocks
+        pytest.param("suffix2-untied", marks=pytest.mark.slow),
+        "all-suffix-short-window",  # ~0.28 s
+    ],
+)
 def test_other_configurations_equal_the_official_forward(name: str) -> None:
     options = dict(OTHER_CONFIGS[name])
     config = copy.deepcopy(CONFIG)
@@ -800,6 +807,75 @@ def test_other_configurations_equal_the_official_forward(name: str) -> None:
                     mine = after[c][f"blocks.{first_suffix + s}.prime.{ours}.weight"][b].T
                     official_w = fast[c][("w1", "w2", "w3").index(w)][s]
                     assert np.abs(mine - official_w).max() < 1e-5, (c, s, w)
+
+
+# The kinds of config of review s55o's 30-config sweep, each where a loader could go wrong on its own:
+# shapes, inner-loop settings and vocabulary of the official config varied one or two at a time.
+SWEEP_CONFIGS = {
+    "window-1": dict(num_hidden_layers=2, suffix_len=1, mini_batch_size=4, sliding_window_size=1),
+    "window-past-the-sequence": dict(
+        num_hidden_layers=2, suffix_len=1, mini_batch_size=4, sliding_window_size=100
+    ),
+    "chunk-1": dict(num_hidden_layers=2, suffix_len=1, mini_batch_size=1, sliding_window_size=3, chunks=12),
+    "7-layers-3-suffix": dict(num_hidden_layers=7, suffix_len=3, mini_batch_size=4, sliding_window_size=5),
+    "clip-active-lr-3": dict(
+        num_hidden_layers=3, suffix_len=2, mini_batch_size=4, sliding_window_size=6, clip=0.05, lr=3.0
+    ),
+    "1-head-theta-10-untied-bos-0": dict(
+        num_hidden_layers=3,
+        suffix_len=1,
+        mini_batch_size=4,
+        sliding_window_size=6,
+        num_attention_heads=1,
+        rope_theta=10.0,
+        tie_word_embeddings=False,
+        output_size=40,
+        bos_token_id=0,
+    ),
+}
+
+
+@pytest.mark.slow  # 0.1-0.6 s each (one thread, a shared machine)
+@pytest.mark.parametrize("name", SWEEP_CONFIGS)
+def test_the_sweeps_kinds_of_config_equal_the_official_forward_and_stream_exactly(name: str) -> None:
+    """Logits (TTT on and off) and every chunk's fast weights against :func:`official_forward`, and
+    decoding token by token equal to the one-shot forward in float64 (review s56n)."""
+    options = dict(SWEEP_CONFIGS[name])
+    config = copy.deepcopy(CONFIG)
+    config["training"]["optimizer_inner"].update(
+        clip_gradient=options.pop("clip", 1.0), lr=options.pop("lr", 1.0)
+    )
+    chunks = options.pop("chunks", 4)
+    config["model"].update(
+        {
+            "vocab_size": 40,
+            "hidden_size": 16,
+            "intermediate_size": 24,
+            "num_attention_heads": 2,
+            "rope_theta": 1e4,
+        }
+    )
+    config["model"].update(options)
+    cfg = config["model"]
+    arrays, (chunk, suffix) = random_official(config, seed=3), (cfg["mini_batch_size"], cfg["suffix_len"])
+    ids = torch.from_numpy(np.random.default_rng(4).integers(0, 40, (2, chunks * chunk + 1)))
+    ids[0, 5] = cfg["bos_token_id"]  # a document boundary: a target the inner loss skips
+    model = model_from_arrays(arrays, config)
+    ours_on = logits_of(model, ids[:, :-1].numpy())
+    ours_off = logits_of(model_from_arrays(arrays, config, test_time_training=False), ids[:, :-1].numpy())
+    after = fast_weights_after_each_chunk(model, ids, chunk)
+    for b in range(2):
+        on, fast = official_forward(arrays, config, ids[b, :-1], ids[b, 1:], ttt=True)
+        off, _ = official_forward(arrays, config, ids[b, :-1], ids[b, 1:], ttt=False)
+        assert np.abs(ours_on[b] - on).max() < 1e-4 and np.abs(ours_off[b] - off).max() < 1e-4
+        for c, s, w in np.ndindex(len(after), suffix, 3):
+            ours = ("gate_proj", "down_proj", "up_proj")[w]
+            mine = after[c][f"blocks.{model.num_prefix + s}.prime.{ours}.weight"][b].T
+            assert np.abs(mine - fast[c][w][s]).max() < 1e-5, (b, c, s, w)
+    double, length = model.double(), chunks * chunk
+    whole = torch.from_numpy(logits_of(double, ids[:, :-1].numpy()))
+    decoded = streamed_logits(double, ids[:, :-1], [0, 1, *range(2, length + 1)])
+    torch.testing.assert_close(decoded, whole, rtol=0, atol=1e-12)
 
 
 def test_a_yaml_config_with_interpolations_reads_them_resolved_where_they_resolve(tmp_path) -> None:

@@ -163,3 +163,38 @@ def test_the_one_shot_forward_is_not_a_token_by_token_scoring_of_the_initial_wei
     ids = sequences(batch=1, length=17)
     with torch.no_grad():
         assert (model(ids)[0] - frozen(ids)[0]).abs().max() > 1e-2
+
+
+def decode_one_chunk(model: E2ELM, state, token: torch.Tensor, chunk: int):
+    with torch.no_grad():
+        for _ in range(chunk):
+            _, state = model(token, state)
+    return state
+
+
+@pytest.mark.slow  # 1.0 s of CPU, 3.4 s wall at a load of 11 on 2 cores: two prefills, two profiled chunks
+def test_decoding_costs_the_same_work_and_memory_far_into_a_sequence() -> None:
+    """docs/e2e.md's constant latency, in what does not depend on the machine's load: after 48 and
+    after 512 tokens (6 and 64 windows), each decoded token that trains no chunk runs the same FLOPs, decoding a whole
+    chunk (its inner step included) peaks at the same CPU tensor memory, and the state has the same
+    size at every position of a chunk."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from innerloop.testing.memory import peak_cpu_allocation
+
+    model = tiny_e2e(window=8, chunk_size=16).float().eval()
+    token = torch.tensor([[3]])
+    measured = []
+    for context in (48, 512):
+        with torch.no_grad():
+            _, state = model(torch.randint(VOCAB, (1, context), generator=torch.Generator().manual_seed(0)))
+            _, state = model(token, state)  # the waiting chunk trains: the next 15 tokens only score
+            sizes = [state.nbytes()]
+            with FlopCounterMode(display=False) as counter:  # no inner step: autograd.grad refuses the mode
+                _, state = model(token, state)
+            for _ in range(14):
+                _, state = model(token, state)
+                sizes.append(state.nbytes())
+        peak = peak_cpu_allocation(lambda: decode_one_chunk(model, state, token, 16))  # noqa: B023
+        measured.append((counter.get_total_flops(), peak, sizes))
+    assert measured[0][0] > 0 and measured[0] == measured[1], measured

@@ -384,7 +384,8 @@ class E2EState:
             None for a state made before the field existed.
         scored: the suffix blocks' caches after the pending tokens (None for the prefix blocks), as
             they were scored with the current fast weights: the next token of the chunk is scored from
-            them, so that decoding costs the same for every token of a chunk. None when no token is
+            them, so that a decoded token's cost does not grow with its place in the chunk (the one
+            that trains the chunk re-scores it and takes the inner step). None when no token is
             pending (or for a state made before the field existed: the pending tokens are scored again).
         chunk_targets: the ``e2e.chunk_targets`` the state's chunks were trained under (whether a full
             chunk waits for its next token); None for a state without test-time training, or made

@@ -198,3 +198,19 @@ def test_decoding_costs_the_same_work_and_memory_far_into_a_sequence() -> None:
         peak = peak_cpu_allocation(lambda: decode_one_chunk(model, state, token, 16))  # noqa: B023
         measured.append((counter.get_total_flops(), peak, sizes))
     assert measured[0][0] > 0 and measured[0] == measured[1], measured
+
+
+def test_finite_float64_fast_weights_past_float32s_range_are_not_called_non_finite() -> None:
+    """A float64 model at an extreme inner lr (3e38, no clip): its fast weights reach 2.3e38 and sum
+    to 1.5e38 per weight, all finite, and so are its logits. The inner loop's finiteness check summed
+    the fast weights given to each step in float32, where two such rows overflow to inf, and raised
+    NonFiniteInnerStepError ("made fast weight (none: the losses) NaN or inf") on finite numbers."""
+    model = tiny_e2e(inner_lr=3e38, inner_grad_clip=0.0).eval()
+    ignoring = tiny_e2e(inner_lr=3e38, inner_grad_clip=0.0, non_finite="ignore").eval()
+    ids = sequences()
+    with torch.no_grad():
+        expected, reference_state = ignoring(ids)
+        logits, state = model(ids)  # raised before the fix
+    assert torch.isfinite(expected).all()
+    assert max(v.abs().max().item() for v in reference_state.fast.values()) > 1e38  # past float32's range
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)

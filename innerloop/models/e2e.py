@@ -633,14 +633,17 @@ def _step_sums(
     device (for :func:`_raise_if_a_plugin_went_non_finite`; by row, so an error names the rows that went
     non-finite): a sum is finite iff every element is, barring the overflow of huge finite values. Those of
     the losses and the weights returned are taken in float64, where no sum of float32 values overflows (a
-    plugin's blame rests on them); the others in float32, where an overflow only keeps a plugin from being
-    blamed. One reduction per tensor, no read-back: a few ops a step."""
+    plugin's blame rests on them); the others in float32, or in their own dtype where it is wider (a
+    float64 model's finite fast weights past float32's range summed to inf in float32 and were reported
+    NaN or inf), where an overflow only keeps a plugin from being blamed. One reduction per tensor, no
+    read-back: a few ops a step."""
     wide = torch.float64 if logits.device.type != "mps" else torch.float32  # MPS has no float64
     with torch.no_grad():
         names = sorted(before)  # one order for every step (a rule may return its weights in another)
-        taken = [_row_sums(t, torch.float32) for t in (*(before[n] for n in names), logits)]
+        given = (*(before[n] for n in names), logits)
+        taken = [_row_sums(t, torch.promote_types(t.dtype, torch.float32)).to(wide) for t in given]
         returned = [_row_sums(t, wide) for t in (losses, *(after[n] for n in names))]
-        return torch.cat((torch.stack(taken).to(wide), torch.stack(returned)))
+        return torch.cat((torch.stack(taken), torch.stack(returned)))
 
 
 def _row_sums(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -81,7 +81,9 @@ class InnerProblem:
     ``decay`` and ``momentum`` (``[B, H, T]`` or None) are given to the rule only when set; ``tau``
     is None for a rule without a token-index scale (see :meth:`for_rule`). ``decay_log`` (``log(1 -
     decay)``, instead of ``decay``) gives the rule its gate as the family layers do
-    (:func:`innerloop.core.scan.run_scan`; :func:`check_update_rule` checks a rule that names it so)."""
+    (:func:`innerloop.core.scan.run_scan`; :func:`check_update_rule` checks a rule that names it so).
+    ``seed`` and ``max_lr``: what :func:`make_problem` drew it with (None where not known), so that a
+    failure names the problem as the call that builds it again."""
 
     state: TTTState
     task: InnerTask
@@ -91,6 +93,8 @@ class InnerProblem:
     decay: torch.Tensor | None = None
     momentum: torch.Tensor | None = None
     decay_log: torch.Tensor | None = None
+    seed: int | None = None
+    max_lr: float | None = None
 
     def for_rule(self, rule: UpdateRule) -> InnerProblem:
         """The problem as ``rule`` takes it: no token-index scale for a rule that has none."""
@@ -178,9 +182,10 @@ class ReferenceDivergedError(AssertionError):
 
 
 def _problem_text(problem: InnerProblem, seed: int | None = None) -> str:
-    """``problem`` as the :func:`make_problem` call that builds it (the seed where known)."""
+    """``problem`` as the :func:`make_problem` call that builds it (the seed where known: ``seed``, else
+    the problem's; ``max_lr`` and ``dtype`` where not the defaults)."""
     batch, heads, tokens, head_dim = problem.views.query.shape
-    task = problem.task
+    task, seed = problem.task, problem.seed if seed is None else seed
     options = {
         "batch": batch,
         "heads": heads,
@@ -192,6 +197,8 @@ def _problem_text(problem: InnerProblem, seed: int | None = None) -> str:
         "residual": task.residual,
         "decay": problem.decay is not None,
         "momentum": problem.momentum is not None,
+        **({} if problem.max_lr is None else {"max_lr": problem.max_lr}),
+        **({} if problem.lr.dtype == torch.float64 else {"dtype": problem.lr.dtype}),
     }
     arguments = ", ".join(f"{k}={v!r}" for k, v in options.items())
     return f"make_problem({task.model.name!r}, {task.loss.name!r}, {arguments})"
@@ -380,13 +387,14 @@ def _inner_learning_rates(
     every rule, the naive loop's own numbers included, then failed its comparison ('relative error
     nan'). Steps of up to 0.5 / (1 + head_dim), as a layer's are at most base_lr / head_dim, kept every
     such problem of up to 150 tokens finite for the mini-batch rules (600 drawn), not for the momentum
-    rule, whose bound :func:`_bounded_without_norm` adds. The same uniform draw scaled, whatever
-    ``max_lr``: a problem differs from the default one in its rates only."""
+    rule, whose bound :func:`_bounded_without_norm` adds (to the default draw only: a given ``max_lr``
+    bounds the rates as given). The same uniform draw scaled, whatever ``max_lr``: a problem differs from
+    the default one in its rates only."""
     scale = max_lr if max_lr is not None else 0.5 if norm else 0.5 / (1 + head_dim)
     return torch.rand(*shape, generator=generator, dtype=torch.float64) * scale
 
 
-def _checked_max_lr(max_lr: object) -> float | None:
+def checked_max_lr(max_lr: object) -> float | None:
     """``make_problem``'s ``max_lr``: None, or a finite number >= 0 (a float); else a ValueError naming it."""
     if max_lr is None:
         return None
@@ -416,20 +424,20 @@ def make_problem(
     max_lr: float | None = None,
 ) -> InnerProblem:
     """A random problem at a sequence start (position 0), weights perturbed so every term matters;
-    inner learning rates in [0, ``max_lr``), by default in [0, 0.5), less without the inner LayerNorm
-    (:func:`_inner_learning_rates`, :func:`_bounded_without_norm`: over ``mini_batch_size``, and times
-    ``1 - momentum``, ``max_lr`` given or not); with ``decay`` / ``momentum``, random per-token decays in
-    [0, 0.5) and momenta in [0, 1), but a full reset (decay 1), gates of log -30 and -2e-6 (decays
-    1 - 9.4e-14 and 2e-6) and a restart (momentum 0) (:func:`_random_gates`). ``model`` and ``loss`` are
-    plugins or registered names. :func:`check_update_rule` also checks a rule at
-    ``max_lr=LARGE_RATES_BOUND``: a layer's rates reach ``base_lr / head_dim``, DeltaNet's 2."""
+    inner learning rates in [0, ``max_lr``) whatever the inner LayerNorm; with no ``max_lr``, in [0, 0.5),
+    less without the inner LayerNorm (:func:`_inner_learning_rates`, :func:`_bounded_without_norm`: over
+    ``mini_batch_size``, and times ``1 - momentum``); with ``decay`` / ``momentum``, random per-token decays
+    in [0, 0.5) and momenta in [0, 1), but a full reset (decay 1), gates of log -30 and -2e-6 (decays
+    1 - 9.4e-14 and 2e-6), a restart (momentum 0), momenta 1 - 1e-6 and 2e-6 (:func:`_random_gates`). ``model`` and ``loss`` are
+    plugins or registered names. :func:`check_update_rule` also checks rates up to LARGE_RATES_BOUND."""
     _check_flags(norm=norm, residual=residual, decay=decay, momentum=momentum)
-    max_lr = _checked_max_lr(max_lr)
+    max_lr = checked_max_lr(max_lr)
     batch, heads, head_dim, tokens, mini_batch_size = _check_problem_shape(
         batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, mini_batch_size=mini_batch_size
     ).values()
     model, loss = _named("inner_model", model), _named("inner_loss", loss)
-    generator = torch.Generator().manual_seed(_check_seed_and_dtype(seed, dtype))
+    seed = _check_seed_and_dtype(seed, dtype)
+    generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
@@ -457,7 +465,7 @@ def make_problem(
     rates = _steps_and_gates(
         generator, (batch, heads, tokens), head_dim, mini_batch_size, dtype, norm, decay, momentum, max_lr
     )
-    return InnerProblem(state, task, views, *rates)
+    return InnerProblem(state, task, views, *rates, seed=seed, max_lr=max_lr)
 
 
 def _steps_and_gates(
@@ -482,7 +490,7 @@ def _steps_and_gates(
         return torch.rand(*shape, generator=generator, dtype=torch.float64) * high
 
     decays, momenta = _random_gates(decay, momentum, uniform, generator)
-    if not norm:
+    if not norm and max_lr is None:  # a given max_lr bounds the rates as given, whatever the wrapping
         lr = _bounded_without_norm(lr, mini_batch_size, momenta)
     decays, momenta = (None if gates is None else gates.to(dtype) for gates in (decays, momenta))
     return lr.to(dtype), tau, decays, momenta
@@ -514,6 +522,13 @@ def _bounded_without_norm(
 EXTREME_LOG_GATES: tuple[float, ...] = (-30.0, -2e-6)
 
 
+#: The momenta :func:`make_problem` sets beside its restart (0): one that keeps nearly all of the surprise
+#: (1 - 1e-6: Titans' and momentum DeltaNet's sigmoid gates saturate there) and a tiny positive one (2e-6,
+#: not 1e-6: gradcheck's steps of 1e-6 stay >= 0). Drawn momenta lie in [0, 1): a rule that clamped
+#: momenta at 0.999 or skipped those below 1e-3 passed the checks but by a chance draw (review s56i).
+EXTREME_MOMENTA: tuple[float, ...] = (1.0 - 1e-6, 2e-6)
+
+
 def _random_gates(
     decay: bool, momentum: bool, uniform: Callable[[float], torch.Tensor], generator: torch.Generator
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -523,36 +538,41 @@ def _random_gates(
     forgetting saturates at 1). A rule that builds decay or momentum products as ratios of cumulative
     products, or from cumulated logs (FLA's chunked form), is exact away from them and NaN (``0 / 0``,
     ``-inf - -inf``) from them on: without them its checks passed (review s47e). Then the decays of
-    :data:`EXTREME_LOG_GATES` (:func:`_with_extreme_gates`), drawn last: the draws before are unchanged."""
+    :data:`EXTREME_LOG_GATES` and the momenta of :data:`EXTREME_MOMENTA` (:func:`_with_extreme_gates`),
+    drawn last: the draws before are unchanged."""
     drawn = (uniform(0.5) if decay else None, uniform(1.0) if momentum else None)  # the draws' order
-    reset_token = None
+    tokens: list[int] = []  # the reset's and the restart's
 
     def at_end(gates: torch.Tensor | None, value: float) -> torch.Tensor | None:
-        nonlocal reset_token
         if gates is None:
             return None
-        token = int(torch.randint(gates.shape[-1], (), generator=generator))
-        reset_token = token if reset_token is None else reset_token  # the decay's, drawn first
+        tokens.append(int(torch.randint(gates.shape[-1], (), generator=generator)))
         gates = gates.clone()
-        gates[0, 0, token] = value
+        gates[0, 0, tokens[-1]] = value
         return gates
 
     decays, momenta = at_end(drawn[0], 1.0), at_end(drawn[1], 0.0)
     if decays is not None:
-        decays = _with_extreme_gates(decays, reset_token, generator)
+        extreme_decays = [-math.expm1(log_gate) for log_gate in EXTREME_LOG_GATES]
+        decays = _with_extreme_gates(decays, tokens[0], generator, extreme_decays)
+    if momenta is not None:
+        momenta = _with_extreme_gates(momenta, tokens[-1], generator, EXTREME_MOMENTA)
     return decays, momenta
 
 
-def _with_extreme_gates(decays: torch.Tensor, reset_token: int, generator: torch.Generator) -> torch.Tensor:
-    """``decays [B, H, T]`` (float64) with the decays of :data:`EXTREME_LOG_GATES` (``-expm1(log_gate)``) at
-    random tokens of the first batch row and head other than the full reset's (as many as there are
-    such tokens); the other rows keep their draws."""
-    free = [t for t in range(decays.shape[-1]) if t != reset_token]
+def _with_extreme_gates(
+    gates: torch.Tensor, kept_token: int, generator: torch.Generator, extremes: Iterable[float]
+) -> torch.Tensor:
+    """``gates [B, H, T]`` (float64) with the values ``extremes`` (decays of :data:`EXTREME_LOG_GATES`,
+    momenta of :data:`EXTREME_MOMENTA`) at random tokens of the first batch row and head other than
+    ``kept_token`` (the full reset's, the restart's), as many as there are such tokens; the other rows
+    keep their draws."""
+    free = [t for t in range(gates.shape[-1]) if t != kept_token]
     order = torch.randperm(len(free), generator=generator).tolist()
-    decays = decays.clone()
-    for index, log_gate in zip(order, EXTREME_LOG_GATES, strict=False):
-        decays[0, 0, free[index]] = -math.expm1(log_gate)
-    return decays
+    gates = gates.clone()
+    for index, value in zip(order, extremes, strict=False):
+        gates[0, 0, free[index]] = value
+    return gates
 
 
 def _is_sequence_of_points(cut_points: object) -> bool:
@@ -1938,9 +1958,9 @@ def check_update_rule(
     heads, head dim 8 and a 150-token call), with the first loss and wrapping, and at
     :data:`WIDE_MINI_BATCH_SHAPE` (K = 32, head dim 20, 45 tokens) and :data:`MINI_BATCH_LONGER_THAN_CALL_SHAPE`
     (K = 12 > T = 7, head dim 12) on the first model,
-    :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1), and first
-    at rates up to :data:`LARGE_RATES_BOUND` (:func:`_check_rule_at_large_rates`); ``strategies.problems`` draws shapes.
-    """
+    :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1). First, on
+    every model and loss, rates up to :data:`LARGE_RATES_BOUND` (:func:`_check_rule_at_large_rates`). A failure names
+    the seed and ``max_lr``, a values one the ``make_problem`` call that builds it again."""
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
     rule = _named("update_rule", rule)
     tolerance = _refuse_variant_kwargs("check_update_rule", problem_kwargs, tolerance)
@@ -1951,10 +1971,10 @@ def check_update_rule(
     check = _RuleCheck(rule, cut_points, seed, tolerance, gradients)
     with _memoised_references():  # the reference once per distinct problem
         for index, each_model in enumerate(_models_for(rule, model, problem_kwargs.get("head_dim"))):
+            _check_rule_at_large_rates(check, each_model, losses, problem_kwargs, wrappings, index == 0)
             no_grad_too = without_grad and index == 0  # the no-grad modes at the wide shapes: first model
-            _check_default_shapes(
-                check, each_model, losses[0], problem_kwargs, wrappings[0], given, no_grad_too, index == 0
-            )
+            shapes_of = (check, each_model, losses[0], problem_kwargs, wrappings[0], given)
+            _check_default_shapes(*shapes_of, no_grad_too, index == 0)
             _check_rule_with(check, each_model, losses, wrappings, gradients, problem_kwargs)
             first_wrapping = {**problem_kwargs, **wrappings[0]}
             if without_grad:  # every model: a fast path without autograd may differ for one model only
@@ -2089,8 +2109,6 @@ def _check_default_shapes(
     wrong past 16 tokens (an inference-only chunked form), at more heads or another head dim passed."""
     if set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # a shape given: that shape only
         return
-    if first_model:  # first: a rule wrong at large rates only fails in a second, not after the rest
-        _check_rule_at_large_rates(check, model, loss, problem_kwargs, given or wrapping)
     for shape, each_wrapping in _default_check_shapes(given or wrapping, given, first_model):
         options = {**problem_kwargs, **shape, **each_wrapping}
         _check_rule_on(check, model, loss, options)
@@ -2155,31 +2173,69 @@ def _check_cut_points(cut_points: list[int] | None, problem_kwargs: dict) -> lis
 LARGE_RATES_BOUND = 2.5
 
 
+def _large_rates_bound(problem_kwargs: dict, wrapping: dict) -> float:
+    """The ``max_lr`` of :func:`check_update_rule`'s large-rates case: :data:`LARGE_RATES_BOUND` with the
+    inner LayerNorm; without it ``LARGE_RATES_BOUND / (1 + head_dim)`` (0.5 at head dim 4, 5 times the
+    default draw's bound there, not over the mini-batch size), as a layer's reach ``base_lr / head_dim``:
+    nothing bounds the inner model's outputs, and at rates up to 2.5 the naive loop itself diverges. Measured
+    at 15 shapes of ``problems()`` and the check's, every built-in rule, model and loss, 2 seeds: the naive
+    loop's float32 error <= 2.7e-5, 3 of 540 (momentum, MLP) diverged (passed over)"""
+    if wrapping.get("norm", True):
+        return LARGE_RATES_BOUND
+    return LARGE_RATES_BOUND / (1 + _given_size(problem_kwargs.get("head_dim"), 4))
+
+
 def _check_rule_at_large_rates(
-    check: _RuleCheck, model: InnerModel, loss: InnerLoss, problem_kwargs: dict, wrapping: dict
+    check: _RuleCheck,
+    model: InnerModel,
+    losses: list[InnerLoss],
+    problem_kwargs: dict,
+    wrappings: list[dict],
+    first: bool,
 ) -> None:
-    """:func:`check_update_rule`'s values (every variant the rule takes, whole and cut) and, with
-    ``check.gradients``, gradients (the most the rule takes) at rates in [0, :data:`LARGE_RATES_BOUND`),
-    at make_problem's shape: only where no shape and no ``max_lr`` is given and ``wrapping`` has the inner
-    LayerNorm (without it nothing bounds the inner model's outputs at such steps, and the naive loop itself
-    diverges: :func:`_inner_learning_rates`)."""
-    if set(problem_kwargs) & {*PLUGIN_CHECK_SHAPE, "max_lr"} or not wrapping.get("norm", True):
+    """:func:`check_update_rule`'s large-rates case on ``model``: rates in [0, :func:`_large_rates_bound`)
+    (:data:`LARGE_RATES_BOUND` with the inner LayerNorm), at the given shape or make_problem's, unless the
+    caller gives ``max_lr`` (every problem is then drawn below it, in its place). With each loss in the
+    first of ``wrappings``, the values of the most the rule takes (whole and cut); on the ``first`` model
+    and loss, in every wrapping, the values of every variant and, with ``check.gradients``, the gradients
+    of the most the rule takes. A problem whose reference itself is not finite there (an MLP read a token
+    at a time over many tokens without the LayerNorm) is passed over: the default rates check it. Before
+    (review s56i) it ran on the first model and loss only, at make_problem's shape with the LayerNorm: a
+    rule wrong at large rates for another loss, without the LayerNorm or at the caller's shape passed."""
+    if "max_lr" in problem_kwargs:
         return
-    options = {**problem_kwargs, **wrapping, "max_lr": LARGE_RATES_BOUND}
-    try:
-        _check_rule_on(check, model, loss, options)
-        if check.gradients:
-            variant = rule_variants(check.rule)[-1]
-            problem = make_problem(model, loss, seed=check.seed, **variant, **options).for_rule(check.rule)
+    for loss_index, loss in enumerate(losses):
+        full = first and loss_index == 0
+        for wrapping in wrappings if full else wrappings[:1]:
+            max_lr = _large_rates_bound(problem_kwargs, wrapping)
+            try:
+                _check_large_rates_case(
+                    check, model, loss, {**problem_kwargs, **wrapping, "max_lr": max_lr}, full
+                )
+            except ReferenceDivergedError:  # past what the reference computes: the default rates check it
+                continue
+            # the rule's own error or a failed comparison: said where, and the way out
+            except Exception as err:
+                err.add_note(
+                    f"check_update_rule: this is its large-rates case, inner learning rates in [0, {max_lr:g}) "
+                    "(LARGE_RATES_BOUND; a layer's reach base_lr / head_dim). A rule defined only for smaller rates "
+                    "(its documented domain) is checked within it by passing that bound: check_update_rule(rule, "
+                    "max_lr=...), which every problem then draws its rates below."
+                )
+                raise
+
+
+def _check_large_rates_case(
+    check: _RuleCheck, model: InnerModel, loss: InnerLoss, options: dict, full: bool
+) -> None:
+    """One case of :func:`_check_rule_at_large_rates` (``options``: the problem's, ``max_lr`` set): the
+    values of every variant and the gradients (``full``), else the values of the most the rule takes."""
+    richest = rule_variants(check.rule)[-1:]
+    _check_rule_on(check, model, loss, options, None if full else richest)
+    if full and check.gradients:
+        problem = make_problem(model, loss, seed=check.seed, **richest[0], **options).for_rule(check.rule)
+        with _repro_noted(problem):
             check_update_rule_gradients_match_naive(check.rule, problem, check.tolerance, check.cut_points)
-    except Exception as err:  # the rule's own error or a failed comparison: said where, and the way out
-        err.add_note(
-            f"check_update_rule: this is its large-rates case, inner learning rates in [0, {LARGE_RATES_BOUND:g}) "
-            "(LARGE_RATES_BOUND; a layer's reach base_lr / head_dim). A rule defined only for smaller rates "
-            "(its documented domain) is checked within it by passing that bound: check_update_rule(rule, "
-            "max_lr=...), which every problem then draws its rates below."
-        )
-        raise
 
 
 def _check_rule_on_first(
@@ -2323,7 +2379,8 @@ def _check_rule_with(
             if gradients:
                 variant = rule_variants(rule)[-1]  # the most the rule takes
                 problem = make_problem(model, each_loss, seed=seed, **variant, **options).for_rule(rule)
-                check_update_rule_gradients_match_naive(rule, problem, tolerance, check.cut_points)
+                with _repro_noted(problem):
+                    check_update_rule_gradients_match_naive(rule, problem, tolerance, check.cut_points)
     gates = rule_variants(rule)[-1]  # the most the rule takes; lr 0 (base_lr=0), first loss and wrapping
     check_zero_learning_rate(
         rule, model, losses[0], seed, tolerance, **gates, **problem_kwargs, **wrappings[0]
@@ -2332,13 +2389,20 @@ def _check_rule_with(
         check_reference_gradients(rule, model, losses[0], seed, **problem_kwargs, **wrappings[0])
 
 
-def _check_rule_on(check: _RuleCheck, model: InnerModel, loss: InnerLoss, problem_kwargs: dict) -> None:
-    """The values half of :func:`check_update_rule` for one model, loss and wrapping."""
+def _check_rule_on(
+    check: _RuleCheck,
+    model: InnerModel,
+    loss: InnerLoss,
+    problem_kwargs: dict,
+    variants: list[dict[str, bool]] | None = None,
+) -> None:
+    """The values half of :func:`check_update_rule` for one model, loss and wrapping: each of ``variants``
+    (by default every one the rule takes, :func:`rule_variants`)."""
     rule, cut_points, seed, tolerance = check.rule, check.cut_points, check.seed, check.tolerance
     wrapping = ", ".join(f"{k}={problem_kwargs[k]}" for k in ("norm", "residual") if k in problem_kwargs)
     max_lr = problem_kwargs.get("max_lr")
     rates = "" if max_lr is None else f", rates in [0, {max_lr:g})"
-    for variant in rule_variants(rule):
+    for variant in rule_variants(rule) if variants is None else variants:
         options = {**variant, **problem_kwargs}
         problem = make_problem(model, loss, seed=seed, **options).for_rule(rule)
         expected_out, expected_state = finite_expected(problem, rule, seed)
@@ -2350,19 +2414,36 @@ def _check_rule_on(check: _RuleCheck, model: InnerModel, loss: InnerLoss, proble
                 f"{rule.name} ({model.name}, {loss.name}, {given}{', ' + wrapping if wrapping else ''}) "
                 f"vs {reference_name(rule)} at {_shape_text(problem)}{rates}, cut at {cuts}"
             )
-            out, state = run_in_chunks(rule, problem, cuts, what)
-            assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
-            if not _states_and_outputs_close(out, state, expected_out, expected_state, tolerance):
-                float32_error = _reference_float32_error(rule, model, loss, seed, options, expected_out)
-                _assert_close_to_reference(
-                    out, state, expected_out, expected_state, what, tolerance, float32_error
-                )
+            with _repro_noted(problem, cuts):
+                out, state = run_in_chunks(rule, problem, cuts, what)
+                assert_state_unchanged(problem.state, untouched, f"{what}: the rule")
+                if not _states_and_outputs_close(out, state, expected_out, expected_state, tolerance):
+                    float32_error = _reference_float32_error(rule, model, loss, seed, options, expected_out)
+                    _assert_close_to_reference(
+                        out, state, expected_out, expected_state, what, tolerance, float32_error
+                    )
 
 
 def _shape_text(problem: InnerProblem) -> str:
     """``problem``'s shape for a message, e.g. ``B=1 H=1 T=9 f=1 K=1``."""
     batch, heads, tokens, width = problem.views.query.shape
     return f"B={batch} H={heads} T={tokens} f={width} K={problem.task.mini_batch_size}"
+
+
+@contextmanager
+def _repro_noted(problem: InnerProblem, cuts: list[int] | None = None) -> Iterator[None]:
+    """An ``AssertionError`` raised inside, noted (PEP 678, shown with the traceback) with one line that
+    builds ``problem`` again, its seed and ``max_lr`` included, and computes what was compared: the rule
+    ``cut`` at ``cuts`` against its reference, or (``cuts`` None) the gradients against the naive loop's."""
+    try:
+        yield
+    except AssertionError as error:
+        build = f"p = {_problem_text(problem)}.for_rule(rule)"
+        if cuts is None:
+            error.add_note(f"repro: {build}; check_update_rule_gradients_match_naive(rule, p)")
+        else:
+            error.add_note(f"repro: {build}; out, state = run_in_chunks(rule, p, {cuts}) vs p.expected(rule)")
+        raise
 
 
 #: A problem that amplifies rounding (an ill-conditioned inner model, a long sequence) moves a correct

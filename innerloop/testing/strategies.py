@@ -8,7 +8,7 @@ import torch
 
 from innerloop.core.layer import DEFAULT_CONV_KERNEL, TTTLayer
 from innerloop.core.protocol import Views
-from innerloop.testing.checks import as_index, rule_refusal
+from innerloop.testing.checks import as_index, checked_max_lr, rule_refusal
 
 try:
     from hypothesis import strategies as st
@@ -263,6 +263,7 @@ def problems(
     max_tokens: int = 40,
     max_mini_batch: int = 6,
     inner_models: tuple[str, ...] | None = None,
+    max_lrs: tuple[float | None, ...] | None = None,
 ) -> dict[str, Any]:
     """Shape keyword arguments of :func:`innerloop.testing.checks.make_problem` (and of
     ``check_inner_model``, ``check_inner_loss``, ``check_update_rule``): ``batch`` (from 2, up to
@@ -280,6 +281,10 @@ def problems(
     arguments, for ``check_update_rule(rule, **shape)`` (which takes a model's name): a rule right for
     one model only is caught. Leave it None for ``make_problem`` and the other checks, which take the
     model positionally (``check_update_rule`` then checks every built-in model the rule accepts).
+
+    ``max_lrs`` (rate bounds, or None for make_problem's default draw, e.g. ``(LARGE_RATES_BOUND, None)``,
+    the first the simplest) adds a drawn ``max_lr``, for ``make_problem`` and ``check_update_rule`` (the
+    other checks take no rates): rates are then uniform in [0, ``max_lr``), whatever the LayerNorm.
 
     Its defaults stop at head dim 8, mini-batches of 6 and 40 tokens (cheap enough for many examples);
     :func:`wide_problems` draws past them (head dims 12 to 64, mini-batches of 16 to 64, ``K > T``).
@@ -307,7 +312,24 @@ def problems(
     }
     if inner_models is not None:
         drawn["model"] = draw(st.sampled_from(inner_models))
+    if max_lrs is not None:
+        drawn["max_lr"] = draw(st.sampled_from(_checked_max_lrs(max_lrs)))
     return drawn
+
+
+def _checked_max_lrs(max_lrs: object) -> tuple[float | None, ...]:
+    """``problems``' ``max_lrs``: a non-empty tuple of None or finite numbers >= 0 (as make_problem takes
+    them), else a ValueError naming it, not make_problem's later, once per drawn example."""
+    _check_choices("problems", "max_lrs", max_lrs, "None or finite numbers >= 0 (inner learning rate bounds)")
+    bounds = []
+    for bound in max_lrs:  # type: ignore[union-attr]
+        try:
+            bounds.append(checked_max_lr(bound))
+        except ValueError as error:
+            raise ValueError(
+                f"problems: max_lrs must hold None or finite numbers >= 0, got {max_lrs!r}"
+            ) from error
+    return tuple(bounds)
 
 
 #: The head dims :func:`wide_problems` draws: past 8 and not a power of two first (12, 20), across the

@@ -174,3 +174,33 @@ def test_the_comparison_sees_one_changed_bit_a_loop_counter_and_a_missing_entry(
         "/optimizer_states[0]/state/0/exp_avg",
         "/optimizer_states[0]/state/0/step",
     ]
+
+
+class _ShouldStopInsideAnAccumulationWindow(L.Callback):
+    """Sets ``trainer.should_stop``, as ``trainer.max_time``'s Timer does, after the first micro-batch
+    of optimizer step ``step + 1``: the stop waits for that step's last micro-batch."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and batch_idx % 2 == 0:
+            trainer.should_stop = True
+
+
+@pytest.mark.slow  # reason: a stopped and a resumed training run (~4 s)
+def test_a_max_time_stop_between_validations_resumes_exactly_with_one_more_validation_row(
+    tmp_path, uninterrupted
+) -> None:
+    _train(tmp_path, callbacks=[_ShouldStopInsideAnAccumulationWindow(step=4)])  # not an error: it warns
+    assert load_checkpoint(tmp_path / "last.safetensors")["global_step"] == 5
+    _train(tmp_path, resume=True)
+    run_dir, checkpoint, rows = uninterrupted
+    assert (
+        _differences((run_dir, checkpoint), (tmp_path, load_checkpoint(tmp_path / "last.safetensors"))) == []
+    )
+    # docs/training.md: Lightning validates the step a should_stop ends the fit at (Lightning's step
+    # column of a validation is one less than the step it scores)
+    validation_of_the_stop_step = [r for r in _logged_rows(tmp_path) if r.get("val_step") == "5.0"]
+    assert [r["step"] for r in validation_of_the_stop_step] == ["4"]
+    assert [r for r in _logged_rows(tmp_path) if r.get("val_step") != "5.0"] == rows

@@ -24,7 +24,7 @@ from lm_testing import TINY
 
 import innerloop.checkpoints as checkpoints_module
 from innerloop.config import load_config
-from innerloop.train import TrainingInterrupted, load_checkpoint, train
+from innerloop.train import CheckpointError, TrainingInterrupted, load_checkpoint, train
 
 STEPS = 6
 ROWS = [
@@ -204,3 +204,15 @@ def test_a_max_time_stop_between_validations_resumes_exactly_with_one_more_valid
     validation_of_the_stop_step = [r for r in _logged_rows(tmp_path) if r.get("val_step") == "5.0"]
     assert [r["step"] for r in validation_of_the_stop_step] == ["4"]
     assert [r for r in _logged_rows(tmp_path) if r.get("val_step") != "5.0"] == rows
+
+
+@pytest.mark.slow  # reason: builds the model and reads the data before the refusal (~1 s)
+def test_a_resume_of_a_run_stopped_before_its_first_checkpoint_does_not_ask_for_overwrite(tmp_path) -> None:
+    # a KeyboardInterrupt (or Ctrl-C) before the first checkpoint removes the config.yaml the run wrote,
+    # so a plain new run starts there; --overwrite is needed only where a config.yaml stayed (a kill)
+    run, cfg = load_config("tiny", [*TINY, "trainer.max_steps=2", f"out_dir={tmp_path}"])
+    with pytest.raises(CheckpointError, match=r"start the run again \(a new run\)$"):
+        train(run, cfg, resume=True)
+    (tmp_path / "config.yaml").write_text("left by a killed run\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"start the run again with overwrite=True$"):
+        train(run, cfg, resume=True)

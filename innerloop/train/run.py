@@ -1272,10 +1272,11 @@ def _check_resume(
     the checkpoint. Reads only; returns the checkpoint read and its file's
     :func:`~innerloop.train.checkpoint.checkpoint_stamp` taken before the read (for the Trainer's load,
     which takes the read unless the file has changed since the read began)."""
-    if not ckpt.exists():
+    if not ckpt.exists():  # a config.yaml without a checkpoint refuses a new run unless overwritten
+        again = f"with {given_flag('overwrite')}" if (ckpt.parent / "config.yaml").exists() else "(a new run)"
         raise CheckpointError(
             f"{given_flag('resume')}: there is no checkpoint {str(ckpt)!r} (a run killed before its first "
-            f"checkpoint leaves none); start the run again with {given_flag('overwrite')}"
+            f"checkpoint leaves none; one stopped before it leaves no run); start the run again {again}"
         )
     stamp = checkpoint_stamp(ckpt)  # before the read: a write during or after it shows as another stamp
     checkpoint = load_training_checkpoint(ckpt)

@@ -294,27 +294,44 @@ def saved_model_config(path: str | os.PathLike[str], model: dict[str, Any]) -> d
 
 def _with_a_registered_kernel(path: str | os.PathLike[str], model: dict[str, Any]) -> dict[str, Any]:
     """``model`` with a ``ttt.kernel`` that no plugin registers here (the training run's, from a plugin
-    not installed on this machine), or that is named for an update rule whose blocks never reach a
-    kernel (``no_kernel_reason``: refused at construction since, accepted and never run before),
+    not installed on this machine), or that a layer now refuses at construction, accepted (and never
+    run) before: named for an update rule whose blocks never reach a kernel (``no_kernel_reason``), or
+    at a mini-batch size the kernel does not run (``check_mini_batch_size``: ``delta_chunk`` at K != 1),
     replaced by ``"auto"``, with a warning: a kernel changes speed, not the model, so the checkpoint
     loads."""
     ttt = model.get("ttt")
     kernel = ttt.get("kernel") if isinstance(ttt, dict) else None
     if not isinstance(kernel, str) or kernel in ("auto", TORCH_PATH):
         return model
-    if kernel not in {spec.name for spec in get_registry().kernels()}:
+    specs = {spec.name: spec for spec in get_registry().kernels()}
+    if kernel not in specs:
         why = "which no plugin registers here (is its package installed?)"
     else:
-        no_kernel_reason = _no_kernel_reason(ttt.get("update_rule"))
-        if no_kernel_reason is None:
+        why = _refused_kernel_reason(specs[kernel], ttt)
+        if why is None:
             return model
-        why = f"which update_rule={ttt.get('update_rule')!r} never runs ({no_kernel_reason})"
     warnings.warn(
         f"{str(path)!r} was trained with model.ttt.kernel={kernel!r}, {why}; its TTT layers run with "
         "kernel='auto' (a kernel changes speed, not the model)",
         stacklevel=warning_stacklevel(),
     )
     return {**model, "ttt": {**ttt, "kernel": "auto"}}
+
+
+def _refused_kernel_reason(spec: Any, ttt: Mapping[str, Any]) -> str | None:
+    """Why a layer of the ``ttt`` section would refuse the registered kernel ``spec`` at construction,
+    which it accepted when the checkpoint was written (the rule's ``no_kernel_reason``; the kernel's
+    ``check_mini_batch_size``: ``delta_chunk`` at ``K != 1``, refused at its first call before), else
+    None."""
+    rule_reason = _no_kernel_reason(ttt.get("update_rule"))
+    if rule_reason is not None:
+        return f"which update_rule={ttt.get('update_rule')!r} never runs ({rule_reason})"
+    size = ttt.get("mini_batch_size", ModelConfig().ttt.mini_batch_size)
+    size_check = getattr(spec, "check_mini_batch_size", None)
+    size_reason = size_check(size) if callable(size_check) and isinstance(size, int) else None
+    if size_reason is not None:
+        return f"which cannot run mini_batch_size={size} ({size_reason})"
+    return None
 
 
 def _no_kernel_reason(rule_name: Any) -> str | None:

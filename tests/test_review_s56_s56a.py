@@ -107,3 +107,34 @@ def test_hf_generate_does_not_refuse_a_row_a_stopping_criterion_finished(eos, sa
     with pytest.raises(NonFiniteRowsError) as caught:  # without the criterion row 0 is running
         model.generate(ids, max_new_tokens=4, pad_token_id=0, **mode, **stops)
     assert caught.value.rows == [0] and caught.value.finite_rows == [1]
+
+
+def test_two_threads_setting_up_generate_on_one_model_keep_their_own_scores_checks() -> None:
+    # The check _get_logits_processor made was held on the model until _get_stopping_criteria took it:
+    # a second thread's generate() setting up between the two took the first's check (and the first got
+    # none), so stops were recorded into another call's check. Held per thread now.
+    import threading
+
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    from innerloop.hf.modeling import StopsRecorded
+    from tests.hf.hf_testing import tiny_hf_model
+
+    model = tiny_hf_model("ttt_linear")
+    config = GenerationConfig(max_new_tokens=2, eos_token_id=1, num_beams=1)
+    model._prepare_special_tokens(config)  # as generate() does before it sets up processors and criteria
+    prompts = torch.ones(1, 3, dtype=torch.int64)
+
+    def set_up() -> tuple:
+        processors = model._get_logits_processor(config, input_ids_seq_length=3, encoder_input_ids=prompts)
+        return processors[0], model._get_stopping_criteria(config, StoppingCriteriaList())
+
+    first_check = model._get_logits_processor(config, input_ids_seq_length=3, encoder_input_ids=prompts)[0]
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(set_up()))
+    thread.start()
+    thread.join()
+    criteria = model._get_stopping_criteria(config, StoppingCriteriaList())
+    other_check, other_criteria = other[0]
+    assert isinstance(criteria, StopsRecorded) and criteria.check is first_check
+    assert isinstance(other_criteria, StopsRecorded) and other_criteria.check is other_check

@@ -27,6 +27,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -774,6 +775,11 @@ class ShiftedTemperatureLogitsWarper(TemperatureLogitsWarper):
         wide = scores.double()
         shifted = ((wide - wide.amax(dim=-1, keepdim=True)) / self.temperature).to(scores.dtype)  # max 0
         return torch.where(overflowed[:, None], shifted, divided)
+
+
+_PENDING_SCORES_CHECK = threading.local()
+"""The NonFiniteScoresCheck a model's ``_get_logits_processor`` made for the ``generate()`` call running on
+this thread, until its ``_get_stopping_criteria`` takes it (``by_model``: the model's id to it)."""
 
 
 class NonFiniteScoresCheck(LogitsProcessor):
@@ -2169,15 +2175,17 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         prompt_count = prompts.shape[0] if torch.is_tensor(prompts) else None
         check = NonFiniteScoresCheck(eos_ids, prompt_length, prompt_count, generation_config.num_beams > 1)
         processors.insert(0, check)  # the model's own scores, before any processor
-        # a greedy or sampling run's rows stay in place: its stopping criteria tell the check which finished
-        self._scores_check = None if check.beams else check
+        # a greedy or sampling run's rows stay in place: its stopping criteria tell the check which finished;
+        # held per thread (generate() asks for the criteria next on the same thread): two generate() calls
+        # on one model from two threads keep their own checks
+        _PENDING_SCORES_CHECK.by_model = {id(self): None if check.beams else check}
         return processors
 
     def _get_stopping_criteria(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' stopping criteria, whose verdicts the generate call's
         :class:`NonFiniteScoresCheck` also records (:class:`StopsRecorded`) outside a beam search."""
         criteria = super()._get_stopping_criteria(generation_config, *args, **kwargs)
-        check, self._scores_check = getattr(self, "_scores_check", None), None
+        check = getattr(_PENDING_SCORES_CHECK, "by_model", {}).pop(id(self), None)
         return criteria if check is None else StopsRecorded(criteria, check)
 
     def _prepare_attention_mask_for_generation(

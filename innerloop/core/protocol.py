@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from innerloop.core.arguments import check_kind, check_tensor
 from innerloop.core.functional import (
     gelu_tanh,
     gelu_tanh_derivative,
@@ -27,6 +28,7 @@ from innerloop.core.functional import (
     relative_error,
     saved_tensors_hooks_suspended,
 )
+from innerloop.core.wording import a_type
 
 if TYPE_CHECKING:
     from innerloop.core.state import TTTState
@@ -105,7 +107,50 @@ class InnerModel(ABC):
     @abstractmethod
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``g(x; params)``: ``x [*batch, N, f]`` with ``params[k] [*batch, *shape]`` -> ``[*batch, N, f]``,
-        token by token (output ``t`` reads ``x[..., t, :]`` only: the rules call it one token at a time)."""
+        token by token (output ``t`` reads ``x[..., t, :]`` only: the rules call it one token at a time).
+
+        The built-in models refuse what they cannot run with :meth:`check_forward_arguments` (a model of
+        one's own may call it too); the scans call :meth:`forward_unchecked`."""
+
+    def forward_unchecked(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without its argument check: what the update rules call inside their per-token
+        and per-mini-batch loops, on weights and views :func:`innerloop.core.scan.check_rule_arguments`
+        vetted once per call. The default is :meth:`forward` itself; a model whose ``forward`` checks its
+        arguments overrides this with the same computation unchecked (:class:`StackModel` does)."""
+        return self.forward(params, x)
+
+    def check_forward_arguments(self, params: object, x: object) -> None:
+        """Refuse what :meth:`forward` cannot run, naming the parameter, what was given and what is valid:
+        ``x`` a floating-point tensor ``[*batch, N, f]``, ``params`` a mapping holding exactly the weights of
+        :meth:`param_shapes` at ``f``, each ``[*batch, *shape]`` in ``x``'s dtype and on its device. It reads
+        shapes, dtypes and devices only (O(1) Python, no device sync); under ``torch.func`` transforms it
+        sees the per-sample shapes, which keep this form."""
+        where = f"inner model {self.name!r}: forward"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: x must be a torch.Tensor [*batch, N, f], got {a_type(x)}")
+        if x.dim() < 2:
+            raise ValueError(
+                f"{where}: x must have shape [*batch, N, f] (2 dims or more), got {list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{where}: x must be a floating-point tensor, got {x.dtype}")
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"{where}: params must be a mapping of weight name to tensor, got {a_type(params)}"
+            )
+        shapes = self.param_shapes(x.shape[-1])
+        if params.keys() != shapes.keys():
+            missing, unexpected = sorted(set(shapes) - set(params)), sorted(set(params) - set(shapes))
+            raise ValueError(
+                f"{where}: params must hold the weights {sorted(shapes)} (param_shapes), got missing "
+                f"{missing}, unexpected {unexpected}"
+            )
+        batch = tuple(x.shape[:-2])
+        for key, shape in shapes.items():
+            what = (
+                f"[*batch, *param_shapes(f={x.shape[-1]})[{key!r}]] (x is [*batch, N, f] = {list(x.shape)})"
+            )
+            check_tensor(where, f"params[{key!r}]", params[key], (*batch, *shape), what, x, "x's")
 
     @property
     def stack(self) -> tuple[AffineLayer, ...] | None:
@@ -130,6 +175,15 @@ class StackModel(InnerModel):
         """The layers, first to last."""
 
     def forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``g(x; params)`` through :attr:`stack`, after :meth:`check_forward_arguments`."""
+        self.check_forward_arguments(params, x)
+        return apply_stack(self.stack, params, x)
+
+    def forward_unchecked(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """:attr:`stack` applied without the check; a subclass with a ``forward`` of its own (one that
+        equals the stack only to rounding) keeps that ``forward``."""
+        if type(self).forward is not StackModel.forward:
+            return self.forward(params, x)
         return apply_stack(self.stack, params, x)
 
 
@@ -255,6 +309,46 @@ class InnerLoss(ABC):
     def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of each token: ``prediction, target [..., f]`` -> ``[...]``."""
 
+    def check_pairs_arguments(self, views: object, carry: object) -> None:
+        """Refuse what :meth:`pairs` cannot run, naming the parameter, what was given and what is valid:
+        ``views`` a :class:`Views` of three floating-point ``[B, H, T, f]`` tensors of one shape, dtype and
+        device, ``carry`` a mapping (a loss checks its entries). The built-in losses call it at the top
+        of ``pairs`` (once per chunk; a loss of one's own may call it too)."""
+        where = f"inner loss {self.name!r}: pairs"
+        check_kind(where, "views", views, Views)
+        query = views.query  # type: ignore[attr-defined]
+        check_tensor(where, "views.query", query, (None,) * 4, "[B, H, T, f]", None)
+        if not query.is_floating_point():
+            raise TypeError(f"{where}: views.query must be a floating-point tensor, got {query.dtype}")
+        for name in ("key", "value"):
+            what = f"[B, H, T, f] (views.query's: {list(query.shape)})"
+            view = getattr(views, name)
+            check_tensor(where, f"views.{name}", view, tuple(query.shape), what, query, "views.query's")
+        if not isinstance(carry, Mapping):
+            raise TypeError(
+                f"{where}: carry must be a mapping (init_carry's, or the last pairs' carry), got {a_type(carry)}"
+            )
+
+    def check_token_loss_arguments(
+        self, prediction: object, target: object, method: str = "token_loss"
+    ) -> None:
+        """Refuse what :meth:`token_loss` (or ``method``, :meth:`token_loss_grad`) cannot score: a
+        floating-point ``prediction [..., f]`` and a ``target`` of its shape, dtype and device (a target
+        that only broadcasts would score each prediction against another token's target). O(1) Python:
+        the built-in losses call it on every call, under ``torch.func`` too (per-sample shapes)."""
+        where = f"inner loss {self.name!r}: {method}"
+        if not isinstance(prediction, torch.Tensor):
+            raise TypeError(f"{where}: prediction must be a torch.Tensor [..., f], got {a_type(prediction)}")
+        if prediction.dim() < 1 or not prediction.is_floating_point():
+            raise TypeError(
+                f"{where}: prediction must be a floating-point tensor [..., f], got "
+                f"{prediction.dtype} of shape {list(prediction.shape)}"
+            )
+        shape = tuple(prediction.shape)
+        check_tensor(
+            where, "target", target, shape, "prediction's shape [..., f]", prediction, "prediction's"
+        )
+
     def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """d token_loss / d prediction, ``[..., f]``; autograd by default (differentiable)."""
         flat_prediction = prediction.reshape(-1, prediction.shape[-1])
@@ -269,9 +363,13 @@ class HalfSquaredError(InnerLoss):
     a subclass sets ``name`` and implements :meth:`pairs` only."""
 
     def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``1/2 ||prediction - target||^2`` of each token, after :meth:`check_token_loss_arguments`."""
+        self.check_token_loss_arguments(prediction, target)
         return 0.5 * (prediction - target).pow(2).sum(dim=-1)
 
     def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``prediction - target``, after :meth:`check_token_loss_arguments`."""
+        self.check_token_loss_arguments(prediction, target, "token_loss_grad")
         return prediction - target
 
 
@@ -308,8 +406,9 @@ class InnerTask:
         return self.norm_weight is not None
 
     def predict(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``f(x) = x + LN(g(x))`` for ``x [B, H, N, f]`` and params ``[B, H, *shape]``."""
-        z = self.model.forward(params, x)
+        """``f(x) = x + LN(g(x))`` for ``x [B, H, N, f]`` and params ``[B, H, *shape]`` (the model's
+        :meth:`~InnerModel.forward_unchecked`: the caller vetted them)."""
+        z = self.model.forward_unchecked(params, x)
         return self.wrap_output(x, z)
 
     def wrap_output(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

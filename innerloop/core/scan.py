@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from innerloop.core.arguments import check_kind as _check_kind
+from innerloop.core.arguments import check_tensor as _check_tensor
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import decay_from_log, log_segment_sums, transformed_or_dual
 from innerloop.core.protocol import InnerModel, InnerTask, LossPairs, Params, UpdateRule, Views
@@ -206,32 +208,6 @@ def check_rule_arguments(
             )
         return
     _check_tensor(where, "tau", tau, (task.mini_batch_size,), "[K] (K = task.mini_batch_size)", like)  # type: ignore[attr-defined]
-
-
-def _check_kind(where: str, name: str, value: object, kind: type) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"{where}: {name} must be an innerloop {kind.__name__}, got {a_type(value)}")
-
-
-def _check_tensor(
-    where: str, name: str, value: object, shape: tuple[int | None, ...], what: str, like: torch.Tensor | None
-) -> None:
-    """``value`` must be a tensor of ``shape`` (None: any size, shown ``T``) in ``like``'s dtype and on its
-    device (the state's weights'; anything when the state has none)."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor {what}, got {a_type(value)}")
-    given = tuple(value.shape)
-    if len(given) != len(shape) or any(
-        want is not None and want != got for want, got in zip(shape, given, strict=False)
-    ):
-        valid = ", ".join("T" if want is None else str(want) for want in shape)
-        raise ValueError(f"{where}: {name} must have shape {what} = [{valid}], got {list(given)}")
-    if like is None:
-        return
-    if value.dtype != like.dtype:
-        raise TypeError(f"{where}: {name} must be in the state's dtype {like.dtype}, got {value.dtype}")
-    if value.device != like.device:
-        raise ValueError(f"{where}: {name} must be on the state's device {like.device}, got {value.device}")
 
 
 def prepare_chunk(

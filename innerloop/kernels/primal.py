@@ -52,7 +52,7 @@ def _primal_parts(task: InnerTask, params: Params, chunk: ChunkInputs) -> _Prima
 
     def predict_one(p: Params, x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
         # One head, one token: x [f] -> [f]; the model sees [heads = 1, N = 1, f].
-        z = model.forward({k: v[None] for k, v in p.items()}, x[None, None])[0, 0]  # [f]
+        z = model.forward_unchecked({k: v[None] for k, v in p.items()}, x[None, None])[0, 0]  # [f]
         weight, bias = (nw, nb) if task.use_norm else (None, None)
         return residual_and_norm(x, z, weight, bias, task.norm_eps, task.residual)
 

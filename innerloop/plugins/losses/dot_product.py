@@ -24,12 +24,18 @@ class DotProduct(InnerLoss):
     name = "dot_product"
 
     def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
+        """``(k_t, v_t)`` for every token (after :meth:`~InnerLoss.check_pairs_arguments`)."""
+        self.check_pairs_arguments(views, carry)
         return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
 
     def token_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``-<prediction, target>`` of each token, after :meth:`~InnerLoss.check_token_loss_arguments`."""
+        self.check_token_loss_arguments(prediction, target)
         return -(prediction * target).sum(dim=-1)
 
     def token_loss_grad(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``-target``, after :meth:`~InnerLoss.check_token_loss_arguments`."""
+        self.check_token_loss_arguments(prediction, target, "token_loss_grad")
         return -target.expand_as(prediction)
 
 

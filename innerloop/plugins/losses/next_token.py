@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from innerloop.core.arguments import check_tensor
 from innerloop.core.protocol import LossPairs, Views
 from innerloop.plugins.losses.reconstruction import HalfSquaredError
 from innerloop.registry import hookimpl
@@ -30,6 +31,8 @@ class NextToken(HalfSquaredError):
         }
 
     def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
+        """``(XK_{t-1}, XV_t)`` for every token, the first one's key from ``carry`` (checked first)."""
+        self._check_arguments(views, carry)
         key = views.key
         previous_key = carry["previous_key"].to(key.dtype)
         inputs = torch.cat([previous_key, key[:, :, :-1]], dim=2)  # [B, H, T, f]
@@ -38,6 +41,28 @@ class NextToken(HalfSquaredError):
         # a copy: a view would keep the whole projection buffer of this call alive inside the state
         new_carry = {"previous_key": key[:, :, -1:].clone(), "has_previous": key.new_ones(())}
         return LossPairs(inputs=inputs, targets=views.value, valid=valid, carry=new_carry)
+
+    def _check_arguments(self, views: Views, carry: Mapping[str, torch.Tensor]) -> None:
+        """:meth:`~InnerLoss.check_pairs_arguments`, ``T >= 1`` and a carry of :meth:`init_carry`'s form
+        for these views: ``previous_key [B, H, 1, f]`` on the views' device, ``has_previous []``."""
+        self.check_pairs_arguments(views, carry)
+        where = f"inner loss {self.name!r}: pairs"
+        batch, heads, tokens, head_dim = views.key.shape
+        if tokens < 1:
+            raise ValueError(f"{where}: views must hold at least one token, got T = 0")
+        missing = sorted({"previous_key", "has_previous"} - set(carry))
+        if missing:
+            raise ValueError(f"{where}: carry is missing {missing} (start a sequence with init_carry)")
+        what = f"[B, H, 1, f] (the views' B, H, f; init_carry({batch}, {heads}, {head_dim}, ...))"
+        previous = carry["previous_key"]
+        check_tensor(where, "carry['previous_key']", previous, (batch, heads, 1, head_dim), what, None)
+        check_tensor(where, "carry['has_previous']", carry["has_previous"], (), "[] (0-d)", None)
+        for name in ("previous_key", "has_previous"):
+            if carry[name].device != views.key.device:
+                raise ValueError(
+                    f"{where}: carry[{name!r}] must be on views.key's device {views.key.device}, "
+                    f"got {carry[name].device}"
+                )
 
     def batched_carry_keys(self, num_heads: int, head_dim: int, like: torch.Tensor) -> frozenset[str]:
         """``previous_key`` is per sequence; ``has_previous`` (0-d) is shared by the batch."""

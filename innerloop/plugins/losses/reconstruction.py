@@ -23,6 +23,8 @@ class Reconstruction(HalfSquaredError):
     name = "reconstruction"
 
     def pairs(self, views: Views, carry: Mapping[str, torch.Tensor]) -> LossPairs:
+        """``(XK_t, XV_t)`` for every token (after :meth:`~InnerLoss.check_pairs_arguments`)."""
+        self.check_pairs_arguments(views, carry)
         return LossPairs(inputs=views.key, targets=views.value, valid=None, carry={})
 
 

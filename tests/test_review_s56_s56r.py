@@ -135,3 +135,25 @@ def test_token_loss_refuses_mismatched_shapes(loss, method):
 def test_token_loss_refuses_integer_prediction(loss):
     with pytest.raises(TypeError, match=rf"'{loss.name}': token_loss: prediction must be.*floating"):
         loss.token_loss(torch.ones(2, 4, dtype=torch.int64), torch.ones(2, 4, dtype=torch.int64))
+
+
+_WRAPPED = r"delta_chunk: computes out = q W without the inner LayerNorm and residual"
+
+
+@pytest.mark.parametrize("wrapping", [(True, False), (False, True), (True, True)])
+def test_the_delta_rule_kernel_named_on_a_wrapped_layer_is_refused_at_construction(wrapping):
+    """delta_chunk computes the bare ``q W``: a layer naming it with the inner LayerNorm or residual on
+    was built and refused at its first call (its verify); the spec now says so (check_wrapping)."""
+    import innerloop
+    from innerloop.core.layer import TTTLayer
+
+    norm, residual = wrapping
+    delta = {"inner_model": "matrix", "inner_norm": norm, "inner_residual": residual}
+    with pytest.raises(ValueError, match=rf"kernel='delta_chunk'.*{_WRAPPED}"):
+        TTTLayer(16, 2, mini_batch_size=1, kernel="delta_chunk", **delta)
+    layer = TTTLayer(16, 2, mini_batch_size=1, **delta)
+    with pytest.raises(ValueError, match=_WRAPPED):
+        layer.kernel = "delta_chunk"
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=_WRAPPED):
+        innerloop.ops.scan(x, x, x, torch.zeros(1, 2, 4), mini_batch_size=1, kernel="delta_chunk", **delta)

@@ -494,8 +494,8 @@ def _check_kernel_name(
     mini_batch_size: int | None = None,
 ) -> None:
     """A kernel named explicitly must exist for this (model, loss, rule), compute its inner wrapping
-    ``(inner_norm, inner_residual)``, run ``mini_batch_size`` (its ``check_mini_batch_size``, when both are
-    given: ``delta_chunk`` runs ``K = 1`` only), and the plugins must be the registered ones it was written for;
+    ``(inner_norm, inner_residual)`` (its ``check_wrapping``: ``delta_chunk`` runs both off only), run
+    ``mini_batch_size`` (its ``check_mini_batch_size``, when both are given: ``delta_chunk`` runs ``K = 1`` only), and the plugins must be the registered ones it was written for;
     the rule must send its blocks to a kernel at all (``no_kernel_reason`` None: a kernel registered for
     ``momentum`` would be refused every block, one for ``minibatch_gd`` never asked): say so at
     construction, not at the first mini-batch (or never).
@@ -526,21 +526,34 @@ def _check_kernel_name(
             f"kernel={kernel!r} is not a kernel for (inner_model={model.name!r}, inner_loss={loss.name!r}, "
             f"update_rule={rule.name!r}); valid values: {[*BUILT_IN_PATHS, *specs]}"
         )
-    if specs[kernel].fuses_inner_norm and not all(wrapping):
-        raise ValueError(
-            f"kernel={kernel!r} fuses the inner LayerNorm and residual, which need both on; this layer has "
-            f"inner_norm={wrapping[0]}, inner_residual={wrapping[1]}; use kernel='auto' or 'torch'"
-        )
-    size_check = getattr(specs[kernel], "check_mini_batch_size", None)
-    refusal = None if size_check is None or mini_batch_size is None else size_check(mini_batch_size)
-    if refusal is not None:
-        raise ValueError(f"kernel={kernel!r} cannot run mini_batch_size={mini_batch_size}: {refusal}")
+    _check_kernel_takes_layer(specs[kernel], wrapping, mini_batch_size)
     for kind, obj in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)
         if reason is not None:
             raise ValueError(
                 f"kernel={kernel!r} cannot run this layer: {reason}; use kernel='auto' or 'torch'"
             )
+
+
+def _check_kernel_takes_layer(spec: Any, wrapping: tuple[bool, bool], mini_batch_size: int | None) -> None:
+    """The kernel ``spec`` computes the inner ``wrapping`` (``fuses_inner_norm``: both on; else its
+    ``check_wrapping``) and runs ``mini_batch_size`` (its ``check_mini_batch_size``), or a ValueError."""
+    kernel = spec.name
+    if spec.fuses_inner_norm and not all(wrapping):
+        raise ValueError(
+            f"kernel={kernel!r} fuses the inner LayerNorm and residual, which need both on; this layer has "
+            f"inner_norm={wrapping[0]}, inner_residual={wrapping[1]}; use kernel='auto' or 'torch'"
+        )
+    size_check = getattr(spec, "check_mini_batch_size", None)
+    refusal = None if size_check is None or mini_batch_size is None else size_check(mini_batch_size)
+    if refusal is not None:
+        raise ValueError(f"kernel={kernel!r} cannot run mini_batch_size={mini_batch_size}: {refusal}")
+    wrapping_check = getattr(spec, "check_wrapping", None)
+    refusal = None if wrapping_check is None else wrapping_check(*wrapping)
+    if refusal is not None:
+        raise ValueError(
+            f"kernel={kernel!r} cannot run inner_norm={wrapping[0]}, inner_residual={wrapping[1]}: {refusal}"
+        )
 
 
 def _kernels_running(model: InnerModel, loss: InnerLoss) -> str:

@@ -179,7 +179,13 @@ class KernelSpec:
 
     ``fuses_inner_norm``: the kernel computes the wrapped inner model ``f(x) = x + LN(g(x))``, so
     dispatch refuses it to layers that turn the inner residual or LayerNorm off. A kernel of the bare
-    ``g`` (the delta rule's ``x W``) sets it False and refuses the wrapped layers in its own ``verify``.
+    ``g`` (the delta rule's ``x W``) sets it False and says which wrappings it takes in
+    ``check_wrapping``.
+
+    ``check_wrapping(inner_norm, inner_residual) -> str | None`` (optional): None when the kernel computes
+    a layer with that inner wrapping, else why not (``delta_chunk``: both off only). Like
+    ``check_mini_batch_size``, a layer naming the kernel asks it at construction (and at
+    ``layer.kernel = ...``, ``innerloop.ops.scan``); the kernel's ``verify`` should give the same answer.
 
     ``check_mini_batch_size(K) -> str | None`` (optional): None when the kernel runs mini-batches of ``K``
     tokens, else why not (``delta_chunk``: ``K = 1`` only). A layer naming the kernel asks it at
@@ -210,6 +216,7 @@ class KernelSpec:
     fuses_inner_norm: bool = True
     training_only: bool = False
     check_mini_batch_size: Callable[[int], str | None] | None = None
+    check_wrapping: Callable[[bool, bool], str | None] | None = None
 
     def __post_init__(self) -> None:
         self._check_fields()

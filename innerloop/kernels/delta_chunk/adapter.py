@@ -165,17 +165,24 @@ def mini_batch_size_refusal(mini_batch_size: int) -> str | None:
     return None
 
 
-def verify(inputs: KernelInputs) -> str | None:
-    """None when the chunked delta rule computes this block, else why not."""
-    refusal = mini_batch_size_refusal(inputs.mini_batch_size)
-    if refusal is not None:
-        return refusal
-    norm, residual = bool(inputs.extra.get("norm")), bool(inputs.extra.get("residual"))
-    if norm or residual:
+def wrapping_refusal(inner_norm: bool, inner_residual: bool) -> str | None:
+    """None for a layer with the inner LayerNorm and residual off (the kernel computes the bare ``q W``),
+    else why not: asked at a layer's construction (``KernelSpec.check_wrapping``) and by :func:`verify`."""
+    if inner_norm or inner_residual:
         return (
             f"{KERNEL_NAME}: computes out = q W without the inner LayerNorm and residual, which this layer "
-            f"uses (inner_norm={norm}, inner_residual={residual})"
+            f"uses (inner_norm={inner_norm}, inner_residual={inner_residual})"
         )
+    return None
+
+
+def verify(inputs: KernelInputs) -> str | None:
+    """None when the chunked delta rule computes this block, else why not."""
+    refusal = mini_batch_size_refusal(inputs.mini_batch_size) or wrapping_refusal(
+        bool(inputs.extra.get("norm")), bool(inputs.extra.get("residual"))
+    )
+    if refusal is not None:
+        return refusal
     if inputs.dtype not in SUPPORTED_DTYPES:
         return f"{KERNEL_NAME}: dtype {inputs.dtype} is not one of {[str(d) for d in SUPPORTED_DTYPES]}"
     return None
@@ -195,6 +202,7 @@ def kernel_spec(priority: int = 1) -> KernelSpec:
         supports_decay=True,
         fuses_inner_norm=False,
         check_mini_batch_size=mini_batch_size_refusal,
+        check_wrapping=wrapping_refusal,
     )
 
 

@@ -157,3 +157,21 @@ def test_the_delta_rule_kernel_named_on_a_wrapped_layer_is_refused_at_constructi
     x = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match=_WRAPPED):
         innerloop.ops.scan(x, x, x, torch.zeros(1, 2, 4), mini_batch_size=1, kernel="delta_chunk", **delta)
+
+
+def test_a_model_whose_forward_unchecked_differs_from_its_forward_is_refused_at_registration():
+    """The scans run ``forward_unchecked``, the conformance checks ``forward``: a model whose two differ
+    would be checked on one function and trained with another."""
+    from plugin_testing import One
+
+    from innerloop.registry import PluginError, build_registry
+
+    class Drifting(LinearModel):
+        name = "drifting_unchecked"
+
+        def forward_unchecked(self, params, x):
+            return 2 * super().forward_unchecked(params, x)
+
+    registry = build_registry(include_external=False)
+    with pytest.raises(PluginError, match=r"'drifting_unchecked'.*forward_unchecked.*forward"):
+        registry.add_plugin(One("inner_models", Drifting()), origin="test.drifting")

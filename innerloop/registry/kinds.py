@@ -220,6 +220,7 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
             f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {got}; "
             "it must return the same shape (g maps head_dim features to head_dim features)"
         )
+    _check_unchecked_forward_agrees(model, name, params, x, out)
     try:  # before the gradient: a write into a weight that requires grad is torch's unexplained leaf error
         check_forward_leaves_inputs(model, params, x)
     except AssertionError as error:
@@ -227,6 +228,27 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
     _check_model_keeps_dtype(model, name, params, x)
     _check_model_learns(model, name, params, x)
     return params, x
+
+
+def _check_unchecked_forward_agrees(
+    model: Any, name: str, params: dict[str, torch.Tensor], x: torch.Tensor, out: torch.Tensor
+) -> None:
+    """``forward_unchecked`` (what the scans run) gives ``forward``'s output (what every check reads)."""
+    try:
+        unchecked = model.forward_unchecked(params, x)
+    except Exception as error:
+        raise PluginError(
+            f"inner model {name!r} failed its smoke test (forward_unchecked): {error!r}"
+        ) from error
+    if not (
+        isinstance(unchecked, torch.Tensor)
+        and unchecked.shape == out.shape
+        and torch.allclose(unchecked, out, rtol=0.0, atol=0.0, equal_nan=True)  # bitwise; NaN named later
+    ):
+        raise PluginError(
+            f"inner model {name!r}: forward_unchecked (what the update rules run) differs from forward (what "
+            "the checks read) on the smoke input; it must be forward's computation without the argument check"
+        )
 
 
 def _check_model_keeps_dtype(model: Any, name: str, params: dict[str, torch.Tensor], x: torch.Tensor) -> None:

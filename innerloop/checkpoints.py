@@ -62,7 +62,7 @@ from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.functional import check_flag, check_path_argument, first_non_finite, user_path
 from innerloop.core.identity import IdentityTable
-from innerloop.core.layer import TTTLayer
+from innerloop.core.layer import TTTLayer, check_kernel_takes_layer
 from innerloop.core.protocol import no_kernel_reason
 from innerloop.core.wording import a_type
 from innerloop.data.atomic import atomic_write, file_sha256, file_stamp
@@ -321,16 +321,24 @@ def _with_a_registered_kernel(path: str | os.PathLike[str], model: dict[str, Any
 def _refused_kernel_reason(spec: Any, ttt: Mapping[str, Any]) -> str | None:
     """Why a layer of the ``ttt`` section would refuse the registered kernel ``spec`` at construction,
     which it accepted when the checkpoint was written (the rule's ``no_kernel_reason``; the kernel's
-    ``check_mini_batch_size``: ``delta_chunk`` at ``K != 1``, refused at its first call before), else
-    None."""
+    ``check_mini_batch_size`` / ``check_wrapping``, asked by the layer's own
+    :func:`~innerloop.core.layer.check_kernel_takes_layer`: ``delta_chunk`` at ``K != 1`` or with the
+    inner LayerNorm or residual on, refused at its first call before), else None."""
     rule_reason = _no_kernel_reason(ttt.get("update_rule"))
     if rule_reason is not None:
         return f"which update_rule={ttt.get('update_rule')!r} never runs ({rule_reason})"
-    size = ttt.get("mini_batch_size", ModelConfig().ttt.mini_batch_size)
-    size_check = getattr(spec, "check_mini_batch_size", None)
-    size_reason = size_check(size) if callable(size_check) and isinstance(size, int) else None
-    if size_reason is not None:
-        return f"which cannot run mini_batch_size={size} ({size_reason})"
+    defaults = ModelConfig().ttt
+    size = ttt.get("mini_batch_size", defaults.mini_batch_size)
+    wrapping = (
+        ttt.get("inner_norm", defaults.inner_norm),
+        ttt.get("inner_residual", defaults.inner_residual),
+    )
+    if not isinstance(size, int) or not all(isinstance(on, bool) for on in wrapping):
+        return None  # the config's own check names the value
+    try:
+        check_kernel_takes_layer(spec, wrapping, size)
+    except ValueError as refusal:
+        return f"which this layer cannot use ({refusal})"
     return None
 
 

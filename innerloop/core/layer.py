@@ -526,7 +526,7 @@ def _check_kernel_name(
             f"kernel={kernel!r} is not a kernel for (inner_model={model.name!r}, inner_loss={loss.name!r}, "
             f"update_rule={rule.name!r}); valid values: {[*BUILT_IN_PATHS, *specs]}"
         )
-    _check_kernel_takes_layer(specs[kernel], wrapping, mini_batch_size)
+    check_kernel_takes_layer(specs[kernel], wrapping, mini_batch_size)
     for kind, obj in (("inner_model", model), ("inner_loss", loss), ("update_rule", rule)):
         reason = registered_mismatch(kind, obj, head_dim if kind == "inner_model" else None)
         if reason is not None:
@@ -535,7 +535,7 @@ def _check_kernel_name(
             )
 
 
-def _check_kernel_takes_layer(spec: Any, wrapping: tuple[bool, bool], mini_batch_size: int | None) -> None:
+def check_kernel_takes_layer(spec: Any, wrapping: tuple[bool, bool], mini_batch_size: int | None) -> None:
     """The kernel ``spec`` computes the inner ``wrapping`` (``fuses_inner_norm``: both on; else its
     ``check_wrapping``) and runs ``mini_batch_size`` (its ``check_mini_batch_size``), or a ValueError."""
     kernel = spec.name

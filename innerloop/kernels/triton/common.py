@@ -202,6 +202,15 @@ def check_decode_inputs(
                            **{f"pending['{k}']": v for k, v in pending.items()}})  # fmt: skip
 
 
+def concat_tokens(outputs: list[torch.Tensor], xq: torch.Tensor) -> torch.Tensor:
+    """The mini-batches' outputs ``[B, H, K, f]`` joined along the tokens: ``[B, H, T, f]``.
+
+    A chunk of no tokens (``T = 0``, a multiple of every ``K``) has no mini-batch; its output is empty,
+    ``xq``'s shape and dtype (``torch.cat`` of no tensors raised, naming nothing of the call: s56t).
+    """
+    return torch.cat(outputs, dim=2) if outputs else xq.clone()
+
+
 def head_view(t: torch.Tensor) -> torch.Tensor:
     """``[H, f] -> [1, H, 1, f]`` so a per-head LayerNorm parameter broadcasts over ``[B, H, K, f]``."""
     return t[None, :, None, :]

@@ -12,6 +12,7 @@ import torch
 from ..common import (
     check_chunk_inputs,
     check_decode_inputs,
+    concat_tokens,
     eta_matrix,
     head_view,
     layer_norm,
@@ -67,7 +68,7 @@ def forward(
         last = eta[:, :, -1, :, None]  # [B, H, K, 1] = tau_{K-1} * lr_j
         W = W - (last * k).transpose(-2, -1) @ G
         b = b - (last * G).sum(dim=-2, keepdim=True)
-    return torch.cat(outs, dim=2), {"W1": W, "b1": b}
+    return concat_tokens(outs, xq), {"W1": W, "b1": b}
 
 
 def decode(

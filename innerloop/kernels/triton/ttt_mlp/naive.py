@@ -12,6 +12,7 @@ import torch
 from ..common import (
     check_chunk_inputs,
     check_decode_inputs,
+    concat_tokens,
     eta_matrix,
     gelu_tanh,
     gelu_tanh_derivative,
@@ -76,7 +77,7 @@ def forward(
         b1 = b1 - (last * G1).sum(dim=-2, keepdim=True)
         W2 = W2 - (last * X2).transpose(-2, -1) @ G2
         b2 = b2 - (last * G2).sum(dim=-2, keepdim=True)
-    return torch.cat(outs, dim=2), {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
+    return concat_tokens(outs, xq), {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
 
 
 def decode(

@@ -319,6 +319,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--data",
         nargs="+",
+        action="extend",  # `--data a --data b` reads both (argparse's store kept b alone, silently)
         default=[],
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the windows the run's validation read, "
@@ -385,6 +386,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         "--seq-len",
         type=_SEQ_LEN,
         nargs="+",
+        action="extend",  # `--seq-len 8 --seq-len 16` compares at both lengths, not 16 alone
         default=None,
         metavar="N",
         help="tokens per window, one or more lengths (default: the baseline's training seq_len); the "
@@ -422,6 +424,7 @@ def _add_compare_windows(compare: argparse.ArgumentParser) -> None:
     compare.add_argument(
         "--data",
         nargs="+",
+        action="extend",  # `--data a --data b` reads both, as eval's
         default=[],
         metavar="PATH",
         help="files, directories or globs to evaluate on (default: the baseline run's validation windows)",

@@ -41,3 +41,54 @@ def test_every_train_example_the_help_prints_parses_and_loads() -> None:
         args = _parse_intermixed(_parser(), shlex.split(example)[1:])
         assert args.command == "train"
         load_config(args.config or "tiny", args.overrides)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny byte-level model's checkpoint."""
+    from innerloop.train import LanguageModelModule, save_checkpoint
+
+    small = {"hidden_size": 16, "num_heads": 2, "num_layers": 2, "intermediate_size": 32}
+    module = LanguageModelModule(model=small, num_position_buckets=4, seq_len=32)
+    path = tmp_path_factory.mktemp("model") / "last.safetensors"
+    save_checkpoint({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)
+
+
+def _run_folder(folder, checkpoint_name: str = "last.safetensors"):
+    folder.mkdir()
+    (folder / "config.yaml").write_text("data:\n  seq_len: 32\n")
+    (folder / checkpoint_name).write_bytes(b"\x00" * 64)
+    return folder
+
+
+@pytest.mark.parametrize("checkpoint_name", ["last.safetensors", ".last.safetensors.pending"])
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_a_run_folder_or_checkpoint_given_as_data_is_refused(
+    capsys, tmp_path, checkpoint, command, checkpoint_name
+) -> None:
+    """``compare runA --data code.py runB`` (a model after --data) compared runA alone on code.py and
+    runB's files, its checkpoint's bytes read as text: a perplexity of weights, exit 0. A --data entry
+    that is a run folder or a checkpoint is refused, naming it (before any model is loaded)."""
+    from innerloop.cli import main
+
+    (tmp_path / "code.py").write_text("x = 1\n" * 50)
+    run = _run_folder(tmp_path / "runB", checkpoint_name)
+    models = [checkpoint, checkpoint] if command == "compare" else [checkpoint]
+    small = ["--seq-len", "8", "--batches", "1", "--batch-size", "1", "--out", str(tmp_path / "out")]
+    for entry in (str(run), str(run / checkpoint_name)):
+        if entry.endswith(".pending"):
+            continue  # a hidden file: never read as data
+        assert main([command, *models, *small, "--data", str(tmp_path / "code.py"), entry]) == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"innerloop {command}: error: --data {entry!r}"), line
+        assert "\n" not in line
+        assert "checkpoint" in line
+
+
+def test_a_data_folder_of_text_is_still_read(tmp_path) -> None:
+    from innerloop.cli import _check_data_patterns
+
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello\n")
+    _check_data_patterns([str(tmp_path / "texts"), str(tmp_path / "texts" / "*.txt")])

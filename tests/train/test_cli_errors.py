@@ -526,8 +526,15 @@ def test_eval_of_a_converted_checkpoint_says_it_records_no_training_seq_len(caps
     assert f"eval_{checkpoint_identity(checkpoint)}_default-val_T128_n2.csv" in files
 
 
-def test_a_default_out_inside_the_data_is_named_as_the_default(capsys, run_dir) -> None:
-    checkpoint = str(run_dir / "last.safetensors")
+def test_a_default_out_inside_the_data_is_named_as_the_default(capsys, run_dir, tmp_path) -> None:
+    # A *.safetensors checkpoint inside --data is refused before this check, as weights that would be read
+    # as text (s56u): a checkpoint of another name, in a folder of text, gets to it.
+    weights = (run_dir / "last.safetensors").read_bytes()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "code.py").write_text(TEXT)
+    checkpoint = str(run_dir / "weights.bin")
+    Path(checkpoint).write_bytes(weights)
     assert main(["eval", checkpoint, "--data", str(run_dir), "--batches", "1"]) == 2
     line = _one_error_line(capsys, "eval")
     assert f"the default --out (the checkpoint's folder) {str(run_dir)!r} lies inside --data entry" in line

@@ -1881,11 +1881,11 @@ _HANDLERS = {
 
 
 def _parse_intermixed(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """``parser.parse_args``, except that ``train``'s key=value overrides may also come after its flags
-    (``innerloop train out_dir=c2 --resume trainer.max_steps=3100``). (argparse's own
+    """``parser.parse_args``, except that ``train``'s and ``params``' key=value overrides may also come
+    after their flags (``innerloop train out_dir=c2 --resume trainer.max_steps=3100``). (argparse's own
     ``parse_intermixed_args`` does not support subcommands.)"""
     args, extras = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "params"):  # the commands that take key=value overrides
         args.overrides = [*args.overrides, *(a for a in extras if not a.startswith("-"))]
         extras = [a for a in extras if a.startswith("-")]
     if extras:

@@ -92,3 +92,12 @@ def test_a_data_folder_of_text_is_still_read(tmp_path) -> None:
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("hello\n")
     _check_data_patterns([str(tmp_path / "texts"), str(tmp_path / "texts" / "*.txt")])
+
+
+def test_params_overrides_may_come_after_its_flags_as_trains_do() -> None:
+    """``innerloop params model.hidden_size=32 --budget 100000 model.num_layers=3`` said "unrecognized
+    arguments: model.num_layers=3" (train reads overrides before and after its flags)."""
+    argv = ["params", "model.hidden_size=32", "--budget", "100000", "model.num_layers=3"]
+    args = _parse_intermixed(_parser(), argv)
+    assert args.overrides == ["model.hidden_size=32", "model.num_layers=3"]
+    assert args.budget == 100000

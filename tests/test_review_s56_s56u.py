@@ -32,6 +32,7 @@ def test_an_option_of_several_values_given_once_or_not_keeps_its_default() -> No
     assert _parse_intermixed(parser, ["compare", "x", "y", "--seq-len", "8", "16"]).seq_len == [8, 16]
 
 
+@pytest.mark.slow  # reason: the first config loads import the trainer's checks (~5 s on a loaded machine)
 def test_every_train_example_the_help_prints_parses_and_loads() -> None:
     """The examples of ``innerloop train --help``'s epilog parse and give a valid config (parse only: a
     run takes seconds)."""

@@ -742,9 +742,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _check_data_patterns(patterns: Sequence[str]) -> None:
-    """Each ``--data`` entry (eval's, compare's) names files: an empty one, or one that matches no file,
-    is an error naming ``--data`` (not the library's ``data.paths``)."""
-    from innerloop.data.text import bracket_hint
+    """Each ``--data`` entry (eval's, compare's) names files of text: an empty one, one that matches no
+    file, and one that reads a checkpoint or is a run folder (``compare A --data code.py B``, with B meant
+    as a model: :func:`~innerloop.data.text.resolve_files` refuses it for every caller) are errors naming
+    ``--data`` (not the library's ``data.paths``)."""
+    from innerloop.data.text import DataError
     from innerloop.train.data import resolve_files
 
     for pattern in patterns:
@@ -753,39 +755,9 @@ def _check_data_patterns(patterns: Sequence[str]) -> None:
                 "--data '' is empty (it would read the whole current directory); give files, directories or globs"
             )
         try:
-            files = resolve_files([pattern])
-        except ValueError:
-            raise ConfigError(
-                f"--data {pattern!r} matches no file (give files, directories or globs)"
-                + bracket_hint(pattern)
-            ) from None
-        _refuse_models_as_data(pattern, files)
-
-
-def _refuse_models_as_data(pattern: str, files: Sequence[Path]) -> None:
-    """A :class:`ConfigError` when the ``--data`` entry ``pattern`` is a run folder (it holds a checkpoint,
-    confirmed or pending) or reads a checkpoint file (``files``: what it resolves to): its weights would be
-    scored as text, e.g. ``compare A --data code.py B``, where B was meant as a model."""
-    from pathlib import Path
-
-    from innerloop.config.load import CHECKPOINT_SUFFIX
-    from innerloop.train.run_dir import CHECKPOINT_FILE, PENDING_CHECKPOINT
-
-    folder = Path(pattern).expanduser()
-    held = [n for n in (CHECKPOINT_FILE, PENDING_CHECKPOINT) if folder.is_dir() and (folder / n).is_file()]
-    read = [str(f) for f in files if f.name.endswith(CHECKPOINT_SUFFIX)]
-    if not held and not read:
-        return
-    what = (
-        f"is a run folder (it holds the checkpoint {held[0]})"
-        if held
-        else f"reads the checkpoint {read[0]!r}"
-    )
-    raise ConfigError(
-        f"--data {pattern!r} {what}: --data takes text files, and a checkpoint's weights would be scored as "
-        "text; give the models before --data (e.g. innerloop compare RUN_A RUN_B --data FILES) and only "
-        "text files, folders or globs after it"
-    )
+            resolve_files([pattern], option="--data")
+        except DataError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_out_outside_the_data(

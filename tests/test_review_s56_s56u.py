@@ -102,3 +102,34 @@ def test_params_overrides_may_come_after_its_flags_as_trains_do() -> None:
     args = _parse_intermixed(_parser(), argv)
     assert args.overrides == ["model.hidden_size=32", "model.num_layers=3"]
     assert args.budget == 100000
+
+
+@pytest.mark.parametrize(
+    "entry, named",
+    [
+        ("run", "reads the checkpoint"),  # a run folder: last.safetensors below it
+        ("run/*", "reads the checkpoint"),  # a glob matching it
+        ("run/last.safetensors", "reads the checkpoint"),  # the checkpoint named
+        ("killed", "is a run folder"),  # only the hidden pending checkpoint: config.yaml would be read
+    ],
+)
+def test_a_data_paths_entry_reading_a_model_is_refused(tmp_path, monkeypatch, entry: str, named: str) -> None:
+    # s56u: 'innerloop train data.paths=[runs/a]' trained a byte-level model on the run's config.yaml and
+    # last.safetensors bytes (and held the checkpoint out as validation text), exit 0 (eval/compare's
+    # --data refused it since ea5790e6; the data layer that both read now refuses it for every caller).
+    import re
+
+    from innerloop.data.text import DataError, resolve_files
+
+    for folder, checkpoint in (("run", "last.safetensors"), ("killed", ".last.safetensors.pending")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.yaml").write_text("model: {}\n")
+        (tmp_path / folder / checkpoint).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        DataError, match=rf"data.paths entry '{re.escape(entry)}' {named}.*a model is not data"
+    ):
+        resolve_files([entry])
+    assert resolve_files(["corpus"]) == [tmp_path / "corpus" / "a.txt"]

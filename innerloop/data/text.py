@@ -127,7 +127,7 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     :class:`DataError`."""
     path = _entry_path(pattern)
     if path.is_file():
-        return [(path, os.path.realpath(path))]
+        return _refuse_checkpoints(pattern, path, [(path, os.path.realpath(path))])
     if path.is_symlink() and not path.exists():
         if _is_link_loop(path):
             raise DataError(
@@ -153,7 +153,32 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
             f"{_ENTRY_NAMES.get()[0]} {pattern!r} matches no file (give files, directories or globs)"
             + (_only_skipped_files(path) if path.is_dir() else bracket_hint(pattern))
         )
-    return matched
+    return _refuse_checkpoints(pattern, path, matched)
+
+
+_CHECKPOINT_NAMES = (".safetensors", ".safetensors.pending")
+"""How a file of weights ends (a run's ``last.safetensors``, its pending ``.last.safetensors.pending``, an
+HF folder's ``model.safetensors``): never text."""
+
+
+def _refuse_checkpoints(pattern: str, path: Path, matched: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """``matched`` (the files the entry ``pattern`` found), or a :class:`DataError` when the entry reads a
+    checkpoint (a file of weights) or is a run folder (its pending checkpoint, hidden, would be skipped and
+    its config.yaml read): the weights would be trained on or scored as text (``data.paths=[runs/a]``, or
+    ``compare A --data code.py B`` with B meant as a model)."""
+    pending = path / ".last.safetensors.pending"
+    weights = [found for found, _ in matched if found.name.endswith(_CHECKPOINT_NAMES)]
+    if not weights and not (path.is_dir() and pending.is_file()):
+        return matched
+    what = (
+        f"reads the checkpoint {str(weights[0])!r}"
+        if weights
+        else f"is a run folder (it holds the pending checkpoint {str(pending)!r})"
+    )
+    raise DataError(
+        f"{_ENTRY_NAMES.get()[0]} {pattern!r} {what}: a model's weights would be read as text; give text "
+        "files, folders of text or globs that match text only (e.g. 'corpus/*.txt'); a model is not data"
+    )
 
 
 def entry_finds_files(pattern: str) -> bool:

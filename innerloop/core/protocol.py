@@ -13,6 +13,7 @@ head dim ``f``. Inner-model parameters carry leading batch dimensions, e.g. ``W1
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,10 +182,26 @@ class StackModel(InnerModel):
 
     def forward_unchecked(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """:attr:`stack` applied without the check; a subclass with a ``forward`` of its own (one that
-        equals the stack only to rounding) keeps that ``forward``."""
-        if type(self).forward is not StackModel.forward:
+        equals the stack only to rounding) keeps that ``forward``. Such a ``forward`` may itself call
+        ``forward_unchecked`` (its check, then the stack): called back from it, this runs the stack."""
+        if type(self).forward is StackModel.forward or id(self) in _delegating_models():
+            return apply_stack(self.stack, params, x)
+        _delegating_models().add(id(self))
+        try:
             return self.forward(params, x)
-        return apply_stack(self.stack, params, x)
+        finally:
+            _delegating_models().discard(id(self))
+
+
+_DELEGATING = threading.local()
+
+
+def _delegating_models() -> set[int]:
+    """Ids of the StackModels whose ``forward_unchecked`` is running their own ``forward`` in this
+    thread: a ``forward`` that calls ``forward_unchecked`` back gets the stack, not a recursion."""
+    if not hasattr(_DELEGATING, "ids"):
+        _DELEGATING.ids = set()
+    return _DELEGATING.ids
 
 
 def apply_stack(

@@ -220,11 +220,12 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
             f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {got}; "
             "it must return the same shape (g maps head_dim features to head_dim features)"
         )
-    _check_unchecked_forward_agrees(model, name, params, x, out)
     try:  # before the gradient: a write into a weight that requires grad is torch's unexplained leaf error
         check_forward_leaves_inputs(model, params, x)
     except AssertionError as error:
         raise PluginError(f"inner model {name!r} fails a conformance check: {error}") from error
+    # after it: a forward writing into its weights or x is named as that, not as two forwards that differ
+    _check_unchecked_forward_agrees(model, name, params, x, out)
     _check_model_keeps_dtype(model, name, params, x)
     _check_model_learns(model, name, params, x)
     return params, x

@@ -23,6 +23,11 @@ kernel and one on ``kernel="torch"``, and compares them on
 - two wide cases, with mini-batches of 32 (unless ``mini_batch_size`` is given), past a tile of 8 or
   16 tokens: 32 features, past a tile of 8 or 16 features; and 40 (no power of two, past a tile of
   32) with ``base_lr`` 2.5 (unless given: every other case runs the default 1.0);
+- first of all, the large-rates case: at the first head dim, per-token rates up to
+  :data:`~innerloop.testing.checks.LARGE_RATES_BOUND` (2.5; ``base_lr`` 10 at head dim 4, 2.5 on a
+  ``FamilyLayer``), three and a half mini-batches from a carried state, cut, with gradients (skipped,
+  saying so, when ``base_lr`` is given): every other case rated tokens below 1, so a kernel that clamped
+  the rate at 1 passed (review s56v);
 - the first case (and the decoding) again on layers with other weights, as after an optimizer step: a
   kernel that caches what it derives from the weights, keyed by their shape, is caught;
 - for a kernel that declares ``supports_decay``, each case again with decay (but those under
@@ -66,6 +71,7 @@ from innerloop.testing.checks import (
     FLOAT64_CONDITIONING_FACTOR,
     FLOAT64_PER_FLOAT32,
     FLOAT64_TOLERANCE,
+    LARGE_RATES_BOUND,
     assert_close,
     assert_state_unchanged,
     assert_states_close,
@@ -135,6 +141,7 @@ class KernelCase:
     weights_changed: bool = False  # on layers whose weights differ from the earlier cases' (another seed)
     wide: bool = False  # a wide case: mini-batches of WIDE_MINI_BATCH_SIZE (unless given)
     base_lr: object = None  # a base lr the case's layers were given (a wide case's, WIDE_BASE_LR)
+    large_rates: bool = False  # the large-rates case: per-token rates up to LARGE_RATES_BOUND
 
     def __str__(self) -> str:
         layer = "TTTLayer" if self.head_dim % 2 == 0 else "FamilyLayer"
@@ -153,6 +160,9 @@ class KernelCase:
         layer += ", the weights changed since the earlier cases" if self.weights_changed else ""
         layer += f", the wide case: mini_batch_size {WIDE_MINI_BATCH_SIZE} unless given" if self.wide else ""
         layer += f", base_lr {self.base_lr}" if self.base_lr is not None else ""
+        layer += (
+            f", the large-rates case: per-token rates up to {LARGE_RATES_BOUND:g}" if self.large_rates else ""
+        )
         return f"head_dim {self.head_dim} ({layer}), {self.tokens} tokens from {start}, {split}, {self.mode}"
 
 
@@ -187,7 +197,9 @@ def check_kernel(
             With float64, one case runs in float32 too, last, at float32's tolerance (a kernel that
             refuses float32 has it skipped): layers run in float32 by default.
         tolerance: another largest relative error, for outputs, states and gradients alike.
-        head_dims: the head dims checked (an odd one runs on a ``FamilyLayer``, which has no RoPE).
+        head_dims: the head dims checked (an odd one runs on a ``FamilyLayer``, which has no RoPE); the
+            first also at per-token rates up to ``LARGE_RATES_BOUND`` (2.5), before the rest, unless
+            ``base_lr`` is given.
         device: where the layers run.
         seed: the layers' weights and inputs.
         layer_options: further ``TTTLayer`` arguments (``mini_batch_size``, default 4; ``inner_norm``
@@ -201,21 +213,28 @@ def check_kernel(
     tolerance = _tolerance(dtype, tolerance)
     seed, report = checked_seed(seed), KernelCheckReport(spec.name)  # named here, not from inside a case
     config = _layer_config(spec, inner_model, inner_loss, update_rule, layer_options)
-    device = _checked_device(device)
-    for head_dim in _checked_head_dims(head_dims):
+    device, head_dims = _checked_device(device), _checked_head_dims(head_dims)
+    # first, one cheap case at rates up to 2.5: a kernel wrong above rates of 1 fails at once (review s56v)
+    _check_large_rates_case(spec, config, head_dims[0], dtype, device, seed, tolerance, report)
+    for head_dim in head_dims:
         _check_head_dim(spec, config, head_dim, dtype, device, seed, tolerance, report)
         if spec.decode is None:
             report.skipped[f"head_dim {head_dim}, decode"] = f"{spec.name} has no decode step"
     _check_wide_case(spec, config, dtype, device, seed, tolerance, report, "mini_batch_size" in layer_options)
     if dtype == torch.float64:  # layers run in float32 (torch's default dtype): one case there too
-        _check_float32_case(spec, config, _checked_head_dims(head_dims)[0], device, seed, report)
+        _check_float32_case(spec, config, head_dims[0], device, seed, report)
+    _assert_ran(report)
+    return report
+
+
+def _assert_ran(report: KernelCheckReport) -> None:
+    """``AssertionError`` when the kernel computed nothing in any case: nothing of it was checked."""
     if not report.ran:
         raise AssertionError(
-            f"check_kernel({spec.name!r}): the kernel computed nothing in any of the {len(report.skipped)} "
+            f"check_kernel({report.kernel!r}): the kernel computed nothing in any of the {len(report.skipped)} "
             f"cases it refused and {len(report.compared)} without a block for it, so nothing of it was "
             f"checked; the reasons: {sorted(set(report.skipped.values()))}"
         )
-    return report
 
 
 def _check_head_dim(
@@ -315,6 +334,40 @@ def _check_wide_case(
         k = checker.mini_batch_size
         case = KernelCase(head_dim, 3 * k + k // 2 + 1, True, (k + 1,), "grad", wide=True, base_lr=base_lr)
         checker.run(case)
+
+
+def _check_large_rates_case(
+    spec: KernelSpec,
+    config: dict,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    tolerance: float,
+    report: KernelCheckReport,
+) -> None:
+    """The large-rates case: at ``head_dim`` with per-token rates up to :data:`LARGE_RATES_BOUND`
+    (:func:`_large_rates_base_lr`), three and a half mini-batches from a carried state, cut after the
+    first, with gradients. Skipped, saying so, where the caller gave ``base_lr`` (its layers' rates are
+    then the caller's to choose)."""
+    base_lr = _large_rates_base_lr(head_dim)
+    if "base_lr" in config:
+        report.skipped[f"head_dim {head_dim}, the large-rates case"] = (
+            f"base_lr={config['base_lr']!r} given: the case runs base_lr {base_lr:g}, rates up to {LARGE_RATES_BOUND:g}"
+        )
+        return
+    checker = _Checker(spec, {**config, "base_lr": base_lr}, head_dim, dtype, device, seed, tolerance, report)
+    k = checker.mini_batch_size
+    checker.run(
+        KernelCase(head_dim, 3 * k + k // 2 + 1, True, (k + 1,), "grad", base_lr=base_lr, large_rates=True)
+    )
+
+
+def _large_rates_base_lr(head_dim: int) -> float:
+    """The ``base_lr`` whose per-token rates reach :data:`LARGE_RATES_BOUND` at ``head_dim``: a
+    :class:`TTTLayer` (even head dim) rates ``base_lr * sigmoid(gate) / head_dim``, a :class:`FamilyLayer`
+    (odd) ``base_lr`` itself."""
+    return LARGE_RATES_BOUND * head_dim if head_dim % 2 == 0 else LARGE_RATES_BOUND
 
 
 def _kernel_spec(kernel: str | KernelSpec) -> KernelSpec:

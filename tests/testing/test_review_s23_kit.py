@@ -494,19 +494,21 @@ def test_a_right_plugin_kernel_passes_in_float64_and_float32():
             no_update,
             REFERENCE_DECODE,
             torch.float64,
-            r"head_dim 4 .*out differs by a relative RMS error of 1",
+            # the large-rates case runs first (review s56v): it is off there, from a carried state
+            r"head_dim 4 \(TTTLayer, base_lr 10.0, the large-rates case.*out differs by a relative RMS error of",
         ),
         (
             no_update,
             REFERENCE_DECODE,
             torch.float32,
-            r"head_dim 4 .*out differs by a relative RMS error of 1",
+            # the large-rates case runs first (review s56v): it is off there, from a carried state
+            r"head_dim 4 \(TTTLayer, base_lr 10.0, the large-rates case.*out differs by a relative RMS error of",
         ),
         (
             state_in_float32,
             REFERENCE_DECODE,
             torch.float64,
-            r"in one call, grad: raised RuntimeError: kernel 's23_broken' returned weights\['W1'\] as torch.float32",
+            r"the large-rates case.*grad: raised RuntimeError: kernel 's23_broken' returned weights\['W1'\] as torch.float32",
         ),
         (mutates_in_place_always, REFERENCE_DECODE, torch.float64, r"grad: .*in-?place operation"),
         (REFERENCE_FORWARD, decode_off_at_last_token, torch.float64, r"split at \[1, 7, 12\].*out differs"),

@@ -58,3 +58,43 @@ def _float64_on_cpu() -> tuple:
     import torch
 
     return torch.float64, torch.device("cpu"), 0, 1e-10
+
+
+def _register_decays_clamped_below_one() -> str:
+    """``delta_chunk`` with every decay clamped at 0.99 (its log gate at -4.6) before the call: a kernel
+    that never lets a head forget all of its state."""
+    spec = get_registry().get("kernel", "delta_chunk")
+    correct = spec.forward
+
+    def clamped(
+        xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps, decay=None, chunk_size=64, decay_log=None
+    ):  # noqa: ANN001, ANN202
+        decay = None if decay is None else decay.clamp(max=0.99)
+        decay_log = None if decay_log is None else decay_log.clamp(min=-4.6)
+        return correct(
+            xq,
+            xk,
+            xv,
+            lr,
+            tau,
+            params,
+            ln_weight,
+            ln_bias,
+            eps,
+            decay=decay,
+            chunk_size=chunk_size,
+            decay_log=decay_log,
+        )
+
+    name = "s56v_decays_clamped_below_one"
+    innerloop.register_kernel(dataclasses.replace(spec, name=name, forward=clamped, priority=10**6))
+    return name
+
+
+@pytest.mark.slow  # the registry's build, then the first decaying case fails it (~2 s); before, all 174 cases passed
+def test_check_kernel_fails_a_kernel_that_clamps_decays_below_one() -> None:
+    # s56v: ForgettingLayer's decays were all ~0.04-0.80 (one bias, -1), so a clamp at 0.99 never bit;
+    # Gated DeltaNet's gates reach ~1 (a full reset). One head's gate now starts at 0.999.
+    name = _register_decays_clamped_below_one()
+    with pytest.raises(AssertionError, match=r"ForgettingLayer, with decay"):
+        check_kernel(name, mini_batch_size=1)

@@ -456,16 +456,24 @@ def _cases(head_dim: int, mini_batch_size: int, decodes: bool) -> Iterator[Kerne
         yield KernelCase(head_dim, 2 * k + 1, True, (k + 1,), "decode")
 
 
+FORGETTING_BIASES = (-1.0, 1.5, 7.0)
+""":class:`ForgettingLayer`'s gate biases, head by head (cycled): decays about 0.27 (a memory of a few
+tokens, so that what the state carries still counts), 0.82, and 0.999 (nearly a full reset, as Gated
+DeltaNet's gates reach): a kernel that clamps decays near 1 (at 0.99) was passed when every decay was
+below 0.8."""
+
+
 class ForgettingLayer(FamilyLayer):
-    """A :class:`FamilyLayer` that forgets: ``decay = sigmoid(decay_proj(x))`` per head and token (about
-    0.27 at the start: a memory of a few tokens, so that what the state carries still counts), no
-    momentum. :func:`check_kernel` runs a kernel that declares ``supports_decay`` on it, which the
-    other layers never give a decay."""
+    """A :class:`FamilyLayer` that forgets: ``decay = sigmoid(decay_proj(x))`` per head and token (at the
+    start about 0.27, 0.82 and 0.999 by head: :data:`FORGETTING_BIASES`), no momentum.
+    :func:`check_kernel` runs a kernel that declares ``supports_decay`` on it, which the other layers
+    never give a decay."""
 
     def _build_gates(self) -> None:
         self.decay_proj = nn.Linear(self.hidden_size, self.num_heads)
+        biases = [FORGETTING_BIASES[head % len(FORGETTING_BIASES)] for head in range(self.num_heads)]
         with torch.no_grad():
-            self.decay_proj.bias.fill_(-1.0)
+            self.decay_proj.bias.copy_(torch.tensor(biases))
 
     def forgetting(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(decay [B, H, T], None)`` for ``x [B, T, D]``, in :attr:`scan_dtype`."""

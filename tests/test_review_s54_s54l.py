@@ -60,6 +60,17 @@ DISTRIBUTION_SOURCE = """
 """
 
 
+def cosine_loss_config() -> ModelConfig:
+    """A one-layer model whose TTT layer uses the installed plugin loss ``review_s54l_cosine``."""
+    return ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        ttt=TTTConfig(inner_loss="review_s54l_cosine"),
+    )
+
+
 def _install(folder: Path, eps: str) -> None:
     """The distribution ``review-s54l-cosine`` 0.1 with its entry point, its module computing with ``eps``
     (an editable install's module: the file itself, edited in place, the version unchanged)."""
@@ -80,15 +91,8 @@ def test_an_installed_plugin_whose_code_changed_under_the_same_version_is_warned
     _install(tmp_path, "1e-6")
     entry = next(e for e in get_registry().entries("inner_loss") if e.name == "review_s54l_cosine")
     assert get_registry().distribution(entry.origin) is not None  # an installed plugin, not in-process
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        ttt=TTTConfig(inner_loss="review_s54l_cosine"),
-    )
     torch.manual_seed(0)
-    path = save_model_checkpoint(build_model(config), tmp_path / "c.safetensors")
+    path = save_model_checkpoint(build_model(cosine_loss_config()), tmp_path / "c.safetensors")
     assert "review_s54l_cosine" in load_checkpoint(path)[PLUGIN_SOURCES_KEY].get("inner_loss", {})
 
     _install(tmp_path, "1e-3")  # the plugin's code edited, its version the same

@@ -102,25 +102,18 @@ def test_the_built_in_rules_keep_the_weights_at_lr_0(model, rule):
 def test_a_hugging_face_folder_whose_plugin_code_changed_since_is_warned_of(tmp_path, monkeypatch):
     """Training checkpoints recorded each plugin's source digest (s54l); a Hugging Face folder recorded only
     the plugin's distribution and version, so an editable install's edited plugin loaded it silently."""
-    from test_review_s54_s54l import DISTRIBUTION_MODULE, _install
+    from test_review_s54_s54l import DISTRIBUTION_MODULE, _install, cosine_loss_config
 
     from innerloop.checkpoints import PluginChangedWarning
     from innerloop.hf.export import to_hugging_face
     from innerloop.hf.modeling import InnerloopForCausalLM
-    from innerloop.models import ModelConfig, TTTConfig, build_model
+    from innerloop.models import build_model
 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, DISTRIBUTION_MODULE, raising=False)
     _install(tmp_path, "1e-6")
-    config = ModelConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_layers=1,
-        num_heads=2,
-        ttt=TTTConfig(inner_loss="review_s54l_cosine"),
-    )
     torch.manual_seed(0)
-    to_hugging_face(build_model(config)).save_pretrained(tmp_path / "hf")
+    to_hugging_face(build_model(cosine_loss_config())).save_pretrained(tmp_path / "hf")
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "review_s54l_cosine" in saved["innerloop_plugin_sources"]["inner_loss"]
 

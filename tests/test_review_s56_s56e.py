@@ -65,6 +65,14 @@ def test_bfloat16_weights_give_the_reference_logits_to_bfloat16_precision(name):
     assert 2.0**-12 < error < 8 * BFLOAT16_ROUNDOFF, error
 
 
+def _right_padded(ids: torch.Tensor, rows: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
+    """A batch whose row ``b`` is ``ids[rows[b], :lengths[b]]`` right-padded with 0 to ``ids``' length."""
+    batch = torch.zeros(len(rows), ids.shape[1], dtype=torch.long)
+    for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+        batch[b, :length] = ids[row, :length]
+    return batch
+
+
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_a_batch_of_three_rows_of_different_lengths_gives_each_its_reference_logits(name):
     """Rows of 37, 20 and 9 tokens, right-padded with 0: a causal model's logits at each row's own
@@ -72,9 +80,7 @@ def test_a_batch_of_three_rows_of_different_lengths_gives_each_its_reference_log
     ids, expected = _reference(name)
     model = ttt_lm_pytorch.load_model(MODELS / name)
     rows, lengths = (0, 1, 0), (37, 20, 9)
-    batch = torch.zeros(3, ids.shape[1], dtype=torch.long)
-    for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-        batch[b, :length] = ids[row, :length]
+    batch = _right_padded(ids, rows, lengths)
     with torch.no_grad():
         logits, _ = model(batch)
     for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
@@ -148,9 +154,7 @@ def test_three_official_rows_of_different_lengths_give_each_its_official_logits(
     model = ttt_e2e.model_from_arrays(arrays, config)
     ids = torch.from_numpy(official["input_ids"])
     rows, lengths = (0, 1, 0), (128, 50, 17)
-    batch = torch.zeros(3, ids.shape[1], dtype=torch.long)
-    for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-        batch[b, :length] = ids[row, :length]
+    batch = _right_padded(ids, rows, lengths)
     with torch.no_grad():
         logits, _ = model(batch)
     for b, (row, length) in enumerate(zip(rows, lengths, strict=True)):

@@ -12,31 +12,19 @@ import torch
 from lm_testing import directional_difference, streamed_logits
 
 from innerloop.data.recall import IGNORE_INDEX
-from innerloop.models import E2ELM, E2EConfig, ModelConfig, build_model
+from innerloop.models import E2ELM, build_model
 from innerloop.plugins.e2e import ScoreFirstSGD
 from innerloop.registry import get_registry, hookimpl
+from tests.models.test_e2e_review_s13 import VOCAB, tiny_config  # the tiny E2E config (one copy)
 
-VOCAB = 11
 LENGTH = 12  # inputs per sequence
 
 
 def tiny_e2e(layers: int = 2, window: int = 4, **e2e) -> E2ELM:
-    """Width 8, 2 heads, float64; init_std 0.3 so the inner steps move the predictions well above
-    float64 noise (as tests/models/test_e2e.py's tiny model)."""
-    options = {"chunk_size": 4, "suffix_fraction": 0.5, "inner_lr_warmup_fraction": 0.0, **e2e}
+    """tests/models/test_e2e_review_s13's tiny config (width 8, 2 heads, init_std 0.3: the inner steps move
+    the predictions well above float64 noise) at ``layers`` and ``window``, float64."""
     torch.manual_seed(0)
-    config = ModelConfig(
-        mixer="e2e",
-        vocab_size=VOCAB,
-        hidden_size=8,
-        num_layers=layers,
-        num_heads=2,
-        intermediate_size=12,
-        window=window,
-        init_std=0.3,
-        e2e=E2EConfig(**options),
-    )
-    return build_model(config).double()
+    return build_model(tiny_config(layers, window=window, **e2e)).double()
 
 
 def sequences(batch: int = 2, length: int = LENGTH + 1) -> torch.Tensor:

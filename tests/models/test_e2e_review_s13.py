@@ -17,8 +17,8 @@ VOCAB = 11
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "e2e.md"
 
 
-def tiny_config(num_layers: int = 2, **e2e) -> ModelConfig:
-    """Blocks of width 8, window 4, chunks of 4 tokens, no inner-lr warm-up unless asked."""
+def tiny_config(num_layers: int = 2, window: int = 4, **e2e) -> ModelConfig:
+    """Blocks of width 8, window 4 (unless given), chunks of 4 tokens, no inner-lr warm-up unless asked."""
     options = {"chunk_size": 4, "suffix_fraction": 0.5, "inner_lr_warmup_fraction": 0.0, **e2e}
     return ModelConfig(
         mixer="e2e",
@@ -27,7 +27,7 @@ def tiny_config(num_layers: int = 2, **e2e) -> ModelConfig:
         num_layers=num_layers,
         num_heads=2,
         intermediate_size=12,
-        window=4,
+        window=window,
         init_std=0.3,
         e2e=E2EConfig(**options),
     )

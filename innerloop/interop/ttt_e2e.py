@@ -107,6 +107,19 @@ OPTIONAL_MODEL_FIELDS: dict[str, Any] = {
 }
 """``model`` fields read into innerloop's config, with the official default used when absent."""
 
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "train_mode": "pretrain",
+    "ilr_warmup_steps": 0,
+    "ilr_init": 1.0,
+    "total_steps": 2500,
+}
+"""The official defaults (``ttt.config.TrainingConfig``) of the ``training`` fields the loader reads
+that a config may leave out: an absent one is read as the official code reads it."""
+
+INNER_OPTIMIZER_DEFAULTS: dict[str, Any] = {"optimizer_type": "sgd", "lr": 0.01, "clip_gradient": 0.0}
+"""The official ``training.optimizer_inner`` when absent, and its fields when left out
+(``ttt.config.SGDOptimizerConfig``, its default factory): SGD at lr 0.01, unclipped."""
+
 INNER_PARAMETERS: tuple[str, ...] = ("w1", "w2", "w3")
 """The prime MLP's weights, the fast weights innerloop's E2E model trains at test time."""
 
@@ -291,10 +304,11 @@ def _suffix_fraction(model: Mapping[str, Any], layers: int) -> float:
 
 def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
     """``training.optimizer_inner`` and the inner-lr warm-up as :class:`E2EConfig` fields."""
-    inner = training.get("optimizer_inner")
+    inner = training.get("optimizer_inner", INNER_OPTIMIZER_DEFAULTS)
     if not isinstance(inner, Mapping):
         raise OfficialConfigError(f"training.optimizer_inner must be a mapping, got {inner!r}")
-    kind = inner.get("optimizer_type")
+    inner = {**INNER_OPTIMIZER_DEFAULTS, **inner}  # as Hydra merges it into SGDOptimizerConfig
+    kind = inner["optimizer_type"]
     if kind != "sgd":
         raise OfficialConfigError(
             f"training.optimizer_inner.optimizer_type={kind!r} is not supported: innerloop's E2E inner "
@@ -302,13 +316,13 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
         )
     values = {}
     for key, ours in (("lr", "inner_lr"), ("clip_gradient", "inner_grad_clip")):
-        value = inner.get(key)
+        value = inner[key]
         if not _finite_number(value) or value < 0:
             raise OfficialConfigError(
                 f"training.optimizer_inner.{key}={value!r} must be a finite number >= 0"
             )
         values[ours] = float(value)
-    warmup, total = training.get("ilr_warmup_steps", 0), training.get("total_steps", 0)
+    warmup, total = (training.get(key, TRAINING_DEFAULTS[key]) for key in ("ilr_warmup_steps", "total_steps"))
     read = (("ilr_warmup_steps", warmup), ("total_steps", total))
     for key, value in read if _positive_int(warmup) else read[:1]:  # total_steps: read for a warm-up only
         if not _integer_at_least(value, 0):
@@ -319,7 +333,7 @@ def _inner_optimizer(training: Mapping[str, Any]) -> dict[str, float]:
             )
     warmup = as_integer(warmup)
     total = as_integer(total) if warmup >= 1 else total
-    start = training.get("ilr_init", 1.0)
+    start = training.get("ilr_init", TRAINING_DEFAULTS["ilr_init"])
     if not _finite_number(start) or start < 0:
         raise OfficialConfigError(f"training.ilr_init={start!r} must be a finite number >= 0")
     if warmup >= 1 and total < 1:
@@ -478,7 +492,7 @@ code raises for any other; absent, it is ``pretrain``)."""
 
 def train_mode_test_time_training(training: Mapping[str, Any]) -> bool:
     """Whether the official config's ``training.train_mode`` runs test-time training."""
-    mode = training.get("train_mode", "pretrain")
+    mode = training.get("train_mode", TRAINING_DEFAULTS["train_mode"])
     if mode not in TRAIN_MODES:
         raise OfficialConfigError(
             f"training.train_mode={mode!r} is not one of the official modes {sorted(TRAIN_MODES)} "

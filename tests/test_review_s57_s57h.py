@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.interop.ttt_e2e import OfficialConfigError, model_config
+from innerloop.interop.ttt_e2e import OfficialConfigError, model_config, special_token_ids
 
 CONFIG = json.loads(
     (Path(__file__).resolve().parent / "data" / "e2e" / "config.json").read_text(encoding="utf-8")
@@ -56,3 +56,11 @@ def test_an_absent_inner_optimizer_or_field_is_the_official_sgd_default() -> Non
     given_none["training"]["optimizer_inner"] = None  # the official type allows None; meta mode then fails
     with pytest.raises(OfficialConfigError, match=r"training\.optimizer_inner must be a mapping, got None"):
         model_config(given_none)
+
+
+def test_an_absent_eos_id_is_the_official_default() -> None:
+    """special_token_ids (what a converted export's generate stops at) gave no EOS for a config without
+    model.eos_token_id, where the official ModelConfig has 2 (and BOS its default 1, as it did)."""
+    config = _without(("model",), "eos_token_id")
+    del config["model"]["bos_token_id"]
+    assert special_token_ids(config) == {"bos_token_id": 1, "eos_token_id": 2}

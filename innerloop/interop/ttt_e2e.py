@@ -107,6 +107,12 @@ OPTIONAL_MODEL_FIELDS: dict[str, Any] = {
 }
 """``model`` fields read into innerloop's config, with the official default used when absent."""
 
+SPECIAL_TOKEN_DEFAULTS: dict[str, int] = {
+    "bos_token_id": OPTIONAL_MODEL_FIELDS["bos_token_id"],
+    "eos_token_id": 2,
+}
+"""The official ``ModelConfig``'s special token ids, read where a config leaves one out."""
+
 TRAINING_DEFAULTS: dict[str, Any] = {
     "train_mode": "pretrain",
     "ilr_warmup_steps": 0,
@@ -465,7 +471,7 @@ def _e2e_options(
     # The official data pipeline masks the targets that are BOS (document boundaries) out of the loss.
     bos = as_integer(
         _model_field(
-            {"bos_token_id": 1, **model},
+            {"bos_token_id": OPTIONAL_MODEL_FIELDS["bos_token_id"], **model},
             "bos_token_id",
             lambda v: as_integer(v) is not None,
             "an integer",
@@ -502,10 +508,11 @@ def train_mode_test_time_training(training: Mapping[str, Any]) -> bool:
 
 
 def special_token_ids(config: Mapping[str, Any] | str | Path) -> dict[str, int]:
-    """The official config's ``model.bos_token_id`` (official default 1) and ``model.eos_token_id``,
-    as token ids: what a Hugging Face export's ``generate`` needs (it stops at EOS)."""
+    """The official config's ``model.bos_token_id`` and ``model.eos_token_id`` (official defaults 1 and 2,
+    :data:`SPECIAL_TOKEN_DEFAULTS`), as token ids: what a Hugging Face export's ``generate`` needs (it
+    stops at EOS)."""
     model = read_config(config)["model"]
-    ids = {"bos_token_id": model.get("bos_token_id", 1), "eos_token_id": model.get("eos_token_id")}
+    ids = {key: model.get(key, default) for key, default in SPECIAL_TOKEN_DEFAULTS.items()}
     for key, value in ids.items():  # a negative id is the official "none" (model_config reads it so)
         if value is not None and as_integer(value) is None:
             raise OfficialConfigError(

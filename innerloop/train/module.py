@@ -568,14 +568,28 @@ class LanguageModelModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log ``grad_norm``, the L2 norm of every gradient this optimizer step applies, before clipping
         (``optim.grad_clip`` clips it to that value) and after a float16 run's unscaling. Not under a
-        sharding strategy (FSDP, DeepSpeed, model parallel), where each process holds a shard of them."""
+        sharding strategy (FSDP, DeepSpeed, model parallel), where each process holds a shard of them.
+
+        A norm that is NaN or inf, from a loss that was finite (a plugin's backward: a sqrt or a division
+        at 0), stops the run as diverged before the step applies it: clipped, or in AdamW's moments, it
+        made every weight NaN, and the run stopped a step later blaming a NaN loss. Not under a float16
+        run's loss scaling, whose scaler skips such a step and lowers its scale."""
         if self._trainer is None or isinstance(self.trainer.strategy, SHARDING_STRATEGIES):
             return
         grads = [
             p.grad.detach() for group in optimizer.param_groups for p in group["params"] if p.grad is not None
         ]
-        if grads:  # one fused pass in the gradients' own dtype, as clipping takes it: no float64 copies
-            self.log("grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)  # one fused pass in the gradients' own dtype, as clipping
+        self.log("grad_norm", norm, batch_size=1)
+        # every process holds the same all-reduced gradients: each stops alike, without a collective
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not bool(torch.isfinite(norm)):
+            raise self.diverged(
+                f"the gradients of optimizer step {self.global_step + 1} hold {float(norm)} (their norm), from "
+                "a finite training loss; the step was not applied. A finite loss whose backward is not comes "
+                "from a plugin's backward (a sqrt, log or division at 0) or gradients beyond the dtype's range"
+            )
 
     def _optimizer_step_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The mean loss of this optimizer step's micro-batches so far: under gradient accumulation the

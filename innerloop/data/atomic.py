@@ -106,15 +106,34 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError) and err.errno is not None and str(path) not in str(err):
+        wrapped = _wrapped_os_error(err)
+        if wrapped is not None and str(path) not in str(err):
             # the same errno (and OSError subclass), with the file that was being written named, and the
             # file the error was about where that was another one (a source the writer read)
-            other = err.filename if err.filename not in (None, tmp) else None
-            raise OSError(err.errno, f"writing {str(path)!r} failed: {err.strerror or err}", other) from err
+            other = err.filename if isinstance(err, OSError) and err.filename not in (None, tmp) else None
+            raise OSError(wrapped, f"writing {str(path)!r} failed: {_strerror(err)}", other) from err
         raise
     finally:
         os.close(fd)  # releases the lock
     return given
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)\s*$")
+"""How a library written in Rust (safetensors, tokenizers) ends the text of an operating system's error:
+safetensors raises a ``SafetensorError``, not an ``OSError``, for a full disk while it writes."""
+
+
+def _wrapped_os_error(err: BaseException) -> int | None:
+    """The errno of ``err``: an ``OSError``'s, or one a library's error carries in its text
+    (:data:`_RUST_OS_ERROR`); None for any other error."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = _RUST_OS_ERROR.search(str(err)) if isinstance(err, Exception) else None
+    return int(found.group(1)) if found else None
+
+
+def _strerror(err: BaseException) -> str:
+    return str((err.strerror if isinstance(err, OSError) else None) or err)
 
 
 def permissions_to_give(path: str | os.PathLike[str]) -> int:

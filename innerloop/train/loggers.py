@@ -125,8 +125,10 @@ def append_whole(path: Path, data: bytes) -> None:
             done = 0
             while done < len(data):
                 done += os.write(fd, data[done:])
-        except BaseException:
+        except BaseException as err:
             os.ftruncate(fd, size)
+            if isinstance(err, OSError) and err.errno is not None and str(path) not in str(err):
+                raise OSError(err.errno, f"appending to {str(path)!r} failed: {err.strerror or err}") from err
             raise
     finally:
         os.close(fd)

@@ -50,6 +50,7 @@ from innerloop.testing.checks import (
     check_pairs_token_by_token,
     check_stack_matches_forward,
     check_token_loss_per_token,
+    check_unchecked_matches_forward,
     check_update_rule,
     check_update_rule_without_grad,
     copy_views_and_carry,
@@ -210,16 +211,19 @@ def _inner_model_smoke(model: Any, name: str) -> tuple[dict[str, torch.Tensor], 
         _check_stack_names(model, name, params)
         x = torch.randn(heads, 3, head_dim)
         out = model.forward(params, x)
+        one = model.forward(params, x[:, :1])  # one token: how the rules call it
     except PluginError:
         raise
     except Exception as error:  # the model's own failure, reported as a rejection
         raise PluginError(f"inner model {name!r} failed its smoke test: {error!r}") from error
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise PluginError(
-            f"inner model {name!r}: forward maps [heads, N, f] = {tuple(x.shape)} to {got}; "
-            "it must return the same shape (g maps head_dim features to head_dim features)"
-        )
+    for given, result in ((x, out), (x[:, :1], one)):
+        if not isinstance(result, torch.Tensor) or tuple(result.shape) != tuple(given.shape):
+            got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise PluginError(
+                f"inner model {name!r}: forward maps [heads, N, f] = {tuple(given.shape)} to {got}; "
+                "it must return the same shape (g maps head_dim features to head_dim features; the rules "
+                "call it on one token, a layer on a whole chunk)"
+            )
     try:  # before the gradient: a write into a weight that requires grad is torch's unexplained leaf error
         check_forward_leaves_inputs(model, params, x)
     except AssertionError as error:
@@ -236,11 +240,20 @@ def _check_unchecked_forward_agrees(
 ) -> None:
     """``forward_unchecked`` (what the scans run) gives ``forward``'s output (what every check reads)."""
     try:
-        unchecked = model.forward_unchecked(params, x)
+        unchecked, again = model.forward_unchecked(params, x), model.forward(params, x)
     except Exception as error:
         raise PluginError(
             f"inner model {name!r} failed its smoke test (forward_unchecked): {error!r}"
         ) from error
+    if not (  # bitwise, NaN equal to NaN (named later as non-finite)
+        isinstance(again, torch.Tensor)
+        and again.shape == out.shape
+        and torch.allclose(again, out, rtol=0.0, atol=0.0, equal_nan=True)
+    ):
+        raise PluginError(
+            f"inner model {name!r}: forward gave two outputs for one input and the same weights; it must be "
+            "deterministic (no dropout or unseeded noise): the rules and their references call it several times"
+        )
     if not (
         isinstance(unchecked, torch.Tensor)
         and unchecked.shape == out.shape
@@ -256,8 +269,8 @@ def _check_model_keeps_dtype(model: Any, name: str, params: dict[str, torch.Tens
     """``forward`` returns its input's dtype, float32 (``x`` and ``params``, the smoke test's) and float64:
     a layer runs its model in its scan dtype, and a model that casts (a float64 constant, a ``.float()``)
     would have the update rule blamed for the dtype of what it returns."""
-    for dtype in (torch.float32, torch.float64):
-        given = x.to(dtype)
+    for dtype, tokens in ((torch.float32, 3), (torch.float64, 3), (torch.float32, 1), (torch.float64, 1)):
+        given = x[:, :tokens].to(dtype)  # one token too: how the rules call it
         try:
             out = model.forward({k: v.to(dtype) for k, v in params.items()}, given)
         except Exception as error:
@@ -265,7 +278,7 @@ def _check_model_keeps_dtype(model: Any, name: str, params: dict[str, torch.Tens
         if isinstance(out, torch.Tensor) and out.dtype != dtype:
             raise PluginError(
                 f"inner model {name!r}: forward returns {out.dtype} for {str(dtype).removeprefix('torch.')} "
-                "input and weights; it must compute in its input's dtype (a layer runs it in float32, or in "
+                f"input and weights ({tokens} token(s)); it must compute in its input's dtype (a layer runs it in float32, or in "
                 "float64; a constant in forward is made in x's dtype: x.new_tensor(c), or a plain Python number)"
             )
 
@@ -329,9 +342,10 @@ def _check_inner_model(model: Any, name: str) -> None:
             k: v.double()[None] + 0.1 * torch.randn(2, *v.shape, dtype=torch.float64)
             for k, v in params.items()
         }
-        check_forward_batch_independent(
-            model, batched, torch.randn(2, heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
-        )
+        x = torch.randn(2, heads, 3, head_dim, dtype=torch.float64)  # [B, H, N, f]: what the scans give
+        check_forward_batch_independent(model, batched, x, REGISTRATION_TOLERANCE)
+        # on weights that are not init_params' (a zero bias hides a forward_unchecked that forgets it)
+        check_unchecked_matches_forward(model, batched, x, REGISTRATION_TOLERANCE)
         check_forward_token_independent(
             model, weights, torch.randn(heads, 3, head_dim, dtype=torch.float64), REGISTRATION_TOLERANCE
         )
@@ -361,6 +375,16 @@ def _check_model_learns(model: Any, name: str, params: dict[str, torch.Tensor], 
         raise PluginError(
             f"inner model {name!r}: forward or its gradient w.r.t. its weights {sorted(weights)} is non-finite "
             f"({non_finite}) at a finite random point; the inner loop would write it into the weights"
+        )
+    stacked = {
+        n for layer in model.stack or () for n in (layer.weight, layer.bias)
+    }  # the stack check names those
+    unread = [key for key, g in zip(weights, grads, strict=False) if g is None and key not in stacked]
+    if grads and unread:
+        raise PluginError(
+            f"inner model {name!r}: forward never reads the weight(s) {unread} (no gradient w.r.t. them at a "
+            f"random point); param_shapes must declare only the weights forward uses (the inner loop "
+            "differentiates w.r.t. every declared weight)"
         )
     if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
         raise PluginError(

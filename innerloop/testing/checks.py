@@ -1387,6 +1387,23 @@ def check_forward_token_independent(
     )
 
 
+def check_unchecked_matches_forward(
+    model: InnerModel, params: dict[str, torch.Tensor], x: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
+) -> None:
+    """``forward_unchecked`` (what the update rules and their references run) equals ``forward`` (what the
+    other checks read) on ``x [*batch, N, f]`` and on its first token alone: a model whose two differ would
+    be checked on one function and trained with another, and the rules' comparisons with their references
+    cannot see it (both run ``forward_unchecked``)."""
+    for given, where in ((x, f"{x.shape[-2]} tokens"), (x[..., :1, :], "one token")):
+        assert_close(
+            model.forward_unchecked(params, given),
+            model.forward(params, given),
+            f"{model.name}: forward_unchecked (what the update rules run) vs forward on x {list(given.shape)} "
+            f"({where}); forward_unchecked must be forward's computation without its argument check",
+            tolerance,
+        )
+
+
 def warm_carry(loss: InnerLoss, views: Views, carry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The carry after ``loss.pairs`` has read ``views`` (two chunks, so that a carry built wrongly
     from a short chunk shows): a starting carry that is not the initial (often zero) one."""
@@ -1703,7 +1720,8 @@ def check_inner_model(
     model: InnerModel | str, loss: InnerLoss | str | None = None, seed: int = 0, **shape: int
 ) -> None:
     """``forward`` equals the declared stack (if any), each activation's derivative equals autograd,
-    ``forward`` on a batch equals ``forward`` on each sequence alone, and every update rule that
+    ``forward`` on a batch equals ``forward`` on each sequence alone, ``forward_unchecked`` (what the
+    rules and their references run) equals ``forward`` at each shape, and every update rule that
     accepts ``model`` equals the naive loop on it (float64).
 
     ``shape``: ``make_problem``'s ``batch`` (at least 2), ``heads``, ``head_dim``, ``tokens`` and
@@ -1801,6 +1819,8 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
         for k, v in problem.state.params.items()
     }
     check_forward_batch_independent(model, batched, problem.views.key)
+    check_unchecked_matches_forward(model, batched, problem.views.key)
+    check_unchecked_matches_forward(model, params, problem.views.key[0])
     if shape["heads"] >= 2:
         check_forward_head_independent(model, params, problem.views.key[0])
     check_forward_token_independent(model, params, problem.views.key[0])

@@ -152,3 +152,47 @@ def test_the_smoke_test_names_a_non_deterministic_model_as_such():
 
     with pytest.raises(PluginError, match=r"'s57c_noisy': forward gave two outputs for one input"):
         smoke_test("inner_model", Noisy())
+
+
+def _naive_inputs(naive, tokens, views, weights, norm, rates, B=1, H=2, f=4, K=2):
+    g = torch.Generator().manual_seed(0)
+    xq, xk, xv = (torch.randn(B, H, tokens, f, generator=g).to(views) for _ in range(3))
+    lr, tau = (0.1 * torch.rand(B, H, tokens, generator=g)).to(rates), torch.ones(K, dtype=rates)
+    params = {
+        k: (0.1 * torch.randn(s, generator=g)).to(weights) for k, s in naive.param_shapes(B, H, f).items()
+    }
+    return xq, xk, xv, lr, tau, params, torch.ones(H, f, dtype=norm), torch.zeros(H, f, dtype=norm)
+
+
+@pytest.mark.parametrize("naive", ["ttt_linear", "ttt_mlp"])
+@pytest.mark.parametrize(
+    "views, weights, norm, rates",
+    [
+        (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32),  # ran, in float32 at T > 0 only
+        (torch.float32, torch.float64, torch.float32, torch.float32),  # raised torch's unnamed error
+        (torch.float32, torch.float32, torch.float32, torch.float64),
+    ],
+)
+def test_naive_triton_references_return_the_given_dtypes_at_every_length(naive, views, weights, norm, rates):
+    """One rule, the fused kernels': out in xq's dtype, the new weights in the given ones', at T = 0 and
+    T > 0, computed in the inputs' promoted dtype (the numbers: the reference on the promoted inputs).
+    Seen failing without it: bfloat16 views with a float32 LayerNorm gave bfloat16 at T = 0 and float32
+    at T = 2, and the other mixes raised 'expected scalar type Float but found Double'."""
+    import importlib
+
+    module = importlib.import_module(f"innerloop.kernels.triton.{naive}.naive")
+    for tokens in (0, 2):
+        inputs = _naive_inputs(module, tokens, views, weights, norm, rates)
+        out, new = module.forward(*inputs)
+        assert out.dtype == views and {v.dtype for v in new.values()} == {weights}, tokens
+        wide = torch.float64 if torch.float64 in (views, weights, norm, rates) else torch.float32
+        promoted = [
+            {k: v.to(wide) for k, v in t.items()} if isinstance(t, dict) else t.to(wide) for t in inputs
+        ]
+        expected, _ = module.forward(*promoted)
+        torch.testing.assert_close(out, expected.to(views), rtol=0, atol=0)
+    xq, xk, xv, lr, tau, params, ln_weight, ln_bias = inputs  # decode: one token, the same rule
+    pending = {k: torch.zeros_like(v) for k, v in params.items()}
+    token = (xq[:, :, 0], xk[:, :, 0], xv[:, :, 0], lr[:, :, 0], tau[0], params, pending, ln_weight, ln_bias)
+    out, new, new_pending = module.decode(*token, is_last=True)
+    assert out.dtype == views and {v.dtype for v in (*new.values(), *new_pending.values())} == {weights}

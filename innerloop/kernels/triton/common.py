@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -209,6 +210,48 @@ def concat_tokens(outputs: list[torch.Tensor], xq: torch.Tensor) -> torch.Tensor
     ``xq``'s shape and dtype (``torch.cat`` of no tensors raised, naming nothing of the call: s56t).
     """
     return torch.cat(outputs, dim=2) if outputs else xq.clone()
+
+
+def _floating(value: object) -> list[torch.Tensor]:
+    """The floating-point tensors of an argument: itself, or a weights dict's values."""
+    tensors = list(value.values()) if isinstance(value, dict) else [value]
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _cast(value: object, dtype: torch.dtype) -> object:
+    """An argument's floating-point tensors (a weights dict's values too) in ``dtype``."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+def given_dtypes(reference: Callable) -> Callable:
+    """A naive reference's one dtype rule, the fused kernels' (at every ``T``, ``T = 0`` too): it computes
+    in the promoted dtype of its floating-point inputs and returns ``out`` in ``xq``'s dtype and the new
+    weights (and pending sums) in the given ones' dtypes. Without it a mix (bfloat16 views, float32
+    LayerNorm) returned the promoted dtype at ``T > 0`` but ``xq``'s at ``T = 0``, and most mixes raised
+    torch's unnamed ``expected scalar type`` error from a matmul."""
+    signature = inspect.signature(reference)
+
+    @functools.wraps(reference)
+    def run(*args: object, **kwargs: object) -> tuple:
+        bound = signature.bind(*args, **kwargs)
+        floats = [t for value in bound.arguments.values() for t in _floating(value)]
+        if not floats:  # no floating input: the reference's own checks name what is wrong
+            return reference(*args, **kwargs)
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in floats), floats[0].dtype)
+        given = dict(bound.arguments)
+        bound.arguments.update({k: _cast(v, dtype) for k, v in given.items()})
+        out, *weights = reference(*bound.args, **bound.kwargs)
+        xq = given["xq"]
+        cast = [out.to(xq.dtype) if isinstance(xq, torch.Tensor) else out]
+        for new, old in zip(weights, (given["params"], given.get("pending"))[: len(weights)], strict=True):
+            cast.append({k: v.to(old[k].dtype) for k, v in new.items()})
+        return tuple(cast)
+
+    return run
 
 
 def head_view(t: torch.Tensor) -> torch.Tensor:

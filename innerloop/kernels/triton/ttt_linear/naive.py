@@ -14,6 +14,7 @@ from ..common import (
     check_decode_inputs,
     concat_tokens,
     eta_matrix,
+    given_dtypes,
     head_view,
     layer_norm,
     ln_fused_l2_bwd,
@@ -25,6 +26,7 @@ def param_shapes(B: int, H: int, f: int) -> dict:
     return {"W1": (B, H, f, f), "b1": (B, H, 1, f)}
 
 
+@given_dtypes
 def forward(
     xq: torch.Tensor,
     xk: torch.Tensor,
@@ -71,6 +73,7 @@ def forward(
     return concat_tokens(outs, xq), {"W1": W, "b1": b}
 
 
+@given_dtypes
 def decode(
     xq: torch.Tensor,
     xk: torch.Tensor,

@@ -16,6 +16,7 @@ from ..common import (
     eta_matrix,
     gelu_tanh,
     gelu_tanh_derivative,
+    given_dtypes,
     head_view,
     layer_norm,
     ln_fused_l2_bwd,
@@ -27,6 +28,7 @@ def param_shapes(B: int, H: int, f: int) -> dict:
     return {"W1": (B, H, f, 4 * f), "b1": (B, H, 1, 4 * f), "W2": (B, H, 4 * f, f), "b2": (B, H, 1, f)}
 
 
+@given_dtypes
 def forward(
     xq: torch.Tensor,
     xk: torch.Tensor,
@@ -80,6 +82,7 @@ def forward(
     return concat_tokens(outs, xq), {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
 
 
+@given_dtypes
 def decode(
     xq: torch.Tensor,
     xk: torch.Tensor,

@@ -196,3 +196,41 @@ def test_naive_triton_references_return_the_given_dtypes_at_every_length(naive, 
     token = (xq[:, :, 0], xk[:, :, 0], xv[:, :, 0], lr[:, :, 0], tau[0], params, pending, ln_weight, ln_bias)
     out, new, new_pending = module.decode(*token, is_last=True)
     assert out.dtype == views and {v.dtype for v in (*new.values(), *new_pending.values())} == {weights}
+
+
+def _bare_linear_dual_form(clamp_rates: bool):
+    """A plugin kernel of the bare ``g`` (no inner LayerNorm or residual) at any mini-batch size: the
+    torch scan itself, rates clamped at 1 first when ``clamp_rates`` (the mutant)."""
+    from innerloop.core.ops import scan
+
+    def forward(xq, xk, xv, lr, tau, params, ln_weight, ln_bias, eps):
+        lr = lr.clamp(max=1.0) if clamp_rates else lr
+        out, weights = scan(
+            xq, xk, xv, lr, inner_model="linear", mini_batch_size=tau.shape[0], token_scale=tau,
+            inner_norm=False, inner_residual=False, initial=params, kernel="torch",
+        )  # fmt: skip
+        return out, dict(weights)
+
+    return forward
+
+
+@pytest.mark.slow  # ~2.6 s: the registry's build, then the large-rates case fails the kernel (the rest of the check is ~95 s)
+@pytest.mark.usefixtures("fresh_global_registry")
+def test_check_kernel_fails_a_bare_kernel_clamping_rates_at_one_at_mini_batches_of_four():
+    """s56v's large-rates case was shown failing a rate-clamping kernel with the inner LayerNorm (K = 4) and
+    without it at K = 1 only (delta_chunk). A kernel of the bare g at K = 4 that clamps rates at 1 fails it
+    too (output off by 15%); the same kernel unclamped passes the whole check (measured, 95 s: not run here)."""
+    import innerloop
+    from innerloop.kernels.spec import KernelSpec
+    from innerloop.testing import check_kernel
+
+    spec = KernelSpec(
+        name="s57c_bare_clamped", inner_model="linear", inner_loss="reconstruction", update_rule="dual_form",
+        forward=_bare_linear_dual_form(clamp_rates=True), verify=lambda inputs: None, priority=10**6,
+        fuses_inner_norm=False, check_wrapping=lambda norm, residual: "bare g only" if norm or residual else None,
+    )  # fmt: skip
+    innerloop.register_kernel(spec)
+    with pytest.raises(
+        AssertionError, match=r"the large-rates case: per-token rates up to 2.5\), .*: output"
+    ):
+        check_kernel("s57c_bare_clamped", head_dims=(4,), mini_batch_size=4)

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import sys
 import unicodedata
 import warnings
@@ -611,7 +612,8 @@ def _settings_now(kind: str, name: str) -> dict[str, Any]:
 def _recorded_settings(record: Any) -> dict[tuple[str, str], dict[str, Any]]:
     """``{(kind, name): settings}`` of each item of a plugin record: its ``"settings"`` (a mapping), or
     ``{}`` for an item without them (a plugin with none when saved: a save records them where it has
-    any); an item whose ``"settings"`` is no mapping (an edited file) is left out."""
+    any); an item whose ``"settings"`` is no mapping is left out (a load refuses it first:
+    :func:`check_plugin_records`)."""
     if not isinstance(record, Mapping):
         return {}
     return {
@@ -812,6 +814,70 @@ def _described(origin: Mapping[str, str]) -> str:
     return text
 
 
+_VALID_PLUGINS_RECORD = (
+    'null or {kind: {name: {"origin": str, "distribution"/"version"/"class": str, "settings": {...}}}} '
+    "(what a save writes)"
+)
+_VALID_SOURCES_RECORD = "null or {kind: {name: a SHA-256 hex string}} (what a save writes)"
+
+
+def check_plugin_records(where: str, plugins: Any, sources: Any) -> None:
+    """Raise ``ValueError`` naming ``where`` (the file or folder, or a config's class), the key
+    (:data:`PLUGINS_KEY` or :data:`PLUGIN_SOURCES_KEY`), the value and what is valid unless each is a
+    record of its shape or None (not recorded: an older file). A corrupt record (a number, a list, an
+    item that is no mapping) was read as no record, and its plugins loaded unchecked."""
+    for key, record, problem, valid in (
+        (PLUGINS_KEY, plugins, _plugins_record_problem, _VALID_PLUGINS_RECORD),
+        (PLUGIN_SOURCES_KEY, sources, _sources_record_problem, _VALID_SOURCES_RECORD),
+    ):
+        found = None if record is None else _record_problem(record, problem)
+        if found is not None:
+            raise ValueError(
+                f"{where}: {key}={reprlib.repr(record)} is not a plugin record ({found}); it must be {valid}: "
+                "save the model again, or remove the key to load it unchecked"
+            )
+
+
+def _record_problem(record: Any, item_problem: Any) -> str | None:
+    """What makes ``record`` no ``{kind: {name: item}}`` mapping (``item_problem(path, item)`` judges each
+    item), or None."""
+    if not isinstance(record, Mapping):
+        return f"it is {a_type(record)}"
+    for kind, names in record.items():
+        if not isinstance(kind, str) or not isinstance(names, Mapping):
+            return (
+                f"[{kind!r}] is {a_type(names)}, not a mapping of names"
+                if isinstance(kind, str)
+                else "a key is no string"
+            )
+        for name, item in names.items():
+            found = (
+                item_problem(f"[{kind!r}][{name!r}]", item)
+                if isinstance(name, str)
+                else f"[{kind!r}] has a key that is no string"
+            )
+            if found is not None:
+                return found
+    return None
+
+
+def _plugins_record_problem(at: str, item: Any) -> str | None:
+    if not isinstance(item, Mapping):
+        return f"{at} is {a_type(item)}, not a mapping"
+    if not isinstance(item.get("origin"), str):
+        return f"{at} has no 'origin' string"
+    wrong = [k for k in _ORIGIN_KEYS if k in item and not isinstance(item[k], str)]
+    if wrong:
+        return f"{at}[{wrong[0]!r}] is {a_type(item[wrong[0]])}, not a string"
+    if not isinstance(item.get("settings", {}), Mapping):
+        return f"{at}['settings'] is {a_type(item['settings'])}, not a mapping"
+    return None
+
+
+def _sources_record_problem(at: str, item: Any) -> str | None:
+    return None if isinstance(item, str) else f"{at} is {a_type(item)}, not a digest string"
+
+
 def warn_changed_plugins(
     source: str,
     record: Any,
@@ -827,6 +893,7 @@ def warn_changed_plugins(
     registered now is left to the error of rebuilding the model (:func:`missing_plugins_note`); a
     record of none (an older file) warns of nothing. The warning points at the user's line
     (:func:`~innerloop.core.callers.warning_stacklevel`) unless ``stacklevel`` is given."""
+    check_plugin_records(source, record, sources)
     digests = {(kind, name): digest for kind, name, digest in _recorded_sources(sources)}
     for kind, name, recorded in _recorded_plugins(record, model):
         current = plugin_origin(kind, name)
@@ -1094,6 +1161,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"{name} has a metadata tree that is {a_type(tree)}, not a dict")
     _check_finite_weights(name, tree.get("state_dict"))
     _fill_earlier_defaults(tree)
+    try:
+        check_plugin_records(name, tree.get(PLUGINS_KEY), tree.get(PLUGIN_SOURCES_KEY))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     warn_changed_plugins(name, tree.get(PLUGINS_KEY), sources=tree.get(PLUGIN_SOURCES_KEY))
     check_plugin_settings(name, tree.get(PLUGINS_KEY))
     device = checkpoint_device(map_location)

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from innerloop.checkpoints import (
+    check_plugin_records,
     check_token_index_record,
     missing_config_keys,
     missing_plugins_note,
@@ -244,6 +245,7 @@ class InnerloopConfig(PreTrainedConfig):
         check_token_index_record(
             self.innerloop_token_index_dtype, "InnerloopConfig: innerloop_token_index_dtype"
         )
+        check_plugin_records("InnerloopConfig", self.innerloop_plugins, self.innerloop_plugin_sources)
 
     def check_special_token_ids(self) -> None:
         """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (transformers' fields) are None or

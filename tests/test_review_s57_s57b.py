@@ -1,0 +1,62 @@
+"""Review s57b: the provenance of results and of a run's plugins (records a checkpoint, a Hugging Face
+folder and a result file keep).
+
+Defects found (each seen failing before its fix):
+
+- a corrupt ``innerloop_plugins`` / ``innerloop_plugin_sources`` record (a number, a list, an item that
+  is no mapping, a digest that is no string) in a checkpoint or a Hugging Face ``config.json`` was read
+  as "no record": the model loaded with its plugins unchecked, and a save wrote a fresh record over it.
+  Now a one-line refusal naming the file (or ``InnerloopConfig``), the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from innerloop.checkpoints import (
+    PLUGIN_SOURCES_KEY,
+    PLUGINS_KEY,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+TINY = {"vocab_size": 7, "num_layers": 1, "num_heads": 1, "intermediate_size": 5, "hidden_size": 6}
+
+CORRUPT_RECORDS = [
+    (PLUGINS_KEY, 3, "it is an int"),
+    (PLUGINS_KEY, ["huber"], "it is a list"),
+    (PLUGINS_KEY, {"inner_loss": {"huber": "my_loss.Huber"}}, r"\['inner_loss'\]\['huber'\] is a str"),
+    (PLUGINS_KEY, {"inner_loss": {"huber": {"origin": 1}}}, "no 'origin' string"),
+    (PLUGINS_KEY, {"inner_loss": {"huber": {"origin": "-p m", "settings": 2}}}, r"\['settings'\] is an int"),
+    (PLUGINS_KEY, {"inner_loss": ["huber"]}, r"\['inner_loss'\] is a list"),
+    (PLUGIN_SOURCES_KEY, {"inner_loss": {"huber": 5}}, r"\['huber'\] is an int, not a digest"),
+    (PLUGIN_SOURCES_KEY, "abc", "it is a str"),
+]
+
+
+@pytest.mark.parametrize(("key", "record", "why"), CORRUPT_RECORDS)
+def test_a_corrupt_plugin_record_in_a_checkpoint_is_refused_naming_file_key_and_value(
+    tmp_path, key, record, why
+) -> None:
+    # no model in it, so the save keeps the record as given (a model's save writes its own)
+    path = save_checkpoint({"state_dict": {}, key: record}, tmp_path / "edited.safetensors")
+    with pytest.raises(CheckpointError, match=rf"edited\.safetensors.*: {key}=.*\(.*{why}.*must be"):
+        load_checkpoint(path)
+
+
+def test_a_well_formed_or_absent_plugin_record_loads(tmp_path) -> None:
+    good = {"inner_loss": {"huber": {"origin": "-p m", "class": "m.Huber", "settings": {"delta": 2.0}}}}
+    for record, sources in ((None, None), ({}, {}), (good, {"inner_loss": {"huber": "ab" * 32}})):
+        tree = {"state_dict": {}, PLUGINS_KEY: record, PLUGIN_SOURCES_KEY: sources}
+        assert load_checkpoint(save_checkpoint(tree, tmp_path / "c.safetensors"))[PLUGINS_KEY] == record
+
+
+@pytest.mark.slow  # reason: imports transformers (InnerloopConfig), about 2 s in a cold process
+@pytest.mark.parametrize(("key", "record", "why"), CORRUPT_RECORDS[::3])
+def test_a_corrupt_plugin_record_in_an_hf_config_is_refused(key, record, why) -> None:
+    from innerloop.hf import InnerloopConfig
+
+    with pytest.raises(ValueError, match=rf"InnerloopConfig: {key}=.*\(.*{why}"):
+        InnerloopConfig(model=TINY, **{key: record})
+    assert InnerloopConfig(model=TINY, **{key: None}).model["hidden_size"] == 6

@@ -11,7 +11,11 @@ Defects found (each seen failing before its fix):
 
 from __future__ import annotations
 
+import shlex
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from innerloop.checkpoints import (
     PLUGIN_SOURCES_KEY,
@@ -60,3 +64,37 @@ def test_a_corrupt_plugin_record_in_an_hf_config_is_refused(key, record, why) ->
     with pytest.raises(ValueError, match=rf"InnerloopConfig: {key}=.*\(.*{why}"):
         InnerloopConfig(model=TINY, **{key: record})
     assert InnerloopConfig(model=TINY, **{key: None}).model["hidden_size"] == 6
+
+
+# -- the commands a result file or config.yaml records load the -p plugin modules again -----------------
+
+
+@pytest.mark.slow  # reason: imports Lightning (train.run, train.compare): seconds in a cold process
+def test_the_reproduce_command_and_config_comment_load_the_p_modules_again(tmp_path, monkeypatch) -> None:
+    """``innerloop -p 'my plugins/s57b_loss.py' compare ...`` wrote a Reproduce command without the
+    ``-p`` (it failed: no plugin of that name), and config.yaml's comment named the module alone
+    (``-p s57b_loss``), which imports only from the folder holding the file."""
+    from plugin_testing import plugin_module_folder
+    from test_review_s49_s49o import _DECORATED
+
+    from innerloop.cli import _parser
+    from innerloop.registry.modules import load_plugin_module
+    from innerloop.train.compare import _compare_command
+    from innerloop.train.run import _plugin_modules_comment
+
+    folder = tmp_path / "my plugins"
+    folder.mkdir()
+    (folder / "s57b_loss.py").write_text(_DECORATED.format(cls="S57bLoss", name="s57b_loss"))
+    models = [SimpleNamespace(checkpoint="a.safetensors", no_ttt=False)]
+    comparison = SimpleNamespace(models=models, baseline=0, held_out="val", resamples=10, seed=0)
+    windows = [SimpleNamespace(inputs=torch.zeros(2, 8), batch_size=2)]
+    with plugin_module_folder(tmp_path, monkeypatch, "s57b_"):
+        assert _compare_command(comparison, windows, [], None, None).startswith("innerloop compare ")
+        monkeypatch.chdir(tmp_path)
+        load_plugin_module(f"{folder.name}/s57b_loss.py")
+        words = shlex.split(_compare_command(comparison, windows, [], None, None))
+        comment = _plugin_modules_comment()
+    file = str(folder / "s57b_loss.py")
+    assert words[:4] == ["innerloop", "-p", file, "compare"]
+    assert _parser().parse_args(words[1:]).plugin_modules_before == [file]
+    assert comment == f"plugin modules loaded (not installed): innerloop -p {shlex.quote(file)}"

@@ -440,6 +440,10 @@ def load_plugin_module(
             f"{how} {spec}: {doing} raised {type(error).__name__}: " + " ".join(str(error).split())
         ) from error
     registry.plugin_modules.append(origin)
+    if _is_path(spec):  # its name alone imports only beside the file (the working folder): keep the file
+        _FILES_GIVEN[origin] = str(
+            _file_of(spec).parent if _file_of(spec).name == "__init__.py" else _file_of(spec)
+        )
     warn_of_kernels_that_cannot_run(registry, [e for e in registered if e.kind == "kernel"], in_process=True)
     return origin
 
@@ -459,6 +463,24 @@ def load_plugin_modules(
     named += [(spec, OPTION) for spec in command_line]
     origins = [load_plugin_module(spec, registry, how) for spec, how in named]
     return list(dict.fromkeys(origins))
+
+
+_FILES_GIVEN: dict[str, str] = {}
+"""The absolute path of the file (or package folder) of each plugin module loaded from a path (``-p
+plugins/my_loss.py``), by its origin (``-p my_loss``), whose name alone imports only from the folder
+holding it."""
+
+
+def plugin_module_options(registry: Registry | None = None) -> list[str]:
+    """The ``-p MODULE`` arguments of ``innerloop`` that load again the plugin modules loaded into
+    ``registry`` (default the process-wide one), in load order: a module loaded from a path by its file's
+    absolute path, one loaded by name by its name; ``[]`` when none was loaded. A command that a result
+    file or a run's config.yaml records to make it again starts with them: without them it fails, or runs
+    with another plugin of that name."""
+    words: list[str] = []
+    for origin in loaded_plugin_modules(registry):
+        words += [OPTION, _FILES_GIVEN.get(origin, origin.removeprefix(f"{OPTION} "))]
+    return words
 
 
 def loaded_plugin_modules(registry: Registry | None = None) -> list[str]:

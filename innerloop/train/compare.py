@@ -71,6 +71,7 @@ from innerloop.models.ablation import (
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 from innerloop.models.params import SIZE_TOLERANCE, count_parameters, same_size
 from innerloop.registry import get_registry
+from innerloop.registry.modules import plugin_module_options
 from innerloop.train.bootstrap import (
     DEFAULT_RESAMPLES,
     MIN_BAND_WINDOWS,
@@ -391,7 +392,14 @@ def _compare_command(
 ) -> str:
     """The ``innerloop compare`` command line of :func:`reproduction_lines`."""
     models = [os.path.abspath(model.checkpoint) for model in comparison.models]
-    words = ["innerloop", "compare", *models, "--seq-len", *(str(w.inputs.shape[1]) for w in every_windows)]
+    words = [
+        "innerloop",
+        *plugin_module_options(),
+        "compare",
+        *models,
+        "--seq-len",
+        *(str(w.inputs.shape[1]) for w in every_windows),
+    ]
     words += ["--baseline", models[comparison.baseline], "--batch-size", str(every_windows[0].batch_size)]
     words += [] if batches is None else ["--batches", str(batches)]
     words += ["--data", *map(str, paths)] if paths else []

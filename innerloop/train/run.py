@@ -132,7 +132,7 @@ from innerloop.models.ablation import (
     no_test_time_training,
     zero_lr_refusal,
 )
-from innerloop.registry.modules import loaded_plugin_modules
+from innerloop.registry.modules import plugin_module_options
 from innerloop.train.checkpoint import SafetensorsCheckpointIO, checkpoint_stamp, holds_training_state
 from innerloop.train.data import (
     IGNORE_INDEX,
@@ -863,10 +863,10 @@ def _plugin_modules_comment() -> str:
     """The comment config.yaml starts with when plugin modules were loaded with ``-p`` (or
     ``INNERLOOP_PLUGIN_MODULES``): the run needs them again to resume or reload, and the config holds
     only their plugins' names; "" when none was."""
-    loaded = loaded_plugin_modules()
-    if not loaded:
+    options = plugin_module_options()
+    if not options:
         return ""
-    return f"plugin modules loaded (not installed): innerloop {' '.join(loaded)}"
+    return f"plugin modules loaded (not installed): innerloop {shlex.join(options)}"
 
 
 def _stop_reason(trainer: L.Trainer) -> str:

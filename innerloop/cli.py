@@ -354,7 +354,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--out",
         default=None,
-        help="folder for eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv and .png, <checkpoint> being "
+        help="folder for eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv, .png and .md (how to reproduce it), <checkpoint> being "
         "the file's stem and the start of its checksum, e.g. eval_last-1a2b3c4d_default-val_T128_n128.csv "
         "(default: the checkpoint's folder); the training run's own loss_by_position files are never "
         "replaced",

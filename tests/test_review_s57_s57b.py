@@ -98,3 +98,59 @@ def test_the_reproduce_command_and_config_comment_load_the_p_modules_again(tmp_p
     assert words[:4] == ["innerloop", "-p", file, "compare"]
     assert _parser().parse_args(words[1:]).plugin_modules_before == [file]
     assert comment == f"plugin modules loaded (not installed): innerloop -p {shlex.quote(file)}"
+
+
+# -- one seed, two mixers: other initial embeddings, now said ----------------------------------------------
+
+
+@pytest.mark.slow  # reason: builds three tiny runs and compares them at one length (Lightning): seconds
+def test_compare_says_one_seed_gave_two_mixers_other_initial_embeddings(tmp_path) -> None:
+    """Runs of TTT and SWA trained with one seed start from other embeddings (each model draws it after
+    its own blocks): measured here, then named in compare's notes; two runs of one mixer get no such note."""
+    from lm_testing import untrained_run
+
+    from innerloop.checkpoints import load_checkpoint
+    from innerloop.train.compare import compare
+
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(60)))
+    runs = [
+        untrained_run(tmp_path / n, corpus, m, 0, 8, 2, 1)
+        for n, m in (("t", "ttt"), ("s", "swa"), ("u", "ttt"))
+    ]
+    embeds = [load_checkpoint(run / "last.safetensors")["state_dict"]["model.embed.weight"] for run in runs]
+    assert not torch.equal(embeds[0], embeds[1]) and torch.equal(embeds[0], embeds[2])  # the measured fact
+    notes = compare(runs, seq_lens=[8], baseline="t", resamples=10, batch_size=2, batches=1).notes
+    said = [note for note in notes if "initial embedding" in note]
+    assert len(said) == 1 and said[0].startswith(
+        "s (mixer 'swa') and the baseline t (mixer 'ttt') both trained from seed=0"
+    )
+
+
+# -- innerloop eval's result says how to make it again ---------------------------------------------------
+
+
+@pytest.mark.slow  # reason: two evaluations of a tiny run (Lightning): seconds in a cold process
+def test_eval_writes_how_to_reproduce_it_and_the_command_does(tmp_path) -> None:
+    """``innerloop eval`` wrote its CSV and PNG and nothing saying which checkpoint content, windows,
+    versions or command made them (compare's .md has said so since s56l); ``eval_<...>.md`` says it now,
+    and its command scores the same windows to the same numbers."""
+    from lm_testing import untrained_run
+
+    from innerloop.checkpoints import checkpoint_content_digest
+    from innerloop.cli import _parser
+    from innerloop.train.run import evaluate
+
+    corpus = tmp_path / "corpus.py"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(60)))
+    run = untrained_run(tmp_path / "run", corpus, "ttt", 0, 8, 2, 1)
+    metrics, csv_path, _ = evaluate(run / "last.safetensors", seq_len=8, batches=1, out_dir=tmp_path / "out")
+    record = csv_path.with_suffix(".md").read_text()
+    reproduce = record[record.index("Reproduce:") :]
+    assert checkpoint_content_digest(run / "last.safetensors")[:16] in reproduce
+    args = _parser().parse_args(shlex.split(reproduce.split("`innerloop ", 1)[1].split("`", 1)[0]))
+    again, *_ = evaluate(
+        args.checkpoint, args.data, args.seq_len, args.batch_size, args.batches, out_dir=args.out,
+        no_ttt=args.no_ttt, split=args.split, held_out=args.held_out,
+    )  # fmt: skip
+    assert again == metrics and csv_path.with_suffix(".md").read_text() == record

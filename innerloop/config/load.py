@@ -1488,7 +1488,7 @@ def _check_out_dir_outside_data(run: RunConfig) -> None:
 
 
 #: Names of the files ``innerloop eval`` and ``compare`` write into ``--out`` (a tag in place of ``x``).
-_RESULT_FILES = ("eval_x.csv", "eval_x.png", "compare-x.csv", "compare-x.png", "compare-x.md")
+_RESULT_FILES = ("eval_x.csv", "eval_x.png", "eval_x.md", "compare-x.csv", "compare-x.png", "compare-x.md")
 
 
 def check_output_outside_data(

@@ -95,6 +95,7 @@ from innerloop.train.run import (
     run_of_checkpoint,
     run_of_checkpoint_and_why,
     schedule_arguments,
+    tokens_digest,
     training_seq_len,
 )
 
@@ -365,22 +366,13 @@ def reproduction_lines(
         for model in comparison.models
     ]
     lines += [
-        f"T={w.inputs.shape[1]}: {len(w.inputs)} windows, tokens SHA-256 {_tokens_digest(w)}"
+        f"T={w.inputs.shape[1]}: {len(w.inputs)} windows, tokens SHA-256 {tokens_digest(w)}"
         for w in every_windows
     ]
     lines.append(
         f"command (in {os.getcwd()}): `{_compare_command(comparison, every_windows, paths, split, batches)}`"
     )
     return lines
-
-
-def _tokens_digest(windows: EvaluationWindows) -> str:
-    """16 hex digits of the SHA-256 of ``windows``' inputs and targets (shape, dtype and values)."""
-    digest = hashlib.sha256()
-    for tokens in (windows.inputs, windows.targets):
-        digest.update(f"{tuple(tokens.shape)}:{tokens.dtype}\0".encode())
-        digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _compare_command(
@@ -498,6 +490,7 @@ def _logged_notes(
         *training_data_notes(models, base, paths, held_out),
         *size_notes(models, base),
         *optimizer_notes(models, base),
+        *initialisation_notes(models, base),
         *_length_notes(models, seq_lens),
         *_same_checkpoint_notes(models),
     ]
@@ -1045,6 +1038,28 @@ def optimizer_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
                 f"{model.name} trained with {', '.join(f'{key}={ours[key]!r}' for key in differ)}, the baseline "
                 f"{models[base].name} with {', '.join(repr(theirs[key]) for key in differ)}: its difference "
                 "is also one of training"
+            )
+    return notes
+
+
+def initialisation_notes(models: Sequence[ComparedModel], base: int) -> list[str]:
+    """A line for each model of another mixer than the baseline whose run had the baseline's ``seed``
+    (both runs known): one seed does not give them the same initial weights where they share them (the
+    embedding, and the head tied to it), since each model draws them after building its own blocks, whose
+    draws differ by mixer, so their difference includes that of their initial draws. (Drawing the shared
+    weights first would change every existing seed's model and the numbers pinned from them.)"""
+    runs = [_training_data(model).run for model in models]  # the seed: whatever its schedule says
+    baseline, notes = runs[base], []
+    mixer = models[base].module.model.config.mixer
+    for index, (model, run) in enumerate(zip(models, runs, strict=True)):
+        if index == base or run is None or baseline is None or run.seed != baseline.seed:
+            continue
+        if model.module.model.config.mixer != mixer:
+            notes.append(
+                f"{model.name} (mixer {model.module.model.config.mixer!r}) and the baseline {models[base].name} "
+                f"(mixer {mixer!r}) both trained from seed={run.seed}, which does not give them the same initial "
+                "embedding: each model draws it after its own blocks, which draw otherwise; its difference "
+                "includes that of the initial draws (compare runs of several seeds to tell them apart)"
             )
     return notes
 

@@ -13,7 +13,7 @@
   ``train_loss``, ``lr`` and ``grad_norm`` in its training rows (:mod:`innerloop.train.module`);
 - ``loss_by_position.csv`` and ``loss_by_position.png``: the final validation loss by position.
 
-``evaluate`` (``innerloop eval``) writes its own ``eval_*.csv/.png`` beside them and never replaces these.
+``evaluate`` (``innerloop eval``) writes its own ``eval_*.csv/.png/.md`` beside them and never replaces these.
 
 ``train(run, resume=True)`` continues from ``last.safetensors`` to the same result as a run that was
 never interrupted (batches are a function of the step, see :mod:`innerloop.train.data`); ``optim.*``
@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -70,8 +71,10 @@ from innerloop.checkpoints import (
     CHECKPOINT_SUFFIX,
     TOKENIZER_KEY,
     CheckpointError,
+    checkpoint_content_digest,
     checkpoint_identity,
     checkpoint_tokenizer,
+    innerloop_version,
     load_checkpoint,
     load_training_checkpoint,
     missing_plugins_note,
@@ -2282,8 +2285,8 @@ def evaluate(
     ``held_out="test"`` (``--held-out test``): the run's test windows instead (``data.test_fraction``).
     Returns ``(metrics, csv, png)``; ``metrics`` also has ``tokens`` (scored) and ``windows``.
 
-    When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv`` and
-    ``.png`` there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
+    When ``out_dir`` is given, writes ``eval_<checkpoint>_<data>_T<seq_len>_n<windows>.csv``, ``.png``
+    and ``.md`` (:func:`evaluation_record`: how to reproduce it) there (see :func:`evaluation_stem`): named after what was evaluated, so evaluations of other
     checkpoints, data or settings do not replace each other, and never the training run's own ``loss_by_position.*``.
     """
     given = (seq_len, batch_size, batches)
@@ -2316,13 +2319,98 @@ def evaluate(
     metrics["windows"] = float(len(inputs))
     if out_dir is None:
         return metrics, None, None
+    how = (paths, seq_len, batches, split, held_out, no_ttt, out_dir)
+    csv_path, png = _write_evaluation_of(checkpoint, module, windows, metrics, how)
+    return metrics, csv_path, png
+
+
+def _write_evaluation_of(
+    checkpoint: str | Path,
+    module: LanguageModelModule,
+    windows: EvaluationWindows,
+    metrics: dict[str, float],
+    how: tuple[Any, ...],
+) -> tuple[Path, Path]:
+    """:func:`evaluate`'s files of ``windows`` scored to ``metrics`` (:func:`_write_evaluation`); ``how``:
+    its arguments, which the ``Reproduce:`` command gives again (:func:`_eval_command`)."""
+    paths, seq_len, _, _, _, no_ttt, out_dir = how
     buckets = position_buckets(seq_len, module.hparams.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
-    stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(inputs), windows.tag, no_ttt)
+    tag = windows.tag
+    stem = evaluation_stem(checkpoint_identity(checkpoint), paths, seq_len, len(windows.inputs), tag, no_ttt)
     ablation = ", test-time training off" if no_ttt else ""
-    title = f"{Path(checkpoint).name} on {windows.tag}, T={seq_len}{ablation}: loss by position"
-    csv_path, png = _write_evaluation(user_path(out_dir) / stem, buckets, losses, title, metrics)
-    return metrics, csv_path, png
+    title = f"{Path(checkpoint).name} on {tag}, T={seq_len}{ablation}: loss by position"
+    record = evaluation_record(title, metrics, checkpoint, windows, _eval_command(checkpoint, windows, *how))
+    return _write_evaluation(user_path(out_dir) / stem, buckets, losses, title, metrics, record)
+
+
+def reproduction_header() -> str:
+    """The first line of a result's ``Reproduce:`` lines: the innerloop, torch and Python versions and
+    torch's thread count (a sum's order, so its last digits, may follow the threads)."""
+    return (
+        f"innerloop {innerloop_version()}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+
+def tokens_digest(windows: EvaluationWindows) -> str:
+    """16 hex digits of the SHA-256 of ``windows``' inputs and targets (shape, dtype and values)."""
+    digest = hashlib.sha256()
+    for tokens in (windows.inputs, windows.targets):
+        digest.update(f"{tuple(tokens.shape)}:{tokens.dtype}\0".encode())
+        digest.update(tokens.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def evaluation_record(
+    title: str, metrics: dict[str, float], checkpoint: str | Path, windows: EvaluationWindows, command: str
+) -> str:
+    """An evaluation's ``<stem>.md``: its title, perplexity and loss, and under ``Reproduce:`` the versions
+    (:func:`reproduction_header`), the checkpoint's path and content SHA-256, the windows' count and
+    SHA-256 (:func:`tokens_digest`) and the ``innerloop eval`` command that scores them again."""
+    lines = [
+        reproduction_header(),
+        f"{os.path.abspath(checkpoint)} (content SHA-256 {checkpoint_content_digest(checkpoint)[:16]})",
+        f"T={windows.inputs.shape[1]}: {len(windows.inputs)} windows, tokens SHA-256 {tokens_digest(windows)}",
+        f"command (in {os.getcwd()}): `{command}`",
+    ]
+    return (
+        f"# {title}\n\nperplexity {metrics['val_ppl']:.6g} (loss {metrics['val_loss']:.6f}, "
+        f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)\n\nReproduce:\n\n"
+        + "".join(f"- {line}\n" for line in lines)
+    )
+
+
+def _eval_command(
+    checkpoint: str | Path,
+    windows: EvaluationWindows,
+    paths: Sequence[str],
+    seq_len: int,
+    batches: int | None,
+    split: str | None,
+    held_out: str,
+    no_ttt: bool,
+    out_dir: str | Path,
+) -> str:
+    """The ``innerloop eval`` command line of :func:`evaluation_record`: the plugin modules loaded with
+    ``-p``, the checkpoint and ``--out`` as absolute paths, the batch size as resolved, the rest as given."""
+    words = [
+        "innerloop",
+        *plugin_module_options(),
+        "eval",
+        os.path.abspath(checkpoint),
+        "--seq-len",
+        str(seq_len),
+    ]
+    words += ["--batch-size", str(windows.batch_size)] + (
+        [] if batches is None else ["--batches", str(batches)]
+    )
+    words += ["--data", *map(str, paths)] if paths else []
+    words += ([] if split is None else ["--split", split]) + (
+        ["--held-out", held_out] if held_out != "val" else []
+    )
+    words += (["--no-ttt"] if no_ttt else []) + ["--out", os.path.abspath(user_path(out_dir))]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def _refuse_no_ttt_without_ttt(module: LanguageModelModule, checkpoint: str | Path, no_ttt: bool) -> None:
@@ -2365,12 +2453,13 @@ def _write_evaluation(
     losses: Sequence[float],
     title: str,
     metrics: dict[str, float],
+    record: str,
 ) -> tuple[Path, Path]:
-    """Write an evaluation's ``<stem>.csv`` and ``.png`` (atomically), first removing the temporary
+    """Write an evaluation's ``<stem>.csv``, ``.png`` and ``.md`` (:func:`evaluation_record`; atomically), first removing the temporary
     files a killed earlier write of them left; returns their paths. A write that fails (a full disk)
     raises an ``OSError`` that also gives the evaluation's ``metrics``: they are not lost with the files."""
     try:
-        return _write_evaluation_files(stem, buckets, losses, title)
+        return _write_evaluation_files(stem, buckets, losses, title, record)
     except OSError as err:
         finished = (
             f"the evaluation had finished: perplexity {metrics['val_ppl']:.3f} (loss {metrics['val_loss']:.4f}, "
@@ -2393,14 +2482,16 @@ def _with_words(err: OSError, words: str) -> OSError:
 
 
 def _write_evaluation_files(
-    stem: Path, buckets: Sequence[tuple[int, int]], losses: Sequence[float], title: str
+    stem: Path, buckets: Sequence[tuple[int, int]], losses: Sequence[float], title: str, record: str
 ) -> tuple[Path, Path]:
     csv_target, png_target = stem.with_name(f"{stem.name}.csv"), stem.with_name(f"{stem.name}.png")
-    remove_stale_temporaries_of(
-        [csv_target, png_target]
-    )  # a killed earlier evaluation of the same one left them
+    md_target = stem.with_name(f"{stem.name}.md")
+    # a killed earlier evaluation of the same one left them
+    remove_stale_temporaries_of([csv_target, png_target, md_target])
     csv_path = write_loss_by_position_csv(csv_target, buckets, losses)
-    return csv_path, plot_loss_by_position(png_target, buckets, losses, title=title)
+    png = plot_loss_by_position(png_target, buckets, losses, title=title)
+    atomic_write_text(md_target, record)
+    return csv_path, png
 
 
 def check_vocabulary(

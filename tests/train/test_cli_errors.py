@@ -255,7 +255,7 @@ def test_eval_writes_its_own_files_and_never_replaces_the_runs(capsys, run_dir) 
     capsys.readouterr()
     assert {p: _sha256(p) for p in training} == training  # the run's own files, byte for byte
     written = sorted(p.name for p in run_dir.iterdir() if p not in training)
-    assert len(written) == 6 and all(name.startswith("eval_last-") for name in written)
+    assert len(written) == 9 and all(name.startswith("eval_last-") for name in written)  # .csv, .png, .md
     assert all("_code-" in name for name in written)
     csvs = sorted(run_dir.glob("eval_*_T16_n2.csv")) + sorted(run_dir.glob("eval_*_T32_n*.csv"))
     assert len(csvs) == 3
@@ -369,8 +369,8 @@ def test_evaluations_of_two_checkpoints_never_replace_each_other(capsys, tmp_pat
         checkpoints.append(save_checkpoint(tree, tmp_path / run / "last.safetensors"))
     _, first = _evaluate(capsys, checkpoints[0], out)
     _, both = _evaluate(capsys, checkpoints[1], out)
-    assert len(first) == 2 and len(both) == 4 and set(first) < set(both)
-    assert all(re.fullmatch(r"eval_last-[0-9a-f]{8}_default-val_T16_n2\.(csv|png)", name) for name in both)
+    assert len(first) == 3 and len(both) == 6 and set(first) < set(both)
+    assert all(re.fullmatch(r"eval_last-[0-9a-f]{8}_default-val_T16_n2\.(csv|png|md)", name) for name in both)
     first_csv = out / next(f for f in first if f.endswith(".csv"))
     before = first_csv.read_bytes()
     _, again = _evaluate(capsys, checkpoints[0], out)

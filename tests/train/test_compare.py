@@ -161,7 +161,7 @@ def test_no_ttt_in_compare_and_eval(runs, tmp_path, capsys) -> None:
 
     out = tmp_path / "eval"
     assert main(["eval", str(runs[0] / "last.safetensors"), "--no-ttt", "--out", str(out)]) == 0
-    assert sorted(p.suffix for p in out.glob("*_no-ttt.*")) == [".csv", ".png"]
+    assert sorted(p.suffix for p in out.glob("*_no-ttt.*")) == [".csv", ".md", ".png"]
     assert main(["eval", str(runs[1] / "last.safetensors"), "--no-ttt"]) == 2
     assert "has no test-time training to switch off (model.mixer='swa')" in capsys.readouterr().err
 

@@ -154,3 +154,14 @@ def test_eval_writes_how_to_reproduce_it_and_the_command_does(tmp_path) -> None:
         no_ttt=args.no_ttt, split=args.split, held_out=args.held_out,
     )  # fmt: skip
     assert again == metrics and csv_path.with_suffix(".md").read_text() == record
+
+
+def test_a_config_file_error_names_the_option_on_the_command_line(tmp_path, capsys) -> None:
+    """LOW: ``innerloop train --config bad.yaml`` said "file 'bad.yaml' is not valid YAML", naming the file
+    but not the option (its other errors, a missing file or a folder, say ``--config``)."""
+    from innerloop.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert f"error: --config file {str(bad)!r} is not valid YAML: " in capsys.readouterr().err

@@ -182,6 +182,8 @@ def _read_source(preset_or_file: str) -> tuple[str, str]:
         )
     if path.is_file():
         source = f"file {str(Path(preset_or_file))!r}"
+        if argument_name(PRESET_OR_FILE) != PRESET_OR_FILE:  # on the command line: the option too
+            source = f"{argument_name(PRESET_OR_FILE)} {source}"
         try:
             return path.read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as err:

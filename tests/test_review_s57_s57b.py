@@ -49,6 +49,7 @@ def test_a_corrupt_plugin_record_in_a_checkpoint_is_refused_naming_file_key_and_
         load_checkpoint(path)
 
 
+@pytest.mark.slow  # reason: its load builds the plugin registry (entry points), about 2 s in a cold process
 def test_a_well_formed_or_absent_plugin_record_loads(tmp_path) -> None:
     good = {"inner_loss": {"huber": {"origin": "-p m", "class": "m.Huber", "settings": {"delta": 2.0}}}}
     for record, sources in ((None, None), ({}, {}), (good, {"inner_loss": {"huber": "ab" * 32}})):

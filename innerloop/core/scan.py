@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -636,11 +636,13 @@ def run_scan_without_autocast(
     least) dtype, also when ``loss.backward()`` is called inside the ``torch.autocast`` region, which
     applies autocast to the backward's ops (PyTorch advises against it; users and some trainers do it).
 
-    The nodes that end the scan's graph (its outputs' and state's) get a pre-hook. A backward outside
-    autocast (the usual one) finds autocast off there and does nothing more. A backward inside it turns
-    autocast off for every node the scan recorded (whatever path: the torch ops of a rule, a kernel's
-    ``autograd.Function``), which the autograd engine restores after each node: the projections and the
-    rest of the model keep their bfloat16 backward. Outside autocast this is the plain call."""
+    The nodes that end the scan's graph (its outputs' and state's) get hooks (:class:`_ScanGuard`). A
+    backward outside autocast (the usual one) finds autocast off there and does nothing more. A backward
+    inside it turns autocast off for every node the scan recorded (whatever path: the torch ops of a rule,
+    a kernel's ``autograd.Function``), which the autograd engine restores after each node: the projections
+    and the rest of the model keep their bfloat16 backward. A backward with ``create_graph=True`` guards
+    the nodes each scan node records in turn, so a gradient of a gradient (a penalty, a meta-learned
+    loss) taken inside autocast also runs the scan's part in float32. Outside autocast this is the plain call."""
     if not autocast_on(device_type):
         return scan(*args, **kwargs)
     recording = torch.is_grad_enabled()
@@ -649,51 +651,115 @@ def run_scan_without_autocast(
         outputs, state = scan(*args, **kwargs)
     roots = [outputs, *state.tensors().values()]
     if recording and not transformed_or_dual(roots):  # torch.func's wrapped tensors: its own graph
-        hook = functools.partial(_autocast_off_from_here, last_before, device_type)
-        for node in {t.grad_fn for t in roots if t.grad_fn is not None}:
-            node.register_prehook(hook)
+        inputs = _input_nodes((scan, args, kwargs))
+        guard = _ScanGuard(device_type, last_before, inputs)
+        for node in {t.grad_fn for t in roots if t.grad_fn is not None and id(t.grad_fn) not in inputs}:
+            node.metadata[_GUARDED] = _WITH_SECOND_ORDER
+            node.register_prehook(guard.at_root)
+            node.register_hook(guard.after_node)
     return outputs, state
 
 
 _SEQUENCE_PROBE = torch.zeros((), requires_grad=True)
 """A leaf whose view's node reads the autograd sequence counter (never written, never differentiated)."""
 _ACCUMULATE_GRAD_SEQUENCE = 2**64 - 1  # a leaf's AccumulateGrad node: no computation to guard
-_GUARDED = "innerloop: backward without autocast"  # the key a guarded node's metadata holds
+_GUARDED = "innerloop: backward without autocast"  # the key of a guarded node's level in its metadata
+_FIRST_ORDER, _WITH_SECOND_ORDER = 1, 2  # the levels: its pre-hook; its pre-hook and post-hook
+_BEFORE = "innerloop: sequence number before the node ran"  # its metadata in a backward that records
 
 
 def _last_sequence_number() -> int:
-    """The sequence number of a node recorded now: every node recorded later (on this thread) has a larger one."""
+    """The sequence number of a node recorded now: every node recorded later on this thread has a larger
+    one (torch counts per thread: a node recorded on another thread may have any number)."""
     with torch.enable_grad():
         return _SEQUENCE_PROBE.view_as(_SEQUENCE_PROBE).grad_fn._sequence_nr()
 
 
-def _autocast_off(device_type: str, grad_outputs: tuple) -> None:
-    torch.set_autocast_enabled(device_type, False)  # for this node only: the engine restores it after
+def _input_nodes(value: object, found: dict[int, Any] | None = None) -> dict[int, Any]:
+    """The autograd nodes of every tensor in ``value`` (nested tuples, lists, dicts, dataclasses, modules'
+    parameters and buffers, a bound method's object), by ``id`` (the dict holds them: the ids stay theirs)."""
+    found = {} if found is None else found
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            found[id(value.grad_fn)] = value.grad_fn
+    elif isinstance(value, torch.nn.Module):
+        for tensor in [*value.parameters(), *value.buffers()]:
+            _input_nodes(tensor, found)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _input_nodes(item, found)
+    elif isinstance(value, dict):
+        _input_nodes(list(value.values()), found)
+    elif is_dataclass(value) and not isinstance(value, type):
+        _input_nodes([getattr(value, f.name) for f in fields(value)], found)
+    elif inspect.ismethod(value):
+        _input_nodes(value.__self__, found)
+    return found
 
 
-def _autocast_off_from_here(last_before: int, device_type: str, grad_outputs: tuple) -> None:
-    """The pre-hook of a node that ends a scan: in a backward under autocast, turns it off for this
-    node and hooks :func:`_autocast_off` on every scan node below (recorded after ``last_before``) that
-    is not hooked yet (marked in the node's metadata: the hook holds no node, no reference cycle)."""
-    if not torch.is_autocast_enabled(device_type):
-        return
-    root = torch._C._current_autograd_node()
-    torch.set_autocast_enabled(device_type, False)
-    if root is None or root.metadata.get(_GUARDED):
-        return
-    root.metadata[_GUARDED] = True
-    hook = functools.partial(_autocast_off, device_type)
-    pending = [child for child, _ in root.next_functions]
-    while pending:
-        node = pending.pop()
-        if node is None or node.metadata.get(_GUARDED):
-            continue
-        number = node._sequence_nr()
-        if number <= last_before or number == _ACCUMULATE_GRAD_SEQUENCE:
-            continue
-        node.metadata[_GUARDED] = True
-        node.register_prehook(hook)
-        pending.extend(child for child, _ in node.next_functions)
+class _ScanGuard:
+    """The hooks of one scan's nodes. The nodes it guards: those the scan recorded, found by walking down
+    from the nodes that end its graph and stopping at its inputs' nodes (by identity, whatever thread
+    recorded them), at nodes recorded before it on its thread (a tensor the scan reads that is no
+    argument: a plugin's own) and at leaves; in a backward that records (``create_graph=True``), the nodes
+    each guarded node records, found the same way from its results. A guarded node's pre-hook turns
+    autocast off for that node (the engine restores it after each node). The hooks hold no node of the
+    scan (none of them holds the guard): no reference cycle."""
+
+    __slots__ = ("device_type", "last_before", "inputs")
+
+    def __init__(self, device_type: str, last_before: int, inputs: dict[int, Any]) -> None:
+        self.device_type, self.last_before, self.inputs = device_type, last_before, inputs
+
+    def at_root(self, grad_outputs: tuple) -> None:
+        """The pre-hook of a node that ends the scan: in a backward under autocast, or one that records,
+        guards the scan's nodes below it (once: the level in each node's metadata says so)."""
+        recording = torch.is_grad_enabled()
+        if not (recording or torch.is_autocast_enabled(self.device_type)):
+            return
+        self.before_node(grad_outputs)
+        root = torch._C._current_autograd_node()
+        if root is not None:
+            level = _WITH_SECOND_ORDER if recording else _FIRST_ORDER
+            self._guard([child for child, _ in root.next_functions], self.last_before, level)
+
+    def before_node(self, grad_outputs: tuple) -> None:
+        """A guarded node's pre-hook: autocast off for this node; in a backward that records, the sequence
+        number before it runs (for :meth:`after_node`)."""
+        torch.set_autocast_enabled(
+            self.device_type, False
+        )  # for this node only: the engine restores it after
+        if torch.is_grad_enabled():
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                node.metadata[_BEFORE] = _last_sequence_number()
+
+    def after_node(self, grad_inputs: tuple, grad_outputs: tuple) -> None:
+        """A guarded node's post-hook: in a backward that records, guards the nodes this node recorded."""
+        node = torch._C._current_autograd_node() if torch.is_grad_enabled() else None
+        before = None if node is None else node.metadata.pop(_BEFORE, None)
+        if before is not None:
+            starts = [t.grad_fn for t in grad_inputs if t is not None]
+            self._guard(starts, before, _WITH_SECOND_ORDER)
+
+    def _guard(self, starts: list, before: int, level: int) -> None:
+        pending = starts
+        while pending:
+            node = pending.pop()
+            if node is None:
+                continue
+            guarded = node.metadata.get(_GUARDED, 0)
+            if guarded >= level:
+                continue
+            if not guarded:
+                number = node._sequence_nr()
+                if number <= before or number == _ACCUMULATE_GRAD_SEQUENCE or id(node) in self.inputs:
+                    continue
+                node.register_prehook(self.before_node)
+            if level == _WITH_SECOND_ORDER:
+                node.register_hook(self.after_node)
+            node.metadata[_GUARDED] = level
+            pending.extend(child for child, _ in node.next_functions)
 
 
 _ALLOCATION_FAILURES = (RuntimeError, MemoryError, torch.OutOfMemoryError)

@@ -343,7 +343,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
     as it is."""
     if torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, **options)
-    if transformed_or_dual((q, k, v)):
+    if transformed_or_dual((q, k, v)) or _fused_cpu_would_drop_non_finite(q, k):
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
     learned_mask = any(isinstance(o, torch.Tensor) and o.requires_grad for o in options.values())
@@ -356,6 +356,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
             options = {name: cast(value) for name, value in options.items()}
             return _TwiceDifferentiableAttention.apply(q, k, v, options, backends)
     return F.scaled_dot_product_attention(q, k, v, **options)
+
+
+def _fused_cpu_would_drop_non_finite(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``q`` or ``k``, on a CPU, may hold NaN or inf: torch's fused CPU kernel (torch 2.13) returns
+    finite numbers for a query holding NaN or inf and for the queries seeing a NaN key (a decoded token,
+    blocks of 8 queries; at 64 of width 16 it propagates them), where the math kernel, as the definition,
+    gives NaN. Then the math kernel runs (also on finite values whose sum overflows: the same numbers).
+    Two sums and one read per call on a CPU, where a read does not stall a queue (CUDA's kernels are not
+    asked: not measured there)."""
+    if q.device.type != "cpu" or k.device.type != "cpu":
+        return False
+    return not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)))
 
 
 def _cast_as_autocast_would(device_type: str) -> Callable[[Any], Any] | None:

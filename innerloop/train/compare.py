@@ -222,10 +222,20 @@ def model_names(paths: Sequence[Path]) -> list[str]:
 def token_losses(
     module: LanguageModelModule, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
-    """Next-token loss of every target, ``[W, T]`` float64 (0 where the target is ignored)."""
+    """Next-token loss of every target, ``[W, T]`` float64 (0 where the target is ignored). Logits with NaN
+    or ``+inf`` (or ``-inf`` for every token) at a position are refused, naming the windows: their loss
+    (NaN, or a finite number past a +inf logit) would be a perplexity in the table without a word."""
     pieces = []
     for start in range(0, inputs.shape[0], batch_size):
         logits = module(inputs[start : start + batch_size]).double()  # [b, T, V]
+        finite = torch.isfinite(logits.amax(dim=-1)).all(dim=-1)  # [b]: max propagates NaN
+        if not bool(finite.all()):
+            windows = (start + (~finite).nonzero().flatten()).tolist()
+            raise ValueError(
+                f"the model produced non-finite logits (NaN or +inf, or -inf for every token) in windows "
+                f"{windows} of {inputs.shape[0]} at length {inputs.shape[1]}: its weights or activations "
+                "overflowed or hold NaN, and no loss or perplexity can be told"
+            )
         pieces.append(
             F.cross_entropy(
                 logits.transpose(1, 2), targets[start : start + batch_size], ignore_index=IGNORE_INDEX,
@@ -277,7 +287,10 @@ def _evaluate_length(
     for model in models:
         check_vocabulary(model.module, inputs, targets, tokenizer, model=f"the compared model {model.name}")
         with no_test_time_training(model.module.model) if model.no_ttt else nullcontext():
-            sums.append(bucket_sums(token_losses(model.module, inputs, targets, batch_size), buckets))
+            try:
+                sums.append(bucket_sums(token_losses(model.module, inputs, targets, batch_size), buckets))
+            except ValueError as error:
+                raise ValueError(f"the compared model {model.name}: {error}") from None
     return LengthResult(inputs.shape[1], buckets, torch.stack(sums), counts, inputs.shape[0])
 
 

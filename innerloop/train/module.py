@@ -892,7 +892,13 @@ class LanguageModelModule(L.LightningModule):
             logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )  # [B, T]
         scored = targets != IGNORE_INDEX
-        if fitting and not self._finite_on_every_process(token_loss[scored]):
+        if not self._finite_on_every_process(token_loss[scored]):
+            if not fitting:  # an evaluation's perplexity would be NaN or inf without a word
+                raise ValueError(
+                    f"evaluation batch {batch_idx}: the model's loss is not finite (its logits hold NaN or "
+                    "inf: its weights or activations overflowed or hold NaN), so no loss or perplexity can "
+                    "be told"
+                )
             what = f"the validation loss is not finite after {self.global_step} optimizer steps"
             raise self._non_finite_error(what, calls)
         self.val_ppl.update(logits, targets)

@@ -100,10 +100,8 @@ def test_attention_on_a_cpu_keeps_nan_and_inf_where_the_definition_does(which: s
         torch.manual_seed(0)
         t = {name: torch.randn(1, 2, queries if name == "q" else 8, 8) for name in "qkv"}
         t[which][0, 0, 0, 0] = value
-        mask = torch.ones(queries, 8, dtype=torch.bool).tril(8 - queries)
+        options = {"is_causal": queries > 1}  # a prefill: causal; a decoded token: every key, no mask
         with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-            expected = torch.nn.functional.scaled_dot_product_attention(
-                t["q"], t["k"], t["v"], attn_mask=mask
-            )
+            expected = torch.nn.functional.scaled_dot_product_attention(t["q"], t["k"], t["v"], **options)
         assert not torch.isfinite(expected).all() or (which, value) == ("k", float("inf"))  # may weigh 0
-        torch.testing.assert_close(attend(t["q"], t["k"], t["v"], attn_mask=mask), expected, equal_nan=True)
+        torch.testing.assert_close(attend(t["q"], t["k"], t["v"], **options), expected, equal_nan=True)

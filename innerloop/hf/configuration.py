@@ -27,6 +27,7 @@ from innerloop.checkpoints import (
     saved_model_config,
 )
 from innerloop.core.callers import warning_stacklevel
+from innerloop.hf.arguments import check_flag
 from innerloop.models.config import (
     E2E_CHECK_OPTIONS,
     ModelConfig,
@@ -241,6 +242,7 @@ class InnerloopConfig(PreTrainedConfig):
         if "torch_dtype" in kwargs:  # transformers' older name: it takes it where dtype is None
             kwargs["torch_dtype"] = recorded_weights_dtype("torch_dtype", kwargs["torch_dtype"])
         super().__post_init__(**kwargs)
+        check_flag("InnerloopConfig: use_cache", self.use_cache)  # "false" would read as true
         self.check_special_token_ids()
         check_token_index_record(
             self.innerloop_token_index_dtype, "InnerloopConfig: innerloop_token_index_dtype"

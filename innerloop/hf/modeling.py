@@ -1204,6 +1204,8 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         or None where ``use_cache`` (default: the config's) is off or the mask allows none. After
         ``embeds`` (no ids read) the cache has no fingerprint: ``generate()`` cannot compare ids with it;
         it compares the embeddings read (:meth:`_embedding_fingerprint_after`) instead."""
+        if use_cache is None:  # the config's, which may have been set since it was checked
+            check_flag("config.use_cache", self.config.use_cache)
         wanted = self.config.use_cache if use_cache is None else use_cache
         if not (wanted and may_cache):
             return None

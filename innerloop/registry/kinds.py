@@ -383,8 +383,8 @@ def _check_model_learns(model: Any, name: str, params: dict[str, torch.Tensor], 
     if grads and unread:
         raise PluginError(
             f"inner model {name!r}: forward never reads the weight(s) {unread} (no gradient w.r.t. them at a "
-            f"random point); param_shapes must declare only the weights forward uses (the inner loop "
-            "differentiates w.r.t. every declared weight)"
+            "random point); param_shapes must declare only the weights forward uses: a layer trains each "
+            "declared weight's initial value as a parameter, one that gets no gradient (DDP refuses it)"
         )
     if not any(g is not None and bool(g.abs().sum() > 0) for g in grads):
         raise PluginError(

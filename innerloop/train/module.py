@@ -572,8 +572,9 @@ class LanguageModelModule(L.LightningModule):
 
         A norm that is NaN or inf, from a loss that was finite (a plugin's backward: a sqrt or a division
         at 0), stops the run as diverged before the step applies it: clipped, or in AdamW's moments, it
-        made every weight NaN, and the run stopped a step later blaming a NaN loss. Not under a float16
-        run's loss scaling, whose scaler skips such a step and lowers its scale."""
+        made every weight NaN, and the run stopped a step later blaming a NaN loss. Under a float16 run's
+        loss scaling, whose scaler skips such a step and halves its scale, only once that scale is below 1
+        (:meth:`_non_finite_at_every_scale`)."""
         if self._trainer is None or isinstance(self.trainer.strategy, SHARDING_STRATEGIES):
             return
         grads = [
@@ -583,13 +584,29 @@ class LanguageModelModule(L.LightningModule):
             return
         norm = torch.nn.utils.get_total_norm(grads)  # one fused pass in the gradients' own dtype, as clipping
         self.log("grad_norm", norm, batch_size=1)
-        # every process holds the same all-reduced gradients: each stops alike, without a collective
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None and not bool(torch.isfinite(norm)):
+        # every process holds the same all-reduced gradients (and scale): each stops alike, without a collective
+        if not bool(torch.isfinite(norm)) and self._non_finite_at_every_scale():
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            scaled = (
+                ""
+                if scaler is None
+                else f" at every loss scale down to {scaler.get_scale():g} (16-mixed's scaler skipped each such "
+                "step, halving its scale)"
+            )
             raise self.diverged(
-                f"the gradients of optimizer step {self.global_step + 1} hold {float(norm)} (their norm), from "
-                "a finite training loss; the step was not applied. A finite loss whose backward is not comes "
+                f"the gradients of optimizer step {self.global_step + 1} hold {float(norm)} (their norm){scaled}, "
+                "from a finite training loss; the step was not applied. A finite loss whose backward is not comes "
                 "from a plugin's backward (a sqrt, log or division at 0) or gradients beyond the dtype's range"
             )
+
+    def _non_finite_at_every_scale(self) -> bool:
+        """Whether non-finite gradients stop the run: always without a loss scaler; with one (16-mixed),
+        once its scale is below 1. The scaler skips a step whose gradients are not finite and halves its
+        scale, which a run with gradients beyond float16's range meets a few times; gradients still not
+        finite at a scale below 1 (17 halvings of its initial 65536) are so at every scale (a plugin's NaN
+        backward), and every step was skipped since, the weights untouched, silently."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler is None or not scaler.is_enabled() or scaler.get_scale() < 1.0
 
     def _optimizer_step_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The mean loss of this optimizer step's micro-batches so far: under gradient accumulation the

@@ -106,7 +106,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        wrapped = _wrapped_os_error(err)
+        wrapped = os_errno(err)
         if wrapped is not None and str(path) not in str(err):
             # the same errno (and OSError subclass), with the file that was being written named, and the
             # file the error was about where that was another one (a source the writer read)
@@ -123,8 +123,8 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)\s*$")
 safetensors raises a ``SafetensorError``, not an ``OSError``, for a full disk while it writes."""
 
 
-def _wrapped_os_error(err: BaseException) -> int | None:
-    """The errno of ``err``: an ``OSError``'s, or one a library's error carries in its text
+def os_errno(err: BaseException) -> int | None:
+    """The operating system's errno behind ``err``: an ``OSError``'s, or one a library's error carries in its text
     (:data:`_RUST_OS_ERROR`); None for any other error."""
     if isinstance(err, OSError):
         return err.errno

@@ -112,6 +112,7 @@ from innerloop.data.atomic import (
     atomic_write_text,
     file_sha256,
     file_stamp,
+    os_errno,
     remove_stale_temporaries_of,
 )
 from innerloop.data.hf import FORMATS, data_format, data_suffix, source_files
@@ -1412,13 +1413,9 @@ def _check_weights_fit(module: LanguageModelModule, stored: Any, ckpt: Path) -> 
 
 def out_of_space(err: BaseException) -> bool:
     """Whether ``err`` says that a write found the disk (or the user's quota) full: an ``OSError`` with
-    ENOSPC or EDQUOT, or safetensors' error wrapping one (which is not an ``OSError``)."""
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(err)
-    return isinstance(err, SafetensorError) and any(
-        f"os error {code}" in text for code in (errno.ENOSPC, errno.EDQUOT)
-    )
+    ENOSPC or EDQUOT, or safetensors' error carrying one in its text (not an ``OSError``; read as
+    :func:`~innerloop.data.atomic.atomic_write` reads it, :func:`~innerloop.data.atomic.os_errno`)."""
+    return isinstance(err, (OSError, SafetensorError)) and os_errno(err) in (errno.ENOSPC, errno.EDQUOT)
 
 
 def trained_dtype(precision: str) -> torch.dtype | None:

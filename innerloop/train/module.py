@@ -272,6 +272,29 @@ def _config_value(config: Any, key: str) -> Any:
     return node
 
 
+COMPILED = "_orig_mod."  # the attribute torch.compile's OptimizedModule keeps the compiled module under
+
+
+def _compile_free_names(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A state-dict hook: the names of the weights of a part compiled in place
+    (``module.model = torch.compile(module.model)``) without torch.compile's ``_orig_mod.`` segment, so
+    that every checkpoint of the module (Lightning's, :func:`save_model_checkpoint`) names them as the
+    uncompiled model does and loads into one (``innerloop eval``, ``load_from_checkpoint``)."""
+    for key in [key for key in state_dict if key.startswith(prefix) and COMPILED in key]:
+        state_dict[prefix + key[len(prefix) :].replace(COMPILED, "")] = state_dict.pop(key)
+
+
+def _compiled_names(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A load-state-dict pre-hook, :func:`_compile_free_names` undone: weights named as the uncompiled
+    model names them load into a module whose parts are compiled (a resume with ``ckpt_path``)."""
+    names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in module.named_buffers(remove_duplicate=False)]
+    for name in names:
+        plain = prefix + name.replace(COMPILED, "")
+        if COMPILED in name and plain in state_dict:
+            state_dict[prefix + name] = state_dict.pop(plain)
+
+
 def _per_item(values: torch.Tensor) -> torch.Tensor:
     """A metric's per-bucket or per-layer values as a 1-d tensor: torchmetrics squeezes a one-element
     result to 0-d (one layer, one position bucket), which cannot be indexed or iterated."""
@@ -366,6 +389,8 @@ class LanguageModelModule(L.LightningModule):
         hyperparameters = _checked_hyperparameters(**arguments)
         self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
+        self._register_state_dict_hook(_compile_free_names)  # torch.compile(module.model): plain names
+        self._register_load_state_dict_pre_hook(_compiled_names, with_module=True)
         plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
         plugin_record(model)  # and their settings, read at each save: a settings() that fails, fails here
         self.val_ppl = Float64Perplexity(ignore_index=IGNORE_INDEX)

@@ -464,6 +464,8 @@ class TextDataModule(_IndexedDataModule):
         test text, ``data.test_fraction`` > 0) the test files only; the training and validation text for
         any other stage. The test text is never read for training."""
         if stage == "test" and self.test_fraction == 0:
+            if self.trainer is not None:  # trainer.test(dataloaders=...) after a fit: its loaders, not ours
+                return
             raise DataError(NO_TEST_SPLIT)
         if self._read_for(stage):
             return
@@ -937,6 +939,8 @@ class HFDataModule(L.LightningDataModule):
         windows too, for any ``stage`` but ``"validate"`` (an evaluation of the validation windows).
         ``stage="test"`` at ``test_fraction`` 0 is a :class:`DataError`, as :class:`TextDataModule`'s."""
         if stage == "test" and self.test_fraction == 0:
+            if self.trainer is not None:  # trainer.test(dataloaders=...) after a fit: its loaders, not ours
+                return
             raise DataError(NO_TEST_SPLIT)
         if self.dataset is None:
             self._files = files_record(source_files(self.paths))

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import tempfile
 import typing
 import warnings
@@ -61,6 +62,8 @@ from innerloop.data.atomic import atomic_write_text
 from innerloop.data.hf import check_hf_dataset, check_hf_source
 from innerloop.data.recall import RECALL_VALUES, recall_length
 from innerloop.data.text import (
+    CHECKPOINT_FILE,
+    PENDING_CHECKPOINT,
     check_text_split,
     expanded_entry,
     glob_matches,
@@ -1393,8 +1396,8 @@ def _check_hf_values(run: RunConfig) -> None:
 _RUN_FILES = (
     "config.yaml",
     ".innerloop.lock",
-    "last.safetensors",
-    ".last.safetensors.pending",
+    CHECKPOINT_FILE,
+    PENDING_CHECKPOINT,
     ".config.yaml.x1y2.tmp",
     "loss_by_position.csv",
     "loss_by_position.png",
@@ -1808,14 +1811,66 @@ def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
     other_model = other_model_folder_problem(path)
     if other_model is not None:
         return other_model
+    unconfirmed = unconfirmed_run_problem(path, f"checkpoint {name}")
+    if unconfirmed is not None:
+        return unconfirmed
     if path.is_dir():
         return (
             f"checkpoint {name} is a directory; give the checkpoint file in it "
-            f"(e.g. {str(path / ('last' + CHECKPOINT_SUFFIX))!r})"
+            f"(e.g. {str(path / CHECKPOINT_FILE)!r})"
         )
     if not path.is_file():
         return f"checkpoint {name} does not exist or is not a file"
     return None
+
+
+def unconfirmed_run_problem(folder: str | os.PathLike[str], given: str) -> str | None:
+    """What to do with ``folder`` (``given``: how the message names it) when it is a run folder that holds
+    its run's checkpoint only as :data:`~innerloop.data.text.PENDING_CHECKPOINT` (the run was killed
+    before it confirmed its first checkpoint): resume it (:func:`resume_command`), or, if that checkpoint
+    is not whole (the resume judges it and removes it), start it again; None for any other path."""
+    folder = Path(folder)
+    if (
+        not folder.is_dir()
+        or (folder / CHECKPOINT_FILE).exists()
+        or not (folder / PENDING_CHECKPOINT).is_file()
+    ):
+        return None
+    config = shlex.quote(str(folder / "config.yaml"))
+    return (
+        f"{given} holds no {CHECKPOINT_FILE}: its run was interrupted before its first checkpoint was moved "
+        f"into place (written as {PENDING_CHECKPOINT}, not yet confirmed); `{resume_command(folder)}` "
+        "continues the run from that checkpoint if it is whole (the resume checks it, and removes it if it "
+        f"is not: then start the run again, e.g. `innerloop train --config {config} out_dir=<a new folder>`)"
+    )
+
+
+def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
+    """``innerloop train --resume out_dir=<out_dir>`` followed by ``overrides``, with ``out_dir=...``
+    quoted for a POSIX shell where the path needs it (a space, a quote, ``$``), and its value for the
+    override's YAML where that would read it as another value (:func:`_as_override_value`), so that the
+    command a message gives continues that run when pasted."""
+    value = _as_override_value(os.fspath(out_dir))
+    return f"innerloop train --resume {shlex.quote(f'out_dir={value}')}{overrides}"
+
+
+def _as_override_value(text: str) -> str:
+    """``text`` as the value of a ``key=value`` override that reads back as that string: as it is where
+    YAML (PyYAML's and OmegaConf's) reads it so, else single-quoted, with an interpolation's ``${``
+    escaped (unquoted, ``runs/x #2`` read as ``runs/x``, another run's folder; ``true`` and ``1e3`` as
+    other values; a tab or ``a: b`` did not parse; a backslash before ``${`` is doubled, as OmegaConf reads
+    it)."""
+    try:
+        plain = (
+            "${" not in text
+            and yaml.safe_load(text) == text
+            and OmegaConf.from_dotlist([f"v={text}"]).v == text
+        )
+    except Exception:  # PyYAML's and OmegaConf's errors: either cannot read it plain
+        plain = False
+    # OmegaConf reads \${ as a literal ${, and 2n backslashes before ${ as n: n backslashes become 2n + 1
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text.replace("'", "''"))
+    return text if plain else "'" + escaped + "'"
 
 
 def other_model_folder_problem(path: str | os.PathLike[str]) -> str | None:

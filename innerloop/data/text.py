@@ -156,6 +156,13 @@ def _found_files(pattern: str) -> list[tuple[Path, str]]:
     return _refuse_checkpoints(pattern, path, matched)
 
 
+CHECKPOINT_FILE = "last.safetensors"
+"""The checkpoint a training run keeps in its out_dir (``innerloop.train.run_dir`` re-exports it)."""
+PENDING_CHECKPOINT = f".{CHECKPOINT_FILE}.pending"
+"""The one definition of the name of a checkpoint a run wrote but has not confirmed yet (it replaces
+:data:`CHECKPOINT_FILE` once the next step's loss on its weights is finite; a killed run can leave one:
+``innerloop.train.run_dir.settle_pending_checkpoint``)."""
+
 _CHECKPOINT_NAMES = (".safetensors", ".safetensors.pending")
 """How a file of weights ends (a run's ``last.safetensors``, its pending ``.last.safetensors.pending``, an
 HF folder's ``model.safetensors``): never text."""
@@ -166,7 +173,7 @@ def _refuse_checkpoints(pattern: str, path: Path, matched: list[tuple[Path, str]
     checkpoint (a file of weights) or is a run folder (its pending checkpoint, hidden, would be skipped and
     its config.yaml read): the weights would be trained on or scored as text (``data.paths=[runs/a]``, or
     ``compare A --data code.py B`` with B meant as a model)."""
-    pending = path / ".last.safetensors.pending"
+    pending = path / PENDING_CHECKPOINT
     weights = [found for found, _ in matched if found.name.endswith(_CHECKPOINT_NAMES)]
     if not weights and not (path.is_dir() and pending.is_file()):
         return matched

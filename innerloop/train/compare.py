@@ -54,6 +54,7 @@ from innerloop.config.load import (
     decay_steps,
     given_argument,
     other_model_folder_problem,
+    unconfirmed_run_problem,
     warmup_steps,
 )
 from innerloop.config.schema import DataConfig, RunConfig
@@ -177,6 +178,9 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
             other_model = other_model_folder_problem(folder)  # a Hugging Face export, a TTT-E2E orbax one
             if other_model is not None:
                 raise ConfigError(other_model)
+            unconfirmed = unconfirmed_run_problem(folder, repr(str(run_or_checkpoint)))
+            if unconfirmed is not None:  # a run killed before its first checkpoint was confirmed
+                raise ConfigError(unconfirmed)
             raise ConfigError(f"{str(run_or_checkpoint)!r} is a folder without a checkpoint ({path.name})")
     elif not path.is_file():
         raise ConfigError(

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -100,6 +99,7 @@ from innerloop.config.load import (
     given_flag,
     read_run_config,
     require_run_config,
+    resume_command,
     run_tokenizer,
     save_config,
     warmup_steps,
@@ -881,15 +881,6 @@ def _stop_reason(trainer: L.Trainer) -> str:
     return "(a callback asked it to stop)"
 
 
-def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
-    """``innerloop train --resume out_dir=<out_dir>`` followed by ``overrides``, with ``out_dir=...``
-    quoted for a POSIX shell where the path needs it (a space, a quote, ``$``), and its value for the
-    override's YAML where that would read it as another value (:func:`_as_override_value`), so that the
-    command a message gives continues that run when pasted."""
-    value = _as_override_value(os.fspath(out_dir))
-    return f"innerloop train --resume {shlex.quote(f'out_dir={value}')}{overrides}"
-
-
 def continuing_call(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
     """How the caller of :func:`train` continues the run in ``out_dir`` (``overrides``: `` key=value``
     items, each after a space), in backquotes: :func:`resume_command` when ``resume`` came from the
@@ -901,28 +892,6 @@ def continuing_call(out_dir: str | os.PathLike[str], overrides: str = "") -> str
     folder = os.fspath(out_dir)
     config = os.path.join(folder, "config.yaml")
     return f"`train(*load_config({config!r}, {overrides.split()!r}, out_dir={folder!r}), resume=True)`"
-
-
-def _as_override_value(text: str) -> str:
-    """``text`` as the value of a ``key=value`` override that reads back as that string: as it is where
-    YAML (PyYAML's and OmegaConf's) reads it so, else single-quoted, with an interpolation's ``${``
-    escaped (unquoted, ``runs/x #2`` read as ``runs/x``, another run's folder; ``true`` and ``1e3`` as
-    other values; a tab or ``a: b`` did not parse; a backslash before ``${`` is doubled, as OmegaConf reads
-    it)."""
-    import yaml
-    from omegaconf import OmegaConf
-
-    try:
-        plain = (
-            "${" not in text
-            and yaml.safe_load(text) == text
-            and OmegaConf.from_dotlist([f"v={text}"]).v == text
-        )
-    except Exception:  # PyYAML's and OmegaConf's errors: either cannot read it plain
-        plain = False
-    # OmegaConf reads \${ as a literal ${, and 2n backslashes before ${ as n: n backslashes become 2n + 1
-    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text.replace("'", "''"))
-    return text if plain else "'" + escaped + "'"
 
 
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:

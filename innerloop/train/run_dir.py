@@ -45,17 +45,14 @@ from innerloop.config.load import ConfigError, given_flag, read_run_config
 from innerloop.config.trainer_args import is_launched_worker as is_launched_worker  # first home: config
 from innerloop.core.durable import fsync_directory
 from innerloop.data.atomic import atomic_write_text, stale_temporaries
+from innerloop.data.text import CHECKPOINT_FILE as CHECKPOINT_FILE  # defined once, in data.text
+from innerloop.data.text import PENDING_CHECKPOINT as PENDING_CHECKPOINT  # see settle_pending_checkpoint
 from innerloop.train.loggers import SUPERSEDED_METRICS, cut_torn_row
 
 log = logging.getLogger(__name__)
 
 #: The files a training run writes at the top of its out_dir (Lightning's logs go under ``logs/``).
-CHECKPOINT_FILE = "last.safetensors"
 RUN_OUTPUTS = ("config.yaml", CHECKPOINT_FILE, "loss_by_position.csv", "loss_by_position.png")
-#: A checkpoint written but not yet confirmed (see ``innerloop.train.run``): it replaces
-#: ``last.safetensors`` once the next step's loss on its weights is finite. A killed run can leave one;
-#: :func:`settle_pending_checkpoint` then keeps it for ``--resume`` if it is whole and later.
-PENDING_CHECKPOINT = ".last.safetensors.pending"
 #: A run is in an out_dir when one of these is there.
 RUN_MARKERS = ("config.yaml", CHECKPOINT_FILE, PENDING_CHECKPOINT)
 #: What ``--overwrite`` sets aside (and puts back if the new run ends without a checkpoint).

@@ -1,0 +1,47 @@
+"""Review s57m: the CLI's messages where a user is stuck say, in one line, what to do."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from innerloop.cli import main
+from innerloop.config.load import resume_command
+from innerloop.data.text import PENDING_CHECKPOINT
+
+
+def _one_error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"innerloop {command}: error: "), captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "eval",
+        "generate",
+        pytest.param("export", marks=pytest.mark.slow),  # ~8 s alone: imports transformers
+        pytest.param("compare", marks=pytest.mark.slow),  # ~4 s alone: imports Lightning
+    ],
+)
+def test_a_run_killed_before_its_first_checkpoint_was_confirmed_is_told_to_resume(
+    capsys, tmp_path, command
+) -> None:
+    """A run folder holding only its pending checkpoint: eval said 'give .../last.safetensors' (not
+    there), compare 'a folder without a checkpoint'; now both say it was interrupted and how to go on."""
+    folder = tmp_path / "run #2"  # a name the resume command must quote (shell and override)
+    folder.mkdir()
+    (folder / "config.yaml").write_text("seed: 0\n")
+    (folder / PENDING_CHECKPOINT).write_bytes(b"not judged here")
+    arguments = {"export": [str(folder), str(tmp_path / "hf")], "compare": [str(folder), str(folder)]}
+    assert main([command, *arguments.get(command, [str(folder)])]) == 2
+    line = _one_error_line(capsys, command)
+    assert "interrupted before its first checkpoint was moved into place" in line, line
+    resume = resume_command(folder)
+    assert f"`{resume}`" in line and shlex.split(resume)[-1] == f"out_dir='{folder}'", line
+    assert "if it is whole" in line and "start the run again" in line, line
+    assert "give the checkpoint file in it" not in line and "without a checkpoint" not in line, line

@@ -45,3 +45,20 @@ def test_a_run_killed_before_its_first_checkpoint_was_confirmed_is_told_to_resum
     assert f"`{resume}`" in line and shlex.split(resume)[-1] == f"out_dir='{folder}'", line
     assert "if it is whole" in line and "start the run again" in line, line
     assert "give the checkpoint file in it" not in line and "without a checkpoint" not in line, line
+
+
+@pytest.mark.parametrize(
+    ("given", "valid"),
+    [({"vocab_size": "256"}, False), ({"num_attention_heads": 3}, False), ({"vocab_size": 300}, True)],
+)
+def test_a_disagreeing_hf_field_is_suggested_in_the_model_section_only_where_valid(given, valid) -> None:
+    """config.json's top-level vocab_size "256" was refused with `set it there (model={'vocab_size':
+    '256'})`: a suggestion of the value that the model section refuses in turn."""
+    from innerloop.hf.configuration import InnerloopConfig
+
+    ((name, value),) = given.items()
+    with pytest.raises(ValueError) as caught:
+        InnerloopConfig(model={"hidden_size": 64, "num_heads": 4}, **given)
+    message = str(caught.value)
+    assert ("set it there (model={" in message) is valid, message
+    assert valid or f"{name}={value!r} is not a valid model." in message, message

@@ -94,6 +94,26 @@ def model_config_from(model: Any) -> ModelConfig:
     return config
 
 
+def _derived_disagreement(name: str, given: Any, config: ModelConfig) -> str:
+    """Why transformers' ``name`` (one of :data:`_DERIVED`), given as ``given``, is refused beside the
+    'model' section ``config``: it is read from there, where it may be set (suggested only where the model
+    section with it is valid, so that a suggestion never repeats an invalid value)."""
+    field_name = _DERIVED[name]
+    current = f"model.{field_name}={getattr(config, field_name)!r}"
+    try:
+        model_config_from({**config.to_dict(), field_name: given})
+    except ValueError as err:
+        reason = str(err).split(": ", 1)[-1]  # without model_config_from's prefix
+        return (
+            f"InnerloopConfig: {name}={given!r} is not a valid model.{field_name} ({reason}); {name} is "
+            f"read from the 'model' section ({current}): remove it, or set a valid value there"
+        )
+    return (
+        f"InnerloopConfig: {name}={given!r} disagrees with {current}; {name} is read from the 'model' "
+        f"section, set it there (model={{{field_name!r}: {given!r}}})"
+    )
+
+
 def _loaded_model_section(model: Any) -> Any:
     """config.json's ``model`` section read as a saved model config is: E2E options added since an
     export was written get the values its model used then, ``model.family`` keys its member never read
@@ -222,14 +242,10 @@ class InnerloopConfig(PreTrainedConfig):
         _first_built()  # the Auto model class is registered once a config exists (hook.py)
         config = model_config_from(self.model)
         self.model = config.to_dict()
-        for name, field_name in _DERIVED.items():
+        for name in _DERIVED:
             given = kwargs.pop(name, None)
-            if given is not None and given != getattr(config, field_name):
-                raise ValueError(
-                    f"InnerloopConfig: {name}={given!r} disagrees with model.{field_name}="
-                    f"{getattr(config, field_name)!r}; {name} is read from the 'model' section, "
-                    f"set it there (model={{{field_name!r}: {given!r}}})"
-                )
+            if given is not None and given != getattr(config, _DERIVED[name]):
+                raise ValueError(_derived_disagreement(name, given, config))
         given_tie = kwargs.pop("tie_word_embeddings", None)
         if given_tie is not None and given_tie != self.tie_word_embeddings:
             raise ValueError(

@@ -62,3 +62,23 @@ def test_a_disagreeing_hf_field_is_suggested_in_the_model_section_only_where_val
     message = str(caught.value)
     assert ("set it there (model={" in message) is valid, message
     assert valid or f"{name}={value!r} is not a valid model." in message, message
+
+
+@pytest.mark.parametrize("text", ["true", "3", "a,b", "a.txt"])
+def test_a_one_value_list_key_is_suggested_as_a_list_that_reads_back_as_that_value(text) -> None:
+    """``data.paths=true`` was told to write ``data.paths=[true]``, which is refused in turn (a bool for
+    a path: quote it); the suggested override and YAML now read back as ``[text]``."""
+    import re
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from innerloop.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", [f"data.paths={text}"])
+    override, in_yaml = re.search(
+        r"write (data\.paths=\[.*\]) \(in YAML: (paths: \[.*\])\)", str(caught.value)
+    ).groups()
+    assert OmegaConf.to_container(OmegaConf.from_dotlist([override]))["data"]["paths"] == [text], override
+    assert yaml.safe_load(in_yaml) == {"paths": [text]}, in_yaml

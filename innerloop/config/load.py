@@ -546,10 +546,10 @@ def _check_container_kind(given: str, text: str, key: str, source: str) -> None:
         return
     words, example = _key_words_and_example(key, expected)
     if wanted == "a list" and given == "one value":
-        yaml_key = key.rpartition(".")[2]
+        yaml_key, entry = key.rpartition(".")[2], _as_list_entry(text)  # never a suggestion refused in turn
         raise ConfigError(
-            f"config key {key!r} in {source} takes {words}, got one value {text!r}: write {key}=[{text}] "
-            f"(in YAML: {yaml_key}: [{text}])"
+            f"config key {key!r} in {source} takes {words}, got one value {text!r}: write {key}=[{entry}] "
+            f"(in YAML: {yaml_key}: [{entry}])"
         )
     shown = f"one value {text!r}" if given == "one value" else given
     raise ConfigError(
@@ -1868,9 +1868,26 @@ def _as_override_value(text: str) -> str:
         )
     except Exception:  # PyYAML's and OmegaConf's errors: either cannot read it plain
         plain = False
+    return text if plain else _quoted_override_value(text)
+
+
+def _as_list_entry(text: str) -> str:
+    """``text`` as the one entry of a list override ``key=[entry]`` (and of a YAML flow list) that reads
+    back as that string: as it is where both readers read ``[text]`` as ``[text]``, else quoted as
+    :func:`_as_override_value` quotes (unquoted, ``true`` is a bool, ``a,b`` two entries)."""
+    try:
+        listed = OmegaConf.to_container(OmegaConf.from_dotlist([f"v=[{text}]"]).v)
+        plain = "${" not in text and yaml.safe_load(f"[{text}]") == [text] and listed == [text]
+    except Exception:  # PyYAML's and OmegaConf's errors: either cannot read it plain
+        plain = False
+    return text if plain else _quoted_override_value(text)
+
+
+def _quoted_override_value(text: str) -> str:
+    """``text`` single-quoted for YAML and OmegaConf, reading back as ``text``."""
     # OmegaConf reads \${ as a literal ${, and 2n backslashes before ${ as n: n backslashes become 2n + 1
     escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text.replace("'", "''"))
-    return text if plain else "'" + escaped + "'"
+    return "'" + escaped + "'"
 
 
 def other_model_folder_problem(path: str | os.PathLike[str]) -> str | None:

@@ -82,3 +82,14 @@ def test_a_one_value_list_key_is_suggested_as_a_list_that_reads_back_as_that_val
     ).groups()
     assert OmegaConf.to_container(OmegaConf.from_dotlist([override]))["data"]["paths"] == [text], override
     assert yaml.safe_load(in_yaml) == {"paths": [text]}, in_yaml
+
+
+@pytest.mark.slow  # ~4 s alone: imports Lightning (compare)
+def test_compare_refuses_a_split_without_data_before_reading_a_checkpoint(capsys, tmp_path) -> None:
+    """``compare A A --split x`` read both checkpoints first, printing "A (2) is the same checkpoint as
+    A (1)" to stderr before the one-line error: two lines, after seconds of loading."""
+    missing = str(tmp_path / "none.safetensors")  # read first, this would be the error
+    assert main(["compare", missing, missing, "--split", "x"]) == 2
+    assert "--split 'x' names a split of --data, and no --data was given" in _one_error_line(
+        capsys, "compare"
+    )

@@ -88,6 +88,7 @@ from innerloop.train.run import (
     EvaluationWindows,
     RunFiles,
     check_held_out_name,
+    check_split_has_data,
     check_vocabulary,
     checkpoint_path,
     evaluation_windows,
@@ -332,6 +333,7 @@ def compare(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     paths = _path_list(paths)
+    check_split_has_data(split, paths)  # before the checkpoints are read (and noted on)
     checkpoints = [resolve_checkpoint(p) for p in runs_or_checkpoints]
     names = model_names(checkpoints)
     base = _baseline_index(baseline, names, runs_or_checkpoints, checkpoints, no_ttt)

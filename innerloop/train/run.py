@@ -1754,11 +1754,7 @@ def evaluation_windows(
             f"{str(err).removesuffix(advice)}repair it: it says how to read {argument_name('paths')} (as text, or a "
             "data.name='hf' run's text field), and whether the run trained on those files"
         ) from None
-    if split is not None and not paths:
-        data = argument_name("paths")
-        raise ConfigError(
-            f"{given_argument('split', split)} names a split of {data}, and no {data} was given"
-        )
+    check_split_has_data(split, paths)
     _check_held_out(held_out, paths, run, why_not)
     if held_out == "test":
         assert run is not None
@@ -1793,6 +1789,16 @@ def _refuse_a_recorded_run_unread(checkpoint: str | Path, why_not: str) -> None:
         f"{files} (and {argument_name('seq_len')}) to evaluate on text you name, or put the checkpoint's own "
         "run's config.yaml beside it"
     )
+
+
+def check_split_has_data(split: str | None, paths: Sequence[str]) -> None:
+    """:class:`ConfigError` naming ``split`` (``--split`` on the command line) when it is given without
+    ``paths`` (``--data``), whose split it names; checked before any checkpoint is read."""
+    if split is not None and not paths:
+        data = argument_name("paths")
+        raise ConfigError(
+            f"{given_argument('split', split)} names a split of {data}, and no {data} was given"
+        )
 
 
 def check_held_out_name(held_out: Any) -> None:

@@ -1861,8 +1861,25 @@ def _parse_intermixed(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         args.overrides = [*args.overrides, *(a for a in extras if not a.startswith("-"))]
         extras = [a for a in extras if a.startswith("-")]
     if extras:
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        parser.error(
+            f"unrecognized arguments: {' '.join(extras)}{_option_hint(parser, args.command, extras)}"
+        )
     return args
+
+
+def _option_hint(parser: argparse.ArgumentParser, command: str | None, extras: Sequence[str]) -> str:
+    """What the first unknown option among ``extras`` may have meant (``--temprature``: ``--temperature``),
+    among ``command``'s options, and where they are listed: ``""`` where none of ``extras`` is an option."""
+    import difflib
+
+    unknown = next((e.partition("=")[0] for e in extras if e.startswith("-")), None)
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if unknown is None or not subparsers or command not in subparsers[0].choices:
+        return ""
+    options = [o for a in subparsers[0].choices[command]._actions for o in a.option_strings]
+    close = difflib.get_close_matches(unknown, options, n=2, cutoff=0.75)
+    said = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{said} (`innerloop {command} -h` lists the options)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,3 +93,20 @@ def test_compare_refuses_a_split_without_data_before_reading_a_checkpoint(capsys
     assert "--split 'x' names a split of --data, and no --data was given" in _one_error_line(
         capsys, "compare"
     )
+
+
+@pytest.mark.parametrize(
+    ("arguments", "hint"),
+    [
+        (
+            ["generate", "x.safetensors", "--temprature", "0.5"],
+            "; did you mean --temperature? (`innerloop generate -h`",
+        ),
+        (["eval", "x.safetensors", "--held_out", "test"], "; did you mean --held-out? (`innerloop eval -h`"),
+        (["eval", "x.safetensors", "--bogus"], "--bogus (`innerloop eval -h` lists the options)"),
+    ],
+)
+def test_a_mistyped_option_names_the_options_it_may_have_meant(capsys, arguments, hint) -> None:
+    """A typo in an option said only "unrecognized arguments: --temprature 0.5", naming nothing valid."""
+    assert main(arguments) == 2
+    assert hint in _one_error_line(capsys, arguments[0])

@@ -400,6 +400,29 @@ def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> Checkpoin
     return CheckpointError(f"{str(path)!r} holds a model this innerloop cannot rebuild{other}: {reason}")
 
 
+COMPILED = "_orig_mod"
+"""The attribute under which torch.compile's wrapper (``OptimizedModule``) holds the module it compiled: a
+segment of every weight name of a compiled model (``_orig_mod.embed.weight``) or part
+(``blocks.1._orig_mod.mixer...``), which the uncompiled model does not have."""
+
+
+def plain_names(state_dict: Mapping[str, Any], where: str = "the state_dict") -> dict[str, Any]:
+    """``state_dict`` with torch.compile's ``_orig_mod`` segment taken out of every name, in the same order:
+    the names the uncompiled model has, which every checkpoint innerloop writes uses and every loader
+    reads (so a compiled and an uncompiled model read each other's files). Raises ``ValueError`` where
+    two names become one (``a._orig_mod.w`` beside ``a.w``): no weight is dropped."""
+    plain: dict[str, Any] = {}
+    for name, value in state_dict.items():
+        key = ".".join(part for part in name.split(".") if part != COMPILED)
+        if key in plain:
+            raise ValueError(
+                f"{where} names the weight {key!r} both with and without torch.compile's {COMPILED!r} "
+                "segment; keep one of them (e.g. the compiled model's state_dict alone)"
+            )
+        plain[key] = value
+    return plain
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``checkpoint`` (a tree of tensors and plain values) to ``path`` atomically, with its
     checksum. A checkpoint with a model (``hyper_parameters['model']``) also records where each plugin
@@ -417,6 +440,11 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) ->
             **checkpoint,
             PLUGINS_KEY: plugin_record(model, checkpoint.get(PLUGINS_KEY)),
             PLUGIN_SOURCES_KEY: plugin_sources(model, checkpoint.get(PLUGIN_SOURCES_KEY)),
+        }
+    if isinstance(checkpoint.get("state_dict"), Mapping):  # a compiled model's: the uncompiled names
+        checkpoint = {
+            **checkpoint,
+            "state_dict": plain_names(checkpoint["state_dict"], "the checkpoint's state_dict"),
         }
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(checkpoint, tensors, ""))
@@ -1160,6 +1188,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if not isinstance(tree, dict):
         raise CheckpointError(f"{name} has a metadata tree that is {a_type(tree)}, not a dict")
     _check_finite_weights(name, tree.get("state_dict"))
+    if isinstance(tree.get("state_dict"), dict):  # one an earlier innerloop wrote of a compiled model
+        try:
+            tree["state_dict"] = plain_names(tree["state_dict"], f"{name}'s state_dict")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
     _fill_earlier_defaults(tree)
     try:
         check_plugin_records(name, tree.get(PLUGINS_KEY), tree.get(PLUGIN_SOURCES_KEY))
@@ -1448,9 +1481,13 @@ def load_weights(
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_flag("keep_dtype", keep_dtype)
-    check_state_dict(model.state_dict(), state_dict, "the state_dict given", type(model).__name__)
+    own = model.state_dict()  # a compiled model's, or one with a compiled part: names with '_orig_mod'
+    expected = plain_names(own, f"the {type(model).__name__}'s state_dict")
+    state_dict = plain_names(state_dict, "the state_dict given")
+    check_state_dict(expected, state_dict, "the state_dict given", type(model).__name__)
     cast_to_stored_dtypes(model, state_dict, keep_dtype)
-    model.load_state_dict(state_dict)
+    names = dict(zip(expected, own, strict=True))  # plain name -> the model's own
+    model.load_state_dict({names[key]: value for key, value in state_dict.items()})
 
 
 def cast_to_stored_dtypes(
@@ -1461,7 +1498,7 @@ def cast_to_stored_dtypes(
     bfloat16 ones are upcast to float32), with ``keep_dtype`` the stored one. Loads no weight."""
     wanted = {
         built: stored if keep_dtype else torch.promote_types(built, stored)
-        for built, stored in stored_dtypes(model.state_dict(), state_dict).items()
+        for built, stored in stored_dtypes(plain_names(model.state_dict()), plain_names(state_dict)).items()
     }
     wanted = {built: dtype for built, dtype in wanted.items() if dtype != built}
     if wanted:

@@ -41,6 +41,7 @@ from innerloop.checkpoints import (
     check_held_plugins,
     checkpoint_tokenizer,
     load_model,
+    plain_names,
     widest_parameter_dtype,
 )
 from innerloop.config.load import (
@@ -192,12 +193,12 @@ def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     # wherever it is loaded, on the best path there.
     config = replace(model.config, ttt=replace(model.config.ttt, kernel="auto"))
     wrapped = InnerloopForCausalLM(InnerloopConfig(model=config))
-    own = dict(model.named_parameters())
+    own = plain_names(dict(model.named_parameters()))  # a compiled block's: the uncompiled names
     with torch.no_grad():  # parameters take the model's dtypes; buffers keep theirs (E2E's is float64)
         for name, parameter in wrapped.model.named_parameters():
             parameter.data = parameter.data.to(own[name].dtype)
-    wrapped.model.load_state_dict(model.state_dict(), strict=True)
-    own_buffers = dict(model.named_buffers())
+    wrapped.model.load_state_dict(plain_names(model.state_dict()), strict=True)
+    own_buffers = plain_names(dict(model.named_buffers()))
     for name, buffer in list(wrapped.named_non_persistent_buffers()):  # not in the state dict
         source = own_buffers[name.removeprefix("model.")]
         # The tables as the model holds them, dtype and values: e.g. the RoPE table of a bfloat16 model,

@@ -50,10 +50,12 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
     fcntl = None  # type: ignore[assignment]
 
 from innerloop.checkpoints import (
+    COMPILED,
     SAFETENSORS_FLOAT_DTYPES,
     check_held_plugins,
     check_plugin_settings,
     missing_keys_note,
+    plain_names,
     plugin_record,
     plugin_sources,
     remake_token_index,
@@ -109,6 +111,11 @@ from innerloop.models.lm import (
     check_not_vmap_batched,
     check_token_id_layout,
 )
+
+COMPILED_NAME = rf"(?<![^.]){COMPILED}\."
+"""The ``_orig_mod.`` segment of a weight name of a torch.compile'd model or part, as a regex for
+transformers' ``key_mapping``: removed by ``from_pretrained``, so a folder saved from a compiled model by an
+earlier innerloop loads (:func:`~innerloop.checkpoints.plain_names`)."""
 
 
 class InnerloopCache:
@@ -1412,15 +1419,16 @@ class InnerloopPreTrainedModel(PreTrainedModel):
         """
         given = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         refuse_an_interrupted_export(given)
+        source = repr(str(given))
         folder = local_folder(given, kwargs.get("subfolder"))
         if folder is not None and kwargs.get("config") is None:
             refuse_a_folder_without_config(folder)
         if folder is not None:
             refuse_a_generation_config_not_an_object(folder)
-        stored = stored_weight_dtypes(folder) if folder is not None else {}
+        stored = plain_names(stored_weight_dtypes(folder), source) if folder is not None else {}
+        kwargs["key_mapping"] = {COMPILED_NAME: "", **(kwargs.get("key_mapping") or {})}  # see COMPILED_NAME
         wants_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, as one ValueError
-        source = repr(str(given))
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = loading_problems(info)
         if problems:
@@ -1464,6 +1472,10 @@ class InnerloopPreTrainedModel(PreTrainedModel):
             self.config.model, self.config.innerloop_plugin_sources
         )
 
+        given = kwargs.get("state_dict")
+        weights = self.state_dict() if given is None else given  # a compiled part's: the uncompiled names
+        if any(COMPILED in key.split(".") for key in weights):
+            kwargs["state_dict"] = plain_names(weights, "the model's state_dict")
         transformers_save = super().save_pretrained
 
         def save_into(target: Path) -> None:

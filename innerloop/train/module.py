@@ -41,6 +41,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import Metric
 
 from innerloop.checkpoints import (
+    COMPILED,
     PLUGIN_SOURCES_KEY,
     PLUGINS_KEY,
     TOKEN_INDEX_KEY,
@@ -55,6 +56,7 @@ from innerloop.checkpoints import (
     is_safetensors_file,
     load_checkpoint,
     load_weights,
+    plain_names,
     plugin_record,
     plugin_sources,
     rebuild_error,
@@ -272,26 +274,30 @@ def _config_value(config: Any, key: str) -> Any:
     return node
 
 
-COMPILED = "_orig_mod."  # the attribute torch.compile's OptimizedModule keeps the compiled module under
-
-
 def _compile_free_names(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """A state-dict hook: the names of the weights of a part compiled in place
-    (``module.model = torch.compile(module.model)``) without torch.compile's ``_orig_mod.`` segment, so
-    that every checkpoint of the module (Lightning's, :func:`save_model_checkpoint`) names them as the
-    uncompiled model does and loads into one (``innerloop eval``, ``load_from_checkpoint``)."""
-    for key in [key for key in state_dict if key.startswith(prefix) and COMPILED in key]:
-        state_dict[prefix + key[len(prefix) :].replace(COMPILED, "")] = state_dict.pop(key)
+    (``module.model = torch.compile(module.model)``, or one block) without torch.compile's ``_orig_mod``
+    segment (:func:`~innerloop.checkpoints.plain_names`), so that every checkpoint of the module
+    (Lightning's, :func:`save_model_checkpoint`) names them as the uncompiled model does and loads into
+    one (``innerloop eval``, ``load_from_checkpoint``)."""
+    if not any(COMPILED in key for key in state_dict):  # no part compiled: the names are the plain ones
+        return
+    ours = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+    state_dict.update(plain_names(ours, "the module's state_dict"))
 
 
 def _compiled_names(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
     """A load-state-dict pre-hook, :func:`_compile_free_names` undone: weights named as the uncompiled
-    model names them load into a module whose parts are compiled (a resume with ``ckpt_path``)."""
+    model names them, or with ``_orig_mod`` segments (a file of an earlier innerloop, a user's
+    ``torch.save(compiled.state_dict())``), load into the module whether its parts are compiled or not
+    (a resume with ``ckpt_path``)."""
+    ours = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
+    state_dict.update(plain_names(ours, "the state_dict given"))
     names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     names += [name for name, _ in module.named_buffers(remove_duplicate=False)]
     for name in names:
-        plain = prefix + name.replace(COMPILED, "")
-        if COMPILED in name and plain in state_dict:
+        plain = prefix + ".".join(part for part in name.split(".") if part != COMPILED)
+        if plain != prefix + name and plain in state_dict:
             state_dict[prefix + name] = state_dict.pop(plain)
 
 
@@ -525,6 +531,8 @@ class LanguageModelModule(L.LightningModule):
         theirs = (checkpoint.get("hyper_parameters") or {}).get("model")
         written_for = f"; it was written for ({describe_model(theirs)})" if isinstance(theirs, dict) else ""
         model = f"this run's model ({describe_model(self.hparams.model)}){written_for}"
+        if isinstance(checkpoint.get("state_dict"), dict):  # an earlier innerloop's of a compiled model
+            checkpoint["state_dict"] = plain_names(checkpoint["state_dict"], f"{str(path)!r}'s state_dict")
         check_state_dict(self.state_dict(), checkpoint.get("state_dict"), path, model)
         trainer = self._trainer
         if trainer is None or not is_safetensors_file(
@@ -1244,7 +1252,7 @@ def save_model_checkpoint(
     # Parameters only, not .to(dtype): buffers keep their dtype (E2E's float64 progress counter).
     for parameter in module.model.parameters():
         parameter.data = parameter.data.to(dtype)
-    module.model.load_state_dict(model.state_dict(), strict=True)
+    module.model.load_state_dict(plain_names(model.state_dict(), "the model's state_dict"), strict=True)
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
     if tokenizer is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer

@@ -746,10 +746,16 @@ def assert_finite_where_expected_is(
             raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e} where finite")
 
 
+#: The groups of a :class:`TTTState` the checks compare (and measure float32 errors of): every tensor
+#: group an update rule or a kernel writes (``conv_history``, the layer's short-convolution inputs, is
+#: the layer's own).
+COMPARED_STATE_GROUPS = ("params", "pending", "loss_carry", "momentum", "decay")
+
+
 def assert_states_close(actual: TTTState, expected: TTTState, what: str, tolerance: float) -> None:
     if actual.position != expected.position:
         raise AssertionError(f"{what}: position {actual.position} != {expected.position}")
-    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
+    for group in COMPARED_STATE_GROUPS:
         a, e = getattr(actual, group), getattr(expected, group)
         if set(a) != set(e):
             raise AssertionError(f"{what}: state.{group} keys {sorted(a)} != {sorted(e)}")
@@ -772,7 +778,7 @@ def assert_state_unchanged(given: TTTState | None, untouched: TTTState | None, w
     one twice (a shared prompt, beam search)."""
     if given is None or untouched is None:
         return
-    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
+    for group in COMPARED_STATE_GROUPS:
         for key, tensor in getattr(untouched, group).items():
             if not torch.equal(getattr(given, group)[key], tensor):
                 raise StateWrittenError(
@@ -2522,7 +2528,7 @@ def _reference_float32_error(
     low_out, low_state = low.expected(rule)
     expected_out, expected_state = expected
     errors = [relative_error(low_out, expected_out)]
-    for group in ("params", "pending", "loss_carry", "momentum", "decay"):
+    for group in COMPARED_STATE_GROUPS:
         wanted = getattr(expected_state, group)
         errors += [relative_error(getattr(low_state, group)[name], wanted[name]) for name in wanted]
     if not all(math.isfinite(error) for error in errors):

@@ -68,6 +68,7 @@ from innerloop.kernels.dispatch import KernelCheckError, KernelUnavailableError
 from innerloop.kernels.first_use import tolerance_for
 from innerloop.kernels.spec import KernelSpec, names_parameter
 from innerloop.testing.checks import (
+    COMPARED_STATE_GROUPS,
     FLOAT64_CONDITIONING_FACTOR,
     FLOAT64_PER_FLOAT32,
     FLOAT64_TOLERANCE,
@@ -685,7 +686,7 @@ class _Checker:
         self, case: KernelCase, x: torch.Tensor, state: TTTState | None, expected: tuple, want: dict
     ) -> float:
         """How much the case amplifies rounding: the largest relative error of the torch path's outputs,
-        final weights and pending sums and gradients run in float32 against the same run in float64, on
+        final state (every group the checks compare) and gradients run in float32 against the same run in float64, on
         the same inputs in one call (the case's own run is one of the two; at most 1: an overflow or a
         float32 run that is all rounding widens no further; 0, no allowance, where the other run cannot be
         made, so that the kernel's own mismatch is what the check reports)."""
@@ -707,7 +708,7 @@ class _Checker:
         low, high = (result, expected) if other == torch.float32 else (expected, result)
         low_want, high_want = (other_want, want) if other == torch.float32 else (want, other_want)
         errors = [relative_error(low[0], high[0])]
-        for group in ("params", "pending"):
+        for group in COMPARED_STATE_GROUPS:
             wanted = getattr(high[1], group)
             errors += [relative_error(getattr(low[1], group)[name], wanted[name]) for name in wanted]
         errors += [relative_error(low_want[name], high_want[name]) for name in high_want]

@@ -364,10 +364,14 @@ def _fused_cpu_would_drop_non_finite(q: torch.Tensor, k: torch.Tensor) -> bool:
     blocks of 8 queries; at 64 of width 16 it propagates them), where the math kernel, as the definition,
     gives NaN. Then the math kernel runs (also on finite values whose sum overflows: the same numbers).
     Two sums and one read per call on a CPU, where a read does not stall a queue (CUDA's kernels are not
-    asked: not measured there)."""
+    asked: not measured there). Of the keys, only the last ``T`` (this call's queries' own: every caller
+    appends them to its cache, and a block of a sliding window ends at its queries' keys) are summed, each
+    key having been summed in the call that added it: a whole 32k-token cache summed at each decoded token
+    cost 2.3 ms against SDPA's 11 ms (width 768, 2 threads)."""
     if q.device.type != "cpu" or k.device.type != "cpu":
         return False
-    return not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32)))
+    own_keys = k[..., -q.shape[-2] :, :] if q.shape[-2] else k[..., :0, :]  # [B, H, T, f]
+    return not bool(torch.isfinite(q.sum(dtype=torch.float32) + own_keys.sum(dtype=torch.float32)))
 
 
 def _cast_as_autocast_would(device_type: str) -> Callable[[Any], Any] | None:

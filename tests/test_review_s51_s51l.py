@@ -102,6 +102,8 @@ class _StopAtTheFirstEpochsEnd(L.Callback):
 
 @pytest.mark.slow  # 1.5 s: two fits of 2 or 3 optimizer steps
 @pytest.mark.parametrize("by", ["should_stop", "ctrl_c"])
+# the fits here have no validation data on purpose (Lightning says it skips its loop)
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_a_stop_at_an_epochs_short_last_step_ends_the_fit_there(tmp_path, by) -> None:
     """An epoch of 3 batches under ``accumulate_grad_batches=2`` steps after batches 2 and 3 (Lightning
     steps on an epoch's last batch whatever the count). A stop asked for at batch 3 (``max_time``, a

@@ -5,6 +5,7 @@ with the reference's names, since the reference's code is not part of this repos
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 from pathlib import Path
 
@@ -120,9 +121,33 @@ def test_bad_options_name_themselves(tmp_path, capsys):
 
 
 @pytest.mark.slow  # reason: dynamo traces three layers' training graphs (the 'eager' backend: no C++ compile)
-def test_a_quick_run_with_the_compiled_row(capsys):
+def test_a_quick_run_with_the_compiled_row(capsys, monkeypatch):
+    """Also review s22 bench (MED, fixed): past dynamo's recompile_limit the compiled row ran eagerly,
+    unsaid. Reproduced with the limit lowered to 1 at one length (the same as the default 8 at 5 lengths:
+    ``--hidden 64 --heads 4 --lengths 16 32 48 64 80 --compile-backend eager`` warns 'hit
+    config.recompile_limit (8)' for torch_dynamo_resume_in_forward in innerloop/core/layer.py). This run
+    is that check too (tests/benchmarks/test_review_s22_bench.py ran the script a second time for it)."""
+    import torch._dynamo
+
     backend = compiled_step.BACKEND
-    _main()(["--quick", "--threads", "1", "--compile-backend", "eager"])
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    try:
+        _main()(["--quick", "--threads", "1", "--compile-backend", "eager"])
+    finally:
+        logger.removeHandler(handler)
+        torch._dynamo.reset()
+    fell_back = [m for m in records if "recompile_limit" in m and "core/layer.py" in m.replace("\\", "/")]
+    assert not fell_back, fell_back[0]
     # the compiled-step row set the step's backend for its run only (a leak would compile every later
     # compiled_torch layer in this process with 'eager')
     assert compiled_step.BACKEND == backend

@@ -20,8 +20,9 @@ file:
   - ``python benchmarks/<script>.py`` with ``--quick`` runs; without it (minutes to an hour) it is
     parsed by the script's own argument parser, not run.
   - ``innerloop -p ./my_loss.py ...`` (and ``INNERLOOP_PLUGIN_MODULES=my_loss``) runs in a process of
-    its own (a plugin module stays out of this one's registry), with the ``MyLoss`` of CONTRIBUTING.md's
-    python block, registered, as the ``my_loss.py`` beside it.
+    its own (a plugin module stays out of this one's registry), forked from :data:`BLOCK_SERVER` as a
+    python block is, with the ``MyLoss`` of CONTRIBUTING.md's python block, registered, as the
+    ``my_loss.py`` beside it.
   - any other command fails the test: decide how it is covered here.
 - ```toml: parses.
 - ```text: not a program (a diagram, a formula, a program's output or error lines); no line of it may
@@ -34,11 +35,14 @@ covers them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,14 +228,16 @@ for name, value in list(namespace.items()):
 # OpenBLAS, under numpy, starts one at import unless told to use one thread); otherwise, or where fork
 # does not exist, every block gets a fresh interpreter as before.
 BLOCK_SERVER = """
-import os, signal, sys, time, traceback
+import json, os, signal, sys, time, traceback
 import torch, innerloop, innerloop.train  # what nearly every block imports, once
 single = len(os.listdir("/proc/self/task")) == 1 if os.path.isdir("/proc/self/task") else False
 print("fork" if single and hasattr(os, "fork") else "no-fork", flush=True)
 for line in sys.stdin:
-    script, log = line.rstrip("\\n").split("\\t")
+    script, log, cwd, environment = line.rstrip("\\n").split("\\t")
     pid = os.fork()
     if pid == 0:
+        os.chdir(cwd)
+        os.environ.update(json.loads(environment))
         with open(log, "w") as output, open(os.devnull) as nothing:
             os.dup2(nothing.fileno(), 0)
             os.dup2(output.fileno(), 1)
@@ -276,9 +282,12 @@ class BlockServer:
         )
         self.forks = self.process.stdout.readline().strip() == "fork"
 
-    def run(self, script: Path, log: Path) -> tuple[int, str]:
-        """The block's exit status and its output (stdout and stderr together)."""
-        self.process.stdin.write(f"{script}\t{log}\n")
+    def run(
+        self, script: Path, log: Path, cwd: Path = REPO, environment: dict[str, str] | None = None
+    ) -> tuple[int, str]:
+        """The block's exit status and its output (stdout and stderr together), run in ``cwd`` with
+        ``environment`` added to the server's."""
+        self.process.stdin.write(f"{script}\t{log}\t{cwd}\t{json.dumps(environment or {})}\n")
         self.process.stdin.flush()
         status = int(self.process.stdout.readline())
         return status, log.read_text()
@@ -472,16 +481,40 @@ def _loads_a_plugin_module(argv: list[str], environment: dict[str, str]) -> bool
     return "-p" in argv or "INNERLOOP_PLUGIN_MODULES" in environment
 
 
-def run_innerloop(written: str, argv: list[str], cwd: Path, environment: dict[str, str]) -> None:
+def run_in_a_process_of_its_own(
+    arguments: list[str], cwd: Path, environment: dict[str, str], server: BlockServer | None
+) -> None:
+    """``innerloop ARGUMENTS`` in a process of its own: a child of the warm ``server`` (forked, with
+    ``cwd`` and ``environment``, as a python block is: torch, innerloop and Lightning imported once, not
+    per command), or ``python -m innerloop`` where there is none or it does not fork."""
+    if server is None or not server.forks:
+        run([sys.executable, "-m", "innerloop", *arguments], cwd, environment)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="command-", dir=cwd.parent))
+    script = scratch / "command.py"
+    script.write_text(f"import sys\nfrom innerloop.cli import main\n\nsys.exit(main({arguments!r}))\n")
+    status, output = server.run(script, scratch / "command.log", cwd, environment)
+    assert status == 0, f"innerloop {shlex.join(arguments)} failed:\n{output[-5000:]}"
+    assert "Traceback" not in output, output[-3000:]
+
+
+def run_innerloop(
+    written: str,
+    argv: list[str],
+    cwd: Path,
+    environment: dict[str, str],
+    server: Callable[[], BlockServer] | None = None,
+) -> None:
     """Run an ``innerloop`` command in-process (``innerloop.cli.main``, as the console script does), or
-    in a process of its own where it loads a plugin module (which would stay in this one's registry)."""
+    in a process of its own where it loads a plugin module (which would stay in this one's registry):
+    forked from ``server()`` where one is given."""
     from innerloop.cli import main
 
     arguments = argv[1:]
     if _command(arguments) == "train" and "--resume" not in arguments:
         arguments = [*arguments, *SHORTEN_TRAINING]
     if _loads_a_plugin_module(argv, environment):
-        run([sys.executable, "-m", "innerloop", *arguments], cwd, environment)
+        run_in_a_process_of_its_own(arguments, cwd, environment, server() if server else None)
         return
     assert not environment, f"{written}: an innerloop command run in-process cannot set {sorted(environment)}"
     before = Path.cwd()
@@ -492,7 +525,7 @@ def run_innerloop(written: str, argv: list[str], cwd: Path, environment: dict[st
         os.chdir(before)
 
 
-def run_bash_block(block: Block, cwd: Path) -> None:
+def run_bash_block(block: Block, cwd: Path, server: Callable[[], BlockServer] | None = None) -> None:
     for written, argv in commands(block.text):
         environment, argv = _split_environment(argv)
         if written in NOT_RUN_HERE:
@@ -506,7 +539,7 @@ def run_bash_block(block: Block, cwd: Path) -> None:
         elif argv[:2] == ["ruff", "format"]:
             run([*argv[:2], "--check", *argv[2:]], REPO, environment)
         elif argv[0] == "innerloop":
-            run_innerloop(written, argv, cwd, environment)
+            run_innerloop(written, argv, cwd, environment, server)
         elif argv[:2] == ["python", argv[1]] and argv[1].startswith("benchmarks/") and "--quick" in argv:
             run(argv, REPO, environment)  # a benchmark at its tiny CI sizes, with the block's environment
         elif argv[:2] == ["python", argv[1]] and argv[1].startswith("benchmarks/"):
@@ -541,12 +574,15 @@ def test_not_run_commands_are_still_in_the_docs() -> None:
     [d for d in DOCUMENTS if any(b.language == "bash" for b in code_blocks(d))],
     ids=lambda d: str(d.relative_to(REPO)),
 )
-def test_bash_blocks_run(document: Path, tmp_path) -> None:
-    (tmp_path / "docs").symlink_to(REPO / "docs")  # commands read docs/*.md as a corpus
-    (tmp_path / "my_loss.py").write_text(my_loss_module())  # what `innerloop -p ./my_loss.py` loads
+def test_bash_blocks_run(document: Path, tmp_path, request) -> None:
+    work = tmp_path / "work"  # the document's folder; tmp_path also holds the forked commands' scripts
+    work.mkdir()
+    (work / "docs").symlink_to(REPO / "docs")  # commands read docs/*.md as a corpus
+    (work / "my_loss.py").write_text(my_loss_module())  # what `innerloop -p ./my_loss.py` loads
+    server = lambda: request.getfixturevalue("block_server")  # noqa: E731 (started at a plugin command)
     for block in code_blocks(document):
         if block.language == "bash":
-            run_bash_block(block, tmp_path)
+            run_bash_block(block, work, server)
 
 
 @pytest.mark.parametrize("block", blocks_of("toml"), ids=lambda b: b.id)

@@ -253,6 +253,13 @@ def fresh_build(monkeypatch, tmp_path):
     build.clear_cache()
 
 
+def unoptimised(flag_sets: tuple) -> tuple:
+    """``flag_sets`` each with ``-O0`` last (it overrides ``-O3``): the same sets tried in the same order,
+    so the same one wins, compiled in ~1 s of g++ instead of ~16. For a test of how the library is built,
+    written and loaded, not of how fast it runs (the session's own build, tests/conftest.py, is the real one)."""
+    return tuple((*flags, "-O0") for flags in flag_sets)
+
+
 def fake_compiler(folder, body: str):
     """A compiler stand-in that logs each call to ``calls.log`` and then runs ``body`` (sh)."""
     path = folder / "fake-c++"
@@ -310,8 +317,9 @@ def test_no_compiler_and_an_unwritable_cache_are_reasons(fresh_build, monkeypatc
         build.library_path()
 
 
-@pytest.mark.slow  # compiles the library from scratch (~3 s)
-def test_build_writes_one_readable_library_atomically_into_the_cache(fresh_build):
+@pytest.mark.slow  # compiles the library from scratch (~1 s unoptimised)
+def test_build_writes_one_readable_library_atomically_into_the_cache(fresh_build, monkeypatch):
+    monkeypatch.setattr(build, "FLAG_SETS", unoptimised(build.FLAG_SETS))
     previous_umask = os.umask(0o077)  # a private umask: the library is still readable by others
     try:
         path = build.library_path()
@@ -370,9 +378,10 @@ def test_an_unreadable_cache_is_a_reason_not_an_error(fresh_build, monkeypatch):
     assert "PermissionError" in " ".join(reason for _, reason in layer.dispatches)
 
 
-@pytest.mark.slow  # compiles the library from scratch (~2 s)
+@pytest.mark.slow  # compiles the library from scratch (~1 s unoptimised)
 def test_a_build_without_openmp_warns_once_and_never_fails_a_forward(fresh_build, monkeypatch):
-    monkeypatch.setattr(build, "FLAG_SETS", tuple(f for f in build.FLAG_SETS if "-fopenmp" not in f))
+    without_openmp = tuple(f for f in build.FLAG_SETS if "-fopenmp" not in f)
+    monkeypatch.setattr(build, "FLAG_SETS", unoptimised(without_openmp))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the warning is for more than one thread
     try:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.triton_interpreter, pytest.mark.slow]
 def test_triton_under_autocast_scans_in_float32_and_matches_float32(model, dtype):
     torch.manual_seed(0)
     layer = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel=f"triton_ttt_{model}")
-    x = torch.randn(2, 8, 32)
+    x = torch.randn(1, 8, 32)  # one batch row: the bounds are per element, each row one more program
     params = list(layer.parameters())
     y32, state32 = layer(x)
     with torch.autocast("cpu", dtype=dtype):
@@ -55,7 +55,7 @@ def test_triton_on_huge_inputs_is_as_stable_as_torch(model, grad, scale):
     layer = TTTLayer(32, 2, kernel=f"triton_ttt_{model}", **options)
     reference = TTTLayer(32, 2, kernel="torch", **options)
     reference.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 12, 32) * scale
+    x = torch.randn(1, 12, 32) * scale  # one batch row: each row is one more interpreted program
     with torch.set_grad_enabled(grad):
         y, state = layer(x)
         y_ref, state_ref = reference(x)

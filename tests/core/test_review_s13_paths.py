@@ -14,10 +14,6 @@ or named the wrong path, and a plugin's initial weights in another dtype than th
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -95,38 +91,8 @@ def test_the_triton_verify_refuses_double_backward_only_for_a_block_with_a_graph
         assert "double backward needed" in package.verify(_block(requires_grad=True))
 
 
-TRITON_NO_GRAD_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    from innerloop import TTTLayer
-    torch.manual_seed(0)
-    reference = TTTLayer(32, 2, mini_batch_size=4, kernel="torch")
-    layer = TTTLayer(32, 2, mini_batch_size=4, kernel="triton_ttt_linear", needs_double_backward=True)
-    layer.load_state_dict(reference.state_dict())
-    x = torch.randn(1, 8, 32)
-    with torch.no_grad():
-        y, _ = layer(x)
-        want, _ = reference(x)
-    assert layer.dispatches[0][0] == "triton_ttt_linear", layer.dispatches
-    error = ((y - want).norm() / want.norm()).item()
-    assert error < 1e-5, error
-    print("ok")
-    """
-)
-
-
-@pytest.mark.slow  # reason: a child process under TRITON_INTERPRET=1 (torch and triton start-up, ~10 s)
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_a_double_backward_layer_runs_a_named_triton_kernel_without_a_graph():
-    # Triton fixes interpreted vs compiled when its kernels are defined: a process of its own
-    result = subprocess.run(
-        [sys.executable, "-c", TRITON_NO_GRAD_SCRIPT],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+# A needs_double_backward layer named to the Triton kernel runs it without a graph: in
+# tests/kernels/test_layer_dispatch.py (the interpreter's one child process; it was a child of its own here).
 
 
 # ---- L2: what only verify knows is refused at the first call, naming the kernel -------------------

@@ -2,12 +2,12 @@
 would pass (report: /work/notes/review_s22_shapes.md).
 
 Each fast path (fused torch, the compiled CPU kernels, the chunked delta rule, Triton under
-TRITON_INTERPRET=1) is compared with a float64 copy of the same layer on the torch path: outputs, every
-returned state tensor, and the gradients of a random scalar function of the output (and state) with
-respect to the input and every parameter. Inputs are non-contiguous (transposed storage, every second
-token, a slice of a larger tensor, strided features, an expanded batch), lengths below, equal to and not a
-multiple of the mini-batch size, odd and non power-of-two head sizes (family layers; TTTLayer needs an even
-head size for RoPE and says so).
+TRITON_INTERPRET=1: its test is in tests/kernels/test_layer_dispatch.py) is compared with a float64 copy
+of the same layer on the torch path: outputs, every returned state tensor, and the gradients of a random
+scalar function of the output (and state) with respect to the input and every parameter. Inputs are
+non-contiguous (transposed storage, every second token, a slice of a larger tensor, strided features, an
+expanded batch), lengths below, equal to and not a multiple of the mini-batch size, odd and non
+power-of-two head sizes (family layers; TTTLayer needs an even head size for RoPE and says so).
 
 Tolerances are set from measured errors, not widened: a float32 fast path is held to FACTOR times the
 float32 torch path's own error against float64 (floor 1e-6 relative); the measured worst ratio was 7.0 over
@@ -21,10 +21,6 @@ The one defect found is pinned by an xfail(strict=True) test at the end.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -429,48 +425,9 @@ def test_low_precision_paths_match_the_torch_path(kind, mode):
         assert lowp(kernel) <= 3 * torch_error, kernel  # measured worst ratio 1.96
 
 
-# ---- Triton in the interpreter (a child process: TRITON_INTERPRET is read when kernels are defined) --
-
-
-TRITON_SCRIPT = textwrap.dedent(
-    """
-    import copy, torch
-    from innerloop import TTTLayer
-    for model, K, T, how in [("linear", 4, 9, "strided"), ("mlp", 2, 5, "transposed")]:
-        torch.manual_seed(0)
-        base = TTTLayer(16, 1, inner_model=model, mini_batch_size=K, kernel="torch")
-        with torch.no_grad():
-            for p in base.parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-        ref = copy.deepcopy(base).double()
-        x = torch.randn(2, T, 16, dtype=torch.float64)
-        y_ref, s_ref = ref(x)
-        errors = {}
-        for kernel in ["torch", f"triton_ttt_{model}"]:
-            layer = copy.deepcopy(base); layer.kernel = kernel
-            xx = x.float().transpose(0, 1).contiguous().transpose(0, 1) if how == "transposed" else (
-                torch.zeros(2, 2 * T, 16).index_copy_(1, torch.arange(0, 2 * T, 2), x.float())[:, ::2])
-            xx.requires_grad_()
-            y, s = layer(xx)
-            (gx,) = torch.autograd.grad((y.double() ** 2).sum(), xx)
-            xr = x.clone().requires_grad_()
-            (gr,) = torch.autograd.grad((ref(xr)[0] ** 2).sum(), xr)
-            errors[kernel] = max((y.double() - y_ref).norm() / y_ref.norm(), (gx.double() - gr).norm() / gr.norm()).item()
-            assert kernel == "torch" or any(p == kernel for p, _ in layer.dispatches), layer.dispatches
-        assert errors[f"triton_ttt_{model}"] <= 10 * max(errors["torch"], 1e-6), errors
-    print("ok")
-    """
-)
-
-
-@pytest.mark.slow  # reason: a child process with Triton's interpreter (~6 s of start-up and interpretation)
-def test_triton_interpreter_paths_match_float64():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+# ---- Triton in the interpreter: tests/kernels/test_layer_dispatch.py ---------------------------------
+# (test_triton_interpreter_paths_match_float64, run by the interpreter's one child process; it started a
+# child of its own here)
 
 
 # ---- the defect --------------------------------------------------------------------------------------

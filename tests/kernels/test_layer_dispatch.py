@@ -3,6 +3,8 @@ call (inference or training), and falls back with a readable reason."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -189,3 +191,62 @@ def test_every_part_of_a_call_is_in_dispatches(tokens, mini_batch_size, update_r
     with torch.no_grad():
         layer(torch.randn(1, tokens, 16))
     assert layer.last_dispatch[0] == "torch" and recorded in layer.last_dispatch[1]
+
+
+# Review s13 (moved from tests/core/test_review_s13_paths.py, where it started a child process of its own)
+@pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process
+def test_a_double_backward_layer_runs_a_named_triton_kernel_without_a_graph():
+    torch.manual_seed(0)
+    reference = TTTLayer(32, 2, mini_batch_size=4, kernel="torch")
+    layer = TTTLayer(32, 2, mini_batch_size=4, kernel="triton_ttt_linear", needs_double_backward=True)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 8, 32)
+    with torch.no_grad():
+        y, _ = layer(x)
+        want, _ = reference(x)
+    assert layer.dispatches[0][0] == "triton_ttt_linear", layer.dispatches
+    error = ((y - want).norm() / want.norm()).item()
+    assert error < 1e-5, error
+
+
+def _transposed_or_every_second_token(x: torch.Tensor, how: str) -> torch.Tensor:
+    """``x`` (float64) as a float32 non-contiguous input: transposed storage, or every second token."""
+    if how == "transposed":
+        return x.float().transpose(0, 1).contiguous().transpose(0, 1)
+    T = x.shape[1]
+    return torch.zeros(x.shape[0], 2 * T, x.shape[2]).index_copy_(1, torch.arange(0, 2 * T, 2), x.float())[
+        :, ::2
+    ]
+
+
+# Review s22 (moved from tests/core/test_review_s22_shapes.py, where it started a child process of its own;
+# that file's docstring says how its bounds were measured: Triton within FACTOR 10 of the torch path's own
+# float32 error against float64, floor 1e-6)
+@pytest.mark.triton_interpreter
+@pytest.mark.slow  # the interpreter's child process
+def test_triton_interpreter_paths_match_float64():
+    for model, K, T, how in [("linear", 4, 9, "strided"), ("mlp", 2, 5, "transposed")]:
+        torch.manual_seed(0)
+        base = TTTLayer(16, 1, inner_model=model, mini_batch_size=K, kernel="torch")
+        with torch.no_grad():
+            for p in base.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        ref = copy.deepcopy(base).double()
+        x = torch.randn(2, T, 16, dtype=torch.float64)
+        y_ref, s_ref = ref(x)
+        errors = {}
+        for kernel in ["torch", f"triton_ttt_{model}"]:
+            layer = copy.deepcopy(base)
+            layer.kernel = kernel
+            xx = _transposed_or_every_second_token(x, how)
+            xx.requires_grad_()
+            y, s = layer(xx)
+            (gx,) = torch.autograd.grad((y.double() ** 2).sum(), xx)
+            xr = x.clone().requires_grad_()
+            (gr,) = torch.autograd.grad((ref(xr)[0] ** 2).sum(), xr)
+            errors[kernel] = max(
+                (y.double() - y_ref).norm() / y_ref.norm(), (gx.double() - gr).norm() / gr.norm()
+            ).item()
+            assert kernel == "torch" or any(p == kernel for p, _ in layer.dispatches), layer.dispatches
+        assert errors[f"triton_ttt_{model}"] <= 10 * max(errors["torch"], 1e-6), errors

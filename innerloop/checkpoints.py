@@ -61,6 +61,8 @@ from safetensors.torch import save_file
 
 from innerloop.config.load import CHECKPOINT_SUFFIX, checkpoint_path_problem
 from innerloop.core.callers import warning_stacklevel
+from innerloop.core.compiled import COMPILED as COMPILED  # re-exported, as before: see core.compiled
+from innerloop.core.compiled import plain_names as plain_names
 from innerloop.core.functional import check_flag, check_path_argument, first_non_finite, user_path
 from innerloop.core.identity import IdentityTable
 from innerloop.core.layer import TTTLayer, check_kernel_takes_layer
@@ -398,29 +400,6 @@ def rebuild_error(path: str | os.PathLike[str], err: BaseException) -> Checkpoin
     missing = missing_plugins_note(recorded_plugins(path))
     reason = f"{_one_line(err).rstrip('.')}; {missing}" if missing else _one_line(err)
     return CheckpointError(f"{str(path)!r} holds a model this innerloop cannot rebuild{other}: {reason}")
-
-
-COMPILED = "_orig_mod"
-"""The attribute under which torch.compile's wrapper (``OptimizedModule``) holds the module it compiled: a
-segment of every weight name of a compiled model (``_orig_mod.embed.weight``) or part
-(``blocks.1._orig_mod.mixer...``), which the uncompiled model does not have."""
-
-
-def plain_names(state_dict: Mapping[str, Any], where: str = "the state_dict") -> dict[str, Any]:
-    """``state_dict`` with torch.compile's ``_orig_mod`` segment taken out of every name, in the same order:
-    the names the uncompiled model has, which every checkpoint innerloop writes uses and every loader
-    reads (so a compiled and an uncompiled model read each other's files). Raises ``ValueError`` where
-    two names become one (``a._orig_mod.w`` beside ``a.w``): no weight is dropped."""
-    plain: dict[str, Any] = {}
-    for name, value in state_dict.items():
-        key = ".".join(part for part in name.split(".") if part != COMPILED)
-        if key in plain:
-            raise ValueError(
-                f"{where} names the weight {key!r} both with and without torch.compile's {COMPILED!r} "
-                "segment; keep one of them (e.g. the compiled model's state_dict alone)"
-            )
-        plain[key] = value
-    return plain
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -41,7 +41,6 @@ from innerloop.checkpoints import (
     check_held_plugins,
     checkpoint_tokenizer,
     load_model,
-    plain_names,
     widest_parameter_dtype,
 )
 from innerloop.config.load import (
@@ -52,6 +51,7 @@ from innerloop.config.load import (
     given_argument,
     given_flag,
 )
+from innerloop.core.compiled import plain_names, uncompiled
 from innerloop.core.durable import fsync_directory
 from innerloop.core.functional import check_path_argument, is_flag, user_path
 from innerloop.data.atomic import file_sha256, flush_files_in
@@ -185,7 +185,7 @@ def _plan_replacement(out: Path, staging: Path) -> _Replacement:
 def to_hugging_face(model: nn.Module) -> InnerloopForCausalLM:
     """``model`` (a :class:`~innerloop.models.CausalLM` or :class:`~innerloop.models.E2ELM`) as an
     :class:`InnerloopForCausalLM` with the same weights and dtype, in eval mode."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the module it wraps
+    model = uncompiled(model)  # a torch.compile'd model: the module it wraps
     # rebuilt from its config, the copy gets the plugins registered now: refused where they are not
     # the ones ``model`` computes with
     check_held_plugins("the model being converted to Hugging Face", model)
@@ -315,9 +315,7 @@ def export_model(
     ``config.json`` records one dtype, to which ``from_pretrained`` casts every weight, so the float32
     ones would load rounded.
     """
-    if not isinstance(
-        getattr(model, "_orig_mod", model), (CausalLM, E2ELM)
-    ):  # a compiled model: the one it wraps
+    if not isinstance(uncompiled(model), (CausalLM, E2ELM)):  # a compiled model: the one it wraps
         raise TypeError(
             "model must be an innerloop language model (innerloop.models.CausalLM or E2ELM, as "
             f"build_model or load_model make them), got {type(model).__name__}"

@@ -50,12 +50,10 @@ except ImportError:  # not on Windows: staging folders a killed save left are th
     fcntl = None  # type: ignore[assignment]
 
 from innerloop.checkpoints import (
-    COMPILED,
     SAFETENSORS_FLOAT_DTYPES,
     check_held_plugins,
     check_plugin_settings,
     missing_keys_note,
-    plain_names,
     plugin_record,
     plugin_sources,
     remake_token_index,
@@ -63,6 +61,7 @@ from innerloop.checkpoints import (
     warn_changed_plugins,
 )
 from innerloop.core.callers import warning_stacklevel
+from innerloop.core.compiled import COMPILED, is_compiled_name, plain_names
 from innerloop.core.durable import fsync_directory
 from innerloop.core.eager import run_eagerly
 from innerloop.core.functional import (
@@ -1474,7 +1473,7 @@ class InnerloopPreTrainedModel(PreTrainedModel):
 
         given = kwargs.get("state_dict")
         weights = self.state_dict() if given is None else given  # a compiled part's: the uncompiled names
-        if any(COMPILED in key.split(".") for key in weights):
+        if any(map(is_compiled_name, weights)):
             kwargs["state_dict"] = plain_names(weights, "the model's state_dict")
         transformers_save = super().save_pretrained
 

@@ -19,8 +19,9 @@ layer that silently differs from the reference:
   mentioned in the reference's docstring but not ``TTTConfig`` arguments (and used by neither
   implementation), are refused too.
 - state_dict: the keys must be exactly the reference layer's for this config (its non-persistent
-  buffers may be present and are skipped), every value a finite floating tensor of the expected
-  shape, all of one dtype.
+  buffers may be present and are skipped; a torch.compile'd reference's ``_orig_mod.`` names are read
+  as the plain ones, :func:`~innerloop.core.compiled.plain_names`), every value a finite floating tensor
+  of the expected shape, all of one dtype.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from innerloop.core.compiled import plain_names
 from innerloop.core.functional import as_integer
 from innerloop.core.layer import TTTLayer, head_counts, is_real
 from innerloop.core.wording import a_type
@@ -331,6 +333,7 @@ def layer_state_dict(model_state_dict: Mapping[str, torch.Tensor], index: int) -
     number = as_integer(index)
     if number is None or number < 0:
         raise ValueError(f"index must be a layer number, an int >= 0, got {index!r}")
+    model_state_dict = plain_names(model_state_dict, "model_state_dict")  # a compiled reference's names
     for prefix in (p.format(index=number) for p in MODEL_LAYER_PREFIXES):
         layer = {k.removeprefix(prefix): v for k, v in model_state_dict.items() if k.startswith(prefix)}
         if layer:
@@ -349,7 +352,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     converted: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
+    for key, tensor in plain_names(state_dict).items():  # a compiled reference layer's: its plain names
         if not isinstance(key, str):
             raise ValueError(f"state_dict keys must be strings, got {key!r}")
         name = key.removeprefix("param.")
@@ -629,6 +632,7 @@ def convert_model_state_dict(
     converted: dict[str, torch.Tensor] = {}
     reference_name: dict[str, str] = {}
     unexpected = []
+    state_dict = plain_names(state_dict)  # a compiled reference model's (or block's): its plain names
     for key, tensor in state_dict.items():
         ours = _our_key(key) if isinstance(key, str) else None
         if ours == "":

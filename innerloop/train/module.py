@@ -41,7 +41,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import Metric
 
 from innerloop.checkpoints import (
-    COMPILED,
     PLUGIN_SOURCES_KEY,
     PLUGINS_KEY,
     TOKEN_INDEX_KEY,
@@ -56,7 +55,6 @@ from innerloop.checkpoints import (
     is_safetensors_file,
     load_checkpoint,
     load_weights,
-    plain_names,
     plugin_record,
     plugin_sources,
     rebuild_error,
@@ -72,6 +70,7 @@ from innerloop.checkpoints import load_model as load_model  # re-exported: its o
 from innerloop.config.load import checkpoint_path_problem
 from innerloop.config.schema import FIELD_BOUNDS
 from innerloop.core.callers import warning_stacklevel
+from innerloop.core.compiled import is_compiled_name, plain_name, plain_names
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
@@ -280,7 +279,7 @@ def _compile_free_names(module: torch.nn.Module, state_dict: dict[str, Any], pre
     segment (:func:`~innerloop.checkpoints.plain_names`), so that every checkpoint of the module
     (Lightning's, :func:`save_model_checkpoint`) names them as the uncompiled model does and loads into
     one (``innerloop eval``, ``load_from_checkpoint``)."""
-    if not any(COMPILED in key for key in state_dict):  # no part compiled: the names are the plain ones
+    if not any(map(is_compiled_name, state_dict)):  # no part compiled: the names are the plain ones
         return
     ours = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(prefix)]}
     state_dict.update(plain_names(ours, "the module's state_dict"))
@@ -296,7 +295,7 @@ def _compiled_names(module: torch.nn.Module, state_dict: dict[str, Any], prefix:
     names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
     names += [name for name, _ in module.named_buffers(remove_duplicate=False)]
     for name in names:
-        plain = prefix + ".".join(part for part in name.split(".") if part != COMPILED)
+        plain = prefix + plain_name(name)
         if plain != prefix + name and plain in state_dict:
             state_dict[prefix + name] = state_dict.pop(plain)
 

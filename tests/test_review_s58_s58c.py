@@ -1,0 +1,65 @@
+"""Review s58c: loose ends of session 57, each closed for its whole kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from innerloop.interop import ttt_lm_pytorch
+from innerloop.models import ModelConfig
+
+CONFIG = ModelConfig(hidden_size=16, num_heads=2, num_layers=1, intermediate_size=16, vocab_size=32)
+REFERENCE = Path(__file__).parent / "data" / "models" / "ttt_linear_transformer"
+
+
+def test_a_name_merely_containing_orig_mod_is_not_a_compiled_one(monkeypatch):
+    """The Lightning module's state-dict hook took any name containing ``_orig_mod`` (``my_orig_mod_x``)
+    for a compiled one and rebuilt its state dict, where every other reader splits a name's segments."""
+    from innerloop.core.compiled import is_compiled_name, plain_names
+    from innerloop.train import LanguageModelModule
+    from innerloop.train import module as module_file
+
+    assert not is_compiled_name("my_orig_mod_x.weight") and is_compiled_name("a._orig_mod.w")
+    assert list(plain_names({"my_orig_mod_x.weight": 1, "_orig_mod.w": 2})) == ["my_orig_mod_x.weight", "w"]
+    module = LanguageModelModule(CONFIG)
+    module.my_orig_mod_x = torch.nn.Linear(1, 1)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("a plain name was read as a compiled one")
+
+    monkeypatch.setattr(module_file, "plain_names", refuse)
+    assert "my_orig_mod_x.weight" in module.state_dict()
+
+
+def _compiled(state_dict: dict[str, torch.Tensor], where: str = "") -> dict[str, torch.Tensor]:
+    """``state_dict`` named as torch.compile's wrapper of the module (or of its part ``where``) names it."""
+    return {
+        (f"_orig_mod.{key}" if not where else key.replace(where, f"{where}_orig_mod.", 1)): value
+        for key, value in state_dict.items()
+    }
+
+
+def test_the_reference_converter_reads_a_compiled_reference_state_dict():
+    """``torch.compile(reference).state_dict()`` (``_orig_mod.`` names) was refused with missing and
+    unexpected keys by the reference-code converter, which every other loader reads."""
+    weights = load_file(str(REFERENCE / "model.safetensors"))
+    config = json.loads((REFERENCE / "config.json").read_text())
+    plain_layer = ttt_lm_pytorch.layer_state_dict(weights, 0)
+    block = "model.layers.0."
+    for compiled in (_compiled(weights), _compiled(weights, block)):  # the whole model, or one block
+        layer = ttt_lm_pytorch.layer_state_dict(compiled, 0)
+        assert layer.keys() == plain_layer.keys()
+    expected = ttt_lm_pytorch.load_layer(config, plain_layer).state_dict()
+    got = ttt_lm_pytorch.load_layer(config, _compiled(plain_layer)).state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    model = ttt_lm_pytorch.CausalLM(ttt_lm_pytorch.model_config(config))
+    tied = model.config.tie_embeddings
+    plain = ttt_lm_pytorch.convert_model_state_dict(weights, model.state_dict(), tied)
+    converted = ttt_lm_pytorch.convert_model_state_dict(_compiled(weights), model.state_dict(), tied)
+    assert converted.keys() == plain.keys() and all(torch.equal(converted[k], plain[k]) for k in plain)
+    with pytest.raises(ValueError, match="both with and without torch.compile's '_orig_mod'"):
+        ttt_lm_pytorch.convert_state_dict({**plain_layer, **_compiled(plain_layer)})

@@ -140,11 +140,22 @@ CONFIG_OPTION = {PRESET_OR_FILE: "--config"}
 TRAIN_OPTIONS = {"resume": "--resume", "overwrite": "--overwrite"}
 """The flags of ``innerloop train`` that give :func:`~innerloop.train.run.train`'s ``resume`` and
 ``overwrite``: its errors and hints name them (:func:`~innerloop.config.load.given_flag`), and the command
-that continues a run (:func:`~innerloop.train.run.continuing_call`)."""
+that continues a run (:func:`~innerloop.config.load.continuing_call`)."""
 
-EXPORT_OPTIONS = {"out_dir": "OUT_DIR", "overwrite": "--overwrite", "tokenizer": "--tokenizer"}
+RESUME_OPTION = {"resume": "--resume"}
+"""For the commands that read a checkpoint: a message that says how to continue a run (a run folder
+holding only its unconfirmed checkpoint) gives the ``innerloop train --resume`` command, not the Python
+call (:func:`~innerloop.config.load.continuing_call`)."""
+
+EXPORT_OPTIONS = {
+    "out_dir": "OUT_DIR",
+    "overwrite": "--overwrite",
+    "tokenizer": "--tokenizer",
+    **RESUME_OPTION,
+}
 """The arguments of ``innerloop export`` that give :func:`~innerloop.hf.export.export_checkpoint`'s
-``out_dir``, ``overwrite`` and ``tokenizer``: its errors name them."""
+``out_dir``, ``overwrite`` and ``tokenizer``: its errors name them (and the command that continues a run,
+:data:`RESUME_OPTION`)."""
 
 EVAL_AND_COMPARE_OPTIONS = {
     "paths": "--data",
@@ -159,9 +170,11 @@ EVAL_AND_COMPARE_OPTIONS = {
     "resamples": "--resamples",
     "seed": "--seed",
     "out_dir": "--out",
+    **RESUME_OPTION,
 }
 """The option of ``eval`` and ``compare`` that gives each parameter of ``evaluate`` and ``compare``: their
-errors name it (:func:`~innerloop.config.load.command_line_options`), not the Python parameter."""
+errors name it (:func:`~innerloop.config.load.command_line_options`), not the Python parameter (and the
+command that continues a run, :data:`RESUME_OPTION`)."""
 
 _SEQ_LEN = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["seq_len"].high))
 _BATCH_SIZE = _number(int, 1, high=int(WINDOW_SIZE_BOUNDS["batch_size"].high))
@@ -695,7 +708,8 @@ def _check_checkpoint(path: str) -> None:
     """A missing checkpoint is reported before Lightning is imported (seconds)."""
     from innerloop.config.load import checkpoint_path_problem
 
-    problem = checkpoint_path_problem(path)
+    with command_line_options(RESUME_OPTION):  # a run to continue: the command, not the Python call
+        problem = checkpoint_path_problem(path)
     if problem is not None:
         raise ConfigError(problem)
 

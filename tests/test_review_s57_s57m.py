@@ -43,7 +43,8 @@ def test_a_run_killed_before_its_first_checkpoint_was_confirmed_is_told_to_resum
     assert "interrupted before its first checkpoint was moved into place" in line, line
     resume = resume_command(folder)
     assert f"`{resume}`" in line and shlex.split(resume)[-1] == f"out_dir='{folder}'", line
-    assert "if it is whole" in line and "start the run again" in line, line
+    assert "after checking it" in line and "start the run again" in line, line
+    assert "innerloop train --config" in line and "load_config(" not in line, line
     assert "give the checkpoint file in it" not in line and "without a checkpoint" not in line, line
 
 

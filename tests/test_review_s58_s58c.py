@@ -63,3 +63,25 @@ def test_the_reference_converter_reads_a_compiled_reference_state_dict():
     assert converted.keys() == plain.keys() and all(torch.equal(converted[k], plain[k]) for k in plain)
     with pytest.raises(ValueError, match="both with and without torch.compile's '_orig_mod'"):
         ttt_lm_pytorch.convert_state_dict({**plain_layer, **_compiled(plain_layer)})
+
+
+def test_a_pending_only_run_folder_read_from_python_is_told_the_python_calls(tmp_path):
+    """load_checkpoint / load_model / load_from_checkpoint of a run folder holding only its unconfirmed
+    checkpoint told a Python caller to type `innerloop train --resume ...`, and that the resume goes on
+    'if it is whole' (which no caller can judge); they now give the Python calls and what the resume checks."""
+    from innerloop.checkpoints import CheckpointError, load_checkpoint, load_model
+    from innerloop.data.text import PENDING_CHECKPOINT
+    from innerloop.train import LanguageModelModule
+
+    folder = tmp_path / "run #2"
+    folder.mkdir()
+    (folder / PENDING_CHECKPOINT).write_bytes(b"not judged here")
+    config = str(folder / "config.yaml")
+    resume = f"`train(*load_config({config!r}, [], out_dir={str(folder)!r}), resume=True)`"
+    for load in (load_checkpoint, load_model, LanguageModelModule.load_from_checkpoint):
+        with pytest.raises(CheckpointError) as caught:
+            load(folder)
+        message = str(caught.value)
+        assert resume in message and f"`train(*load_config({config!r}, out_dir='<a new folder>'))`" in message
+        assert "innerloop train" not in message and "if it is whole" not in message, message
+        assert "after checking it (its checksum, and finite weights)" in message, message

@@ -1827,8 +1827,9 @@ def checkpoint_path_problem(path: str | os.PathLike[str]) -> str | None:
 def unconfirmed_run_problem(folder: str | os.PathLike[str], given: str) -> str | None:
     """What to do with ``folder`` (``given``: how the message names it) when it is a run folder that holds
     its run's checkpoint only as :data:`~innerloop.data.text.PENDING_CHECKPOINT` (the run was killed
-    before it confirmed its first checkpoint): resume it (:func:`resume_command`), or, if that checkpoint
-    is not whole (the resume judges it and removes it), start it again; None for any other path."""
+    before it confirmed its first checkpoint): resume it (:func:`continuing_call`: the command on the
+    command line, the Python call from Python), which first checks that file and removes it where it is
+    not a whole checkpoint, saying so; then start the run again. None for any other path."""
     folder = Path(folder)
     if (
         not folder.is_dir()
@@ -1836,13 +1837,35 @@ def unconfirmed_run_problem(folder: str | os.PathLike[str], given: str) -> str |
         or not (folder / PENDING_CHECKPOINT).is_file()
     ):
         return None
-    config = shlex.quote(str(folder / "config.yaml"))
     return (
         f"{given} holds no {CHECKPOINT_FILE}: its run was interrupted before its first checkpoint was moved "
-        f"into place (written as {PENDING_CHECKPOINT}, not yet confirmed); `{resume_command(folder)}` "
-        "continues the run from that checkpoint if it is whole (the resume checks it, and removes it if it "
-        f"is not: then start the run again, e.g. `innerloop train --config {config} out_dir=<a new folder>`)"
+        f"into place (written as {PENDING_CHECKPOINT}, not yet confirmed); {continuing_call(folder)} "
+        "continues the run from that checkpoint, after checking it (its checksum, and finite weights): where "
+        "the check fails, the resume removes the file and says why; then start the run again, e.g. "
+        f"{new_run_call(folder / 'config.yaml')}"
     )
+
+
+def continuing_call(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
+    """How the caller continues the run in ``out_dir`` (``overrides``: `` key=value`` items, each after a
+    space), in backquotes: :func:`resume_command` where the command line runs (its ``resume`` is the
+    ``--resume`` flag: :func:`from_command_line`), else the Python call that does the same
+    (``train(*load_config('<out_dir>/config.yaml', [...], out_dir=...), resume=True)``): a Python caller
+    is not told to pass a command line's flag."""
+    if from_command_line("resume"):
+        return f"`{resume_command(out_dir, overrides)}`"
+    folder = os.fspath(out_dir)
+    config = os.path.join(folder, "config.yaml")
+    return f"`train(*load_config({config!r}, {overrides.split()!r}, out_dir={folder!r}), resume=True)`"
+
+
+def new_run_call(config: str | os.PathLike[str]) -> str:
+    """How the caller starts a new run of the config file ``config`` in a folder of their choosing, in
+    backquotes: ``innerloop train --config ...`` on the command line (:func:`continuing_call`), else the
+    Python call ``train(*load_config(...))``."""
+    if from_command_line("resume"):
+        return f"`innerloop train --config {shlex.quote(os.fspath(config))} out_dir=<a new folder>`"
+    return f"`train(*load_config({os.fspath(config)!r}, out_dir='<a new folder>'))`"
 
 
 def resume_command(out_dir: str | os.PathLike[str], overrides: str = "") -> str:

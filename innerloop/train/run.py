@@ -91,15 +91,15 @@ from innerloop.config.load import (
     check_resume_or_overwrite,
     check_trainable_precision,
     concrete_precision,
+    continuing_call,
     decay_steps,
     fixed_on_resume,
     flatten_config,
-    from_command_line,
     given_argument,
     given_flag,
     read_run_config,
     require_run_config,
-    resume_command,
+    resume_command,  # noqa: F401 (re-exported: train.run.resume_command, as before)
     run_tokenizer,
     save_config,
     warmup_steps,
@@ -879,19 +879,6 @@ def _stop_reason(trainer: L.Trainer) -> str:
     if budget is not None:
         return f"(its trainer.max_time, {budget:g} s over all its launches, is spent)"
     return "(a callback asked it to stop)"
-
-
-def continuing_call(out_dir: str | os.PathLike[str], overrides: str = "") -> str:
-    """How the caller of :func:`train` continues the run in ``out_dir`` (``overrides``: `` key=value``
-    items, each after a space), in backquotes: :func:`resume_command` when ``resume`` came from the
-    command line (``--resume``, :func:`~innerloop.config.load.from_command_line`), else the Python call
-    that does the same (``train(*load_config('<out_dir>/config.yaml', [...], out_dir=...), resume=True)``):
-    a Python caller is not told to pass a command line's flag."""
-    if from_command_line("resume"):
-        return f"`{resume_command(out_dir, overrides)}`"
-    folder = os.fspath(out_dir)
-    config = os.path.join(folder, "config.yaml")
-    return f"`train(*load_config({config!r}, {overrides.split()!r}, out_dir={folder!r}), resume=True)`"
 
 
 def _continuing(run: RunConfig, trainer: L.Trainer) -> str:

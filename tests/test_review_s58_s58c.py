@@ -85,3 +85,25 @@ def test_a_pending_only_run_folder_read_from_python_is_told_the_python_calls(tmp
         assert resume in message and f"`train(*load_config({config!r}, out_dir='<a new folder>'))`" in message
         assert "innerloop train" not in message and "if it is whole" not in message, message
         assert "after checking it (its checksum, and finite weights)" in message, message
+
+
+@pytest.mark.slow  # two untrained models scored at two lengths (seconds)
+def test_compare_warns_of_the_split_fallback_once_for_all_lengths(tmp_path, caplog):
+    """``compare`` at several lengths of a folder whose split by file hash held out its last file logged
+    the same fallback warning once per length: one cause, said as often as there were lengths."""
+    from lm_testing import untrained_run
+
+    from innerloop.data.text import split_by_file, split_keys
+    from innerloop.train.compare import compare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("b.txt", "c.txt"):
+        (corpus / name).write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    keys = split_keys([str(corpus)])
+    assert split_by_file(sorted(keys), 0.1, keys)[1] == []  # the premise: the hash holds out neither
+    (tmp_path / "run").mkdir()
+    run = untrained_run(tmp_path / "run", corpus, "ttt", 0, 8, 2, 1)
+    compare([run, run], seq_lens=[4, 8, 16], batches=1)
+    said = [r.getMessage() for r in caplog.records if "is held out instead" in r.getMessage()]
+    assert len(said) == 1 and "validation text: the split by file hash" in said[0], said

@@ -30,8 +30,8 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -351,7 +351,7 @@ def compare(
     )
     # every length's windows read first: a length the text is too short for fails before any model is scored
     window_sizes = (batch_size, batches, tokenizer, split, held_out)
-    with arguments_of_the_caller({"seq_len": "seq_lens"}):  # its errors name compare's seq_lens
+    with arguments_of_the_caller({"seq_len": "seq_lens"}), _each_warning_once():  # the data's said once
         every_windows = [
             evaluation_windows(reference.checkpoint, reference.module, paths, n, *window_sizes)
             for n in seq_lens
@@ -359,6 +359,42 @@ def compare(
     comparison.reproduce = reproduction_lines(comparison, every_windows, paths, split, batches)
     _score_lengths(comparison, every_windows, tokenizer, progress)
     return comparison
+
+
+class _SaidOnce(logging.Filter):
+    """Lets through each warning (by logger and text) the first time only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.said:
+            return False
+        self.said.add(key)
+        return True
+
+
+@contextmanager
+def _each_warning_once() -> Iterator[None]:
+    """Within it, a warning that one of innerloop's loggers logs again with the same text is not logged
+    again: :func:`compare` reads each length's windows from the same data, whose warnings (the split by
+    file hash holding out its last file, a file read as bytes) do not depend on the length."""
+    said = _SaidOnce()
+    known = logging.root.manager.loggerDict.items()  # a placeholder (a parent of loggers) logs nothing
+    loggers = [
+        ours for name, ours in known if name.startswith("innerloop.") and isinstance(ours, logging.Logger)
+    ]
+    for logger in loggers:
+        logger.addFilter(said)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(said)
 
 
 def reproduction_lines(

@@ -107,3 +107,30 @@ def test_compare_warns_of_the_split_fallback_once_for_all_lengths(tmp_path, capl
     compare([run, run], seq_lens=[4, 8, 16], batches=1)
     said = [r.getMessage() for r in caplog.records if "is held out instead" in r.getMessage()]
     assert len(said) == 1 and "validation text: the split by file hash" in said[0], said
+
+
+@pytest.mark.slow  # an untrained run written and its validation text read (seconds)
+def test_a_runs_text_too_short_for_a_window_is_not_said_to_be_unreadable(tmp_path):
+    """``evaluate(checkpoint, seq_len=500)`` of a run whose validation text holds 181 bytes said the run's
+    data "cannot be read" (the wording of a failed read); it now names the length given and needed."""
+    from lm_testing import untrained_run
+
+    from innerloop.data.text import TextTooShortError
+    from innerloop.train import evaluate
+
+    text = tmp_path / "b.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    (tmp_path / "run").mkdir()
+    run = untrained_run(tmp_path / "run", text, "ttt", 0, 16, 2, 1)
+    with pytest.raises(TextTooShortError) as caught:
+        evaluate(run / "last.safetensors", seq_len=500)
+    message = str(caught.value)
+    assert "cannot be read" not in message, message
+    assert message.startswith("the run's validation text (data.* of ") and (
+        caught.value.length,
+        caught.value.needed,
+    ) == (181, 501)
+    assert message.endswith(
+        "has 181 bytes (end-of-text separators included), too few for one window of seq_len=500, which "
+        "needs 501; give a shorter seq_len, or other text (paths=FILES)"
+    ), message

@@ -58,6 +58,16 @@ class DataError(ValueError):
     held out for validation); the message names the setting and what to change."""
 
 
+class TextTooShortError(DataError):
+    """A text that holds no window: ``length`` tokens (``unit``: ``"bytes"`` or ``"tokens"``, end-of-text
+    separators included) where a window needs ``needed`` (``seq_len + 1``). It was read: a caller that
+    words a failed read ("cannot be read") words this one otherwise (the lengths, and what to change)."""
+
+    def __init__(self, message: str, length: int = 0, needed: int = 0, unit: str = "bytes") -> None:
+        super().__init__(message)
+        self.length, self.needed, self.unit = length, needed, unit
+
+
 def stdlib_files() -> list[Path]:
     """The ``.py`` files of this Python's standard library, sorted (the default text corpus)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -1251,10 +1261,11 @@ def check_test_length(
         if num_files > 1
         else f"{test_fraction} of the file before its validation tail"
     )
-    raise DataError(
+    raise TextTooShortError(
         f"the test text ({held_out}) has {test_len} {unit}, fewer than data.seq_len + 1 = {need}; give more "
-        "text, a larger data.test_fraction or a shorter data.seq_len"
-    )
+        "text, a larger data.test_fraction or a shorter data.seq_len",
+        test_len, need, unit,
+    )  # fmt: skip
 
 
 def check_text_lengths(
@@ -1283,10 +1294,11 @@ def check_text_lengths(
             f"of {unit} is held out; set data.val_fraction > 0 (e.g. 0.1)"
         )
     if train_len is not None and train_len < need:
-        raise DataError(
+        raise TextTooShortError(
             f"the training text has {train_len} {unit}, fewer than data.seq_len + 1 = {need}; give more "
-            "text (data.paths) or a shorter data.seq_len"
-        )
+            "text (data.paths) or a shorter data.seq_len",
+            train_len, need, unit,
+        )  # fmt: skip
     if val_len >= need:
         if fallback_file is not None and announce:
             log.warning(
@@ -1304,7 +1316,8 @@ def check_text_lengths(
             "shorter data.seq_len"
         )
     held_out = f"the last {val_fraction} of the file" if num_files == 1 else "the held-out files"
-    raise DataError(
+    raise TextTooShortError(
         f"the validation text ({held_out}) has {val_len} {unit}, fewer than data.seq_len + 1 = {need}; "
-        "give more text, a larger data.val_fraction or a shorter data.seq_len"
-    )
+        "give more text, a larger data.val_fraction or a shorter data.seq_len",
+        val_len, need, unit,
+    )  # fmt: skip

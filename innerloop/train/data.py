@@ -50,6 +50,7 @@ from innerloop.data.recall import (
 from innerloop.data.text import (
     DOCUMENT_SEPARATOR,
     DataError,
+    TextTooShortError,
     _single_file_cut,
     check_files_left,
     check_test_length,
@@ -692,10 +693,11 @@ def spread_windows(
     scored tokens several times, weighted the middle of the data over its ends, and made the
     bootstrap bands of ``compare`` narrow without limit from the same tokens read again.)"""
     if len(data) < seq_len + 1:
-        raise DataError(
+        raise TextTooShortError(
             f"{what} has {len(data)} {unit} (end-of-text separators included), fewer than "
-            f"{seq_len_name} + 1 = {seq_len + 1}; give more text or a shorter {seq_len_name}"
-        )
+            f"{seq_len_name} + 1 = {seq_len + 1}; give more text or a shorter {seq_len_name}",
+            len(data), seq_len + 1, unit,
+        )  # fmt: skip
     holds = (len(data) - 1) // seq_len  # windows whose targets do not overlap
     if count > holds:
         log.warning(

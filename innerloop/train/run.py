@@ -118,6 +118,7 @@ from innerloop.data.atomic import (
 from innerloop.data.hf import FORMATS, data_format, data_suffix, source_files
 from innerloop.data.recall import recall_length
 from innerloop.data.text import (
+    TextTooShortError,
     entry_finds_files,
     held_out_share,
     one_walk_per_entry,
@@ -1679,7 +1680,10 @@ def validation_examples(
         if data.seq_len == run.data.seq_len:
             raise
         # an evaluation's --seq-len, not the run's data.seq_len, is what the held-out data is too short for
-        raise DataError(str(err).replace("data.seq_len", argument_name("seq_len"))) from None
+        said = str(err).replace("data.seq_len", argument_name("seq_len"))
+        if isinstance(err, TextTooShortError):
+            raise TextTooShortError(said, err.length, err.needed, err.unit) from None
+        raise DataError(said) from None
     if isinstance(datamodule, HFDataModule):
         assert datamodule.val_examples is not None
         return datamodule.val_examples
@@ -1860,6 +1864,14 @@ def _run_validation_windows(
             read = _check_the_runs_cut(run, checkpoint, tokenizer)
             inputs, targets = validation_examples(run, seq_len, count, tokenizer, read)
         tag = _run_data_tag(run, tokenizer, held_out)
+    except TextTooShortError as err:  # read, but too short: not "cannot be read"
+        raise TextTooShortError(
+            f"the run's {words} text ({_data_origin(checkpoint, overruled)}) has {err.length} {err.unit} (end-of-text "
+            f"separators included), too few for one window of {given_argument('seq_len', seq_len, quoted=False)}, "
+            f"which needs {err.needed}; give a shorter {argument_name('seq_len')}, or other text "
+            f"({given_argument('paths', 'FILES', placeholder=True)}){note}",
+            err.length, err.needed, err.unit,
+        ) from None  # fmt: skip
     except DataError as err:
         raise DataError(
             f"the run's {words} data ({_data_origin(checkpoint, overruled)}) cannot be read: {err}{note}"

@@ -241,7 +241,7 @@ def test_a_seq_len_longer_than_the_runs_validation_text_names_the_option_given(
 ) -> None:
     """It named data.seq_len and the training text, though the user gave --seq-len and the evaluation
     reads the validation text (the corpus: 3.2k bytes of training text, 0.4k held out)."""
-    expected = f"the validation text has 411 bytes (end-of-text separators included), fewer than --seq-len + 1 = {seq_len + 1}; give more text or a shorter --seq-len"
+    expected = f"has 411 bytes (end-of-text separators included), too few for one window of --seq-len {seq_len}, which needs {seq_len + 1}; give a shorter --seq-len, or other text (--data FILES)"
     out = tmp_path / "results"
     assert (
         main(["eval", str(runs[0] / "last.safetensors"), "--seq-len", str(seq_len), "--out", str(out)]) == 2
@@ -251,6 +251,7 @@ def test_a_seq_len_longer_than_the_runs_validation_text_names_the_option_given(
     assert len(errors) == 2 and all(expected in line and "data.seq_len" not in line for line in errors), (
         errors
     )
+    assert not any("cannot be read" in line for line in errors), errors  # read, but too short (s58c)
 
 
 def test_the_runs_windows_at_another_seq_len_are_its_validation_text_in_windows_of_that_length(runs) -> None:

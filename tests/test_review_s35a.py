@@ -204,7 +204,7 @@ def test_an_empty_slice_of_data_files_is_one_line_saying_it_holds_no_document(
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
     module = HFDataModule([str(path)], split="train[50%:10%]", seq_len=4, batch_size=1, val_batches=1)
-    with pytest.raises(DataError, match=r"\(data.split='train\[50%:10%\]'\) holds no document$"):
+    with pytest.raises(DataError, match=r"\(split='train\[50%:10%\]'\) holds no document$"):
         module.setup()
 
 

@@ -134,3 +134,72 @@ def test_a_runs_text_too_short_for_a_window_is_not_said_to_be_unreadable(tmp_pat
         "has 181 bytes (end-of-text separators included), too few for one window of seq_len=500, which "
         "needs 501; give a shorter seq_len, or other text (paths=FILES)"
     ), message
+
+
+def test_a_users_own_data_module_names_the_arguments_given_not_config_keys(tmp_path):
+    """TextDataModule(seq_len=..., val_fraction=..., test_fraction=...) built by a user for their own
+    Trainer said 'fewer than data.seq_len + 1' and 'data.val_fraction=0.6 + data.test_fraction=0.5', keys
+    of a run config they never wrote; the one innerloop builds from a config keeps the keys."""
+    from innerloop.config.load import building_from_a_config
+    from innerloop.data.text import DataError, TextTooShortError
+    from innerloop.train import TextDataModule
+
+    text = tmp_path / "a.txt"
+    text.write_text("x" * 100)
+    with pytest.raises(
+        DataError, match=r"^val_fraction=0\.6 \+ test_fraction=0\.5 = 1\.1 leaves no training"
+    ):
+        TextDataModule(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(TextTooShortError) as caught:
+        TextDataModule(paths=[str(text)], seq_len=95).setup()
+    assert str(caught.value) == (
+        "the training text has 90 bytes, fewer than seq_len + 1 = 96; give more text (paths) or a shorter seq_len"
+    ) and (caught.value.length, caught.value.needed) == (90, 96)
+    with building_from_a_config(), pytest.raises(TextTooShortError, match=r"a shorter data\.seq_len$"):
+        TextDataModule(paths=[str(text)], seq_len=95).setup()
+
+
+def test_a_users_own_module_that_diverges_names_its_arguments_not_config_keys():
+    """LanguageModelModule(lr=...) in a user's own Trainer that diverged was told to 'try a lower optim.lr
+    ... (optim.grad_clip ...) (optim.warmup_fraction ...)': a config's keys; built by innerloop's run
+    (build_module), it keeps them."""
+    from innerloop.config.load import building_from_a_config
+    from innerloop.train import LanguageModelModule
+
+    own = LanguageModelModule(CONFIG, lr=0.01, warmup_steps=7)
+    with building_from_a_config():
+        configured = LanguageModelModule(CONFIG, lr=0.01, warmup_steps=7)
+    said = []
+    for module in (own, configured):
+        module._last_finite_loss = (3, torch.tensor(2.0))
+        said.append(str(module.diverged("the training loss is nan")))
+    assert said[0].endswith(
+        "try a lower lr (now 0.01; min_lr may not exceed it), gradient clipping (the Trainer's "
+        "gradient_clip_val, now off) or a longer warm-up (warmup_steps, now 7 steps)"
+    ), said[0]
+    assert said[1].endswith(
+        "try a lower optim.lr (now 0.01; optim.min_lr may not exceed it), gradient clipping (optim.grad_clip, "
+        "now off) or a longer warm-up (optim.warmup_fraction, now 7 steps)"
+    ), said[1]
+
+
+def test_a_users_own_module_resumed_with_another_schedule_names_its_arguments(caplog):
+    """The warning of a learning-rate jump at a resume (a user's Trainer resuming with ckpt_path into a
+    module built with another lr) named "this config's optim.schedule=..., optim.lr=... and
+    trainer.max_steps=...", a config the user never wrote."""
+    from types import SimpleNamespace
+
+    from innerloop.config.load import building_from_a_config
+    from innerloop.train import LanguageModelModule
+
+    own = LanguageModelModule(CONFIG, lr=0.01, max_steps=50)
+    with building_from_a_config():
+        configured = LanguageModelModule(CONFIG, lr=0.01, max_steps=50)
+    for module in (own, configured):
+        module._trainer = SimpleNamespace(is_global_zero=True)
+        module._warn_of_a_learning_rate_jump(5, 0.001, 0.002)
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2 and "the module's schedule=cosine, lr=0.01 and max_steps=50 define" in said[0], said
+    assert "this config's optim.schedule=cosine, optim.lr=0.01 and trainer.max_steps=50 define" in said[1], (
+        said
+    )

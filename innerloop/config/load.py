@@ -117,6 +117,36 @@ def command_line_options(options: Mapping[str, str]) -> Iterator[None]:
         _COMMAND_LINE_OPTIONS.reset(token)
 
 
+_BUILDING_FROM_A_CONFIG: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "innerloop_building_from_a_config", default=False
+)
+
+
+@contextlib.contextmanager
+def building_from_a_config() -> Iterator[None]:
+    """Within it, the LightningModule and DataModules built are a run config's (``innerloop train``,
+    :func:`~innerloop.train.run.train`): their messages name that config's keys (``data.seq_len``,
+    ``optim.lr``), which their user wrote; one built outside it (a user's own, for their own Lightning
+    Trainer) names the arguments its user passed (``seq_len``, ``lr``: :func:`setting_name`)."""
+    token = _BUILDING_FROM_A_CONFIG.set(True)
+    try:
+        yield
+    finally:
+        _BUILDING_FROM_A_CONFIG.reset(token)
+
+
+def built_from_a_config() -> bool:
+    """Whether the object being built now is a run config's (:func:`building_from_a_config`)."""
+    return _BUILDING_FROM_A_CONFIG.get()
+
+
+def setting_name(key: str, parameter: str, from_a_config: bool) -> str:
+    """How a message of a LightningModule or DataModule names one of its settings: the config's ``key``
+    (``data.seq_len``) for one built ``from_a_config``, else its argument ``parameter`` as its caller
+    gave it (:func:`argument_name`)."""
+    return key if from_a_config else argument_name(parameter)
+
+
 def argument_name(parameter: str) -> str:
     """How an error names the argument ``parameter``: its option (``--seq-len``) within
     :func:`command_line_options`, else the Python parameter itself (``seq_len``)."""

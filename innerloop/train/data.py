@@ -15,9 +15,12 @@ Targets equal to :data:`IGNORE_INDEX` are not scored (the recall task scores onl
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from innerloop.config.load import argument_name, given_argument, given_flag
+from innerloop.config.load import argument_name, built_from_a_config, given_argument, given_flag, setting_name
 from innerloop.core.functional import as_integer
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, own_split, source_files
 from innerloop.data.packing import (
@@ -391,6 +394,30 @@ def validation_file_keys(
     return sorted(keys[p] for p in val)
 
 
+TEXT_SETTINGS = ("paths", "seq_len", "batch_size", "val_fraction", "val_batches", "test_fraction")
+"""The arguments of :class:`TextDataModule` and :class:`HFDataModule` that a run config gives as
+``data.<name>``."""
+
+
+@contextlib.contextmanager
+def settings_named(from_a_config: bool, settings: Sequence[str] = TEXT_SETTINGS) -> Iterator[None]:
+    """Within it, a :class:`DataError` whose message names a run config's ``data.<setting>`` names, for a
+    DataModule not built ``from_a_config`` (a user's own), the argument its user passed instead
+    (:func:`~innerloop.config.load.setting_name`: ``seq_len``), keeping its type and attributes."""
+    try:
+        yield
+    except DataError as err:
+        if from_a_config:
+            raise
+        pattern = re.compile(rf"\bdata\.({'|'.join(settings)})\b")
+        said = pattern.sub(lambda match: setting_name(match[0], match[1], False), str(err))
+        if said == str(err):
+            raise
+        renamed = copy.copy(err)
+        renamed.args = (said,)
+        raise renamed from None
+
+
 def check_fractions(val_fraction: float, test_fraction: float) -> float:
     """``test_fraction`` as a float in [0, 1) whose sum with ``val_fraction`` is below 1 (the training
     text is the rest), else :class:`DataError` naming both."""
@@ -444,7 +471,9 @@ class TextDataModule(_IndexedDataModule):
         )
         self.seed = int(checked_number("seed", seed, int, SEED_BOUNDS))
         self.val_fraction = checked_number("val_fraction", val_fraction, float, FRACTION)
-        self.test_fraction = check_fractions(self.val_fraction, test_fraction)
+        self._from_a_config = built_from_a_config()  # its messages name data.seq_len, else seq_len
+        with settings_named(self._from_a_config):
+            self.test_fraction = check_fractions(self.val_fraction, test_fraction)
         self.tokenizer = _checked_tokenizer(tokenizer)
         self.train_bytes: torch.Tensor | None = None  # the tokens (bytes with the byte tokenizer)
         self.val_bytes: torch.Tensor | None = None
@@ -463,7 +492,12 @@ class TextDataModule(_IndexedDataModule):
         ``validate``) the held-out files only, where there are several (an evaluation read and tokenized
         the whole corpus, 9 parts of 10 of it for nothing); for ``stage="test"`` (an evaluation of the
         test text, ``data.test_fraction`` > 0) the test files only; the training and validation text for
-        any other stage. The test text is never read for training."""
+        any other stage. The test text is never read for training. Its errors name the arguments given
+        (``seq_len``), or for a run config's data module its keys (``data.seq_len``)."""
+        with settings_named(self._from_a_config):
+            self._setup(stage)
+
+    def _setup(self, stage: str | None) -> None:
         if stage == "test" and self.test_fraction == 0:
             if self.trainer is not None:  # trainer.test(dataloaders=...) after a fit: its loaders, not ours
                 return
@@ -908,12 +942,14 @@ class HFDataModule(L.LightningDataModule):
             seq_len=seq_len, batch_size=batch_size, val_batches=val_batches
         )
         val_fraction = checked_number("val_fraction", val_fraction, float, FRACTION)
-        if not 0 < val_fraction < 1:
-            raise DataError(
-                f"data.val_fraction={val_fraction} must be in (0, 1) for data.name='hf': validation holds "
-                "out every 1/val_fraction-th document"
-            )
-        self.test_fraction = check_fractions(val_fraction, test_fraction)
+        self._from_a_config = built_from_a_config()  # its messages name data.seq_len, else seq_len
+        with settings_named(self._from_a_config, (*TEXT_SETTINGS, "split", "text_field")):
+            if not 0 < val_fraction < 1:
+                raise DataError(
+                    f"data.val_fraction={val_fraction} must be in (0, 1) for data.name='hf': validation holds "
+                    "out every 1/val_fraction-th document"
+                )
+            self.test_fraction = check_fractions(val_fraction, test_fraction)
         self.paths, self.split, self.text_field, self.streaming = (
             path_entries(paths, "paths"),
             _checked_kind("split", split, str, "a split name such as 'train' (or a slice, 'train[:90%]')"),
@@ -939,7 +975,12 @@ class HFDataModule(L.LightningDataModule):
         """Open the dataset and read the validation windows, for any ``stage`` but ``"test"`` (an evaluation
         of the test windows, which need not fill a validation window); at ``test_fraction`` > 0 the test
         windows too, for any ``stage`` but ``"validate"`` (an evaluation of the validation windows).
-        ``stage="test"`` at ``test_fraction`` 0 is a :class:`DataError`, as :class:`TextDataModule`'s."""
+        ``stage="test"`` at ``test_fraction`` 0 is a :class:`DataError`, as :class:`TextDataModule`'s. Its
+        errors name the arguments given (``seq_len``), or for a run config's data module its keys."""
+        with settings_named(self._from_a_config, (*TEXT_SETTINGS, "split", "text_field")):
+            self._setup(stage)
+
+    def _setup(self, stage: str | None) -> None:
         if stage == "test" and self.test_fraction == 0:
             if self.trainer is not None:  # trainer.test(dataloaders=...) after a fit: its loaders, not ours
                 return

@@ -67,7 +67,7 @@ from innerloop.checkpoints import (
     widest_parameter_dtype,
 )
 from innerloop.checkpoints import load_model as load_model  # re-exported: its old home
-from innerloop.config.load import checkpoint_path_problem
+from innerloop.config.load import built_from_a_config, checkpoint_path_problem, setting_name
 from innerloop.config.schema import FIELD_BOUNDS
 from innerloop.core.callers import warning_stacklevel
 from innerloop.core.compiled import is_compiled_name, plain_name, plain_names
@@ -394,6 +394,7 @@ class LanguageModelModule(L.LightningModule):
         hyperparameters = _checked_hyperparameters(**arguments)
         self.save_hyperparameters(hyperparameters)
         self.model = build_model(ModelConfig.from_dict(model))  # CausalLM, or E2ELM for mixer='e2e'
+        self._from_a_config = built_from_a_config()  # its messages name optim.lr, else lr
         self._register_state_dict_hook(_compile_free_names)  # torch.compile(module.model): plain names
         self._register_load_state_dict_pre_hook(_compiled_names, with_module=True)
         plugin_sources(model)  # read the plugins' sources now: the checkpoints record the code that ran
@@ -677,11 +678,14 @@ class LanguageModelModule(L.LightningModule):
             step, loss = self._last_finite_loss
             last = f"last finite training loss {float(loss):.4f}, after {step} steps"
         clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        lr, min_lr = (setting_name(f"optim.{p}", p, self._from_a_config) for p in ("lr", "min_lr"))
+        clipping = "optim.grad_clip" if self._from_a_config else "the Trainer's gradient_clip_val"
+        warmup = setting_name("optim.warmup_fraction", "warmup_steps", self._from_a_config)
         return TrainingDivergedError(
-            f"training diverged: {what} ({last}); {self._float16_cause()}try a lower optim.lr (now "
-            f"{self.hparams.lr:g}; optim.min_lr may not exceed it), "
-            f"gradient clipping (optim.grad_clip, now {clip or 'off'}) or a longer warm-up "
-            f"(optim.warmup_fraction, now {self.hparams.warmup_steps} steps)"
+            f"training diverged: {what} ({last}); {self._float16_cause()}try a lower {lr} (now "
+            f"{self.hparams.lr:g}; {min_lr} may not exceed it), "
+            f"gradient clipping ({clipping}, now {clip or 'off'}) or a longer warm-up "
+            f"({warmup}, now {self.hparams.warmup_steps} steps)"
         )
 
     def _before_any_step(self) -> str:
@@ -852,9 +856,14 @@ class LanguageModelModule(L.LightningModule):
         if step == 0 or math.isclose(restored, now, rel_tol=1e-9, abs_tol=0.0) or not main_process:
             return
         hp = self.hparams
+        settings = (
+            "this config's optim.schedule=%s, optim.lr=%g and trainer.max_steps=%d"
+            if self._from_a_config
+            else "the module's schedule=%s, lr=%g and max_steps=%d"  # a user's own, resumed by their Trainer
+        )
         log.warning(
             "resuming at step %d: the learning rate is now %.3g, where the checkpoint's schedule was at %.3g "
-            "(%.3gx): this config's optim.schedule=%s, optim.lr=%g and trainer.max_steps=%d define the schedule "
+            f"(%.3gx): {settings} define the schedule "
             "from this step, so the run goes on as none that was never interrupted would",
             step, now, restored, now / restored if restored else math.inf, hp.schedule, hp.lr, hp.max_steps,
         )  # fmt: skip

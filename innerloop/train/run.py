@@ -86,6 +86,7 @@ from innerloop.config.load import (
     absolute_data_paths,
     absolute_tokenizer,
     argument_name,
+    building_from_a_config,
     check_output_dir,
     check_resume_changes,
     check_resume_or_overwrite,
@@ -409,7 +410,14 @@ def build_datamodule(
 ) -> TextDataModule | RecallDataModule | HFDataModule:
     """The DataModule named by ``run.data.name``, tokenizing with ``tokenizer`` (by default
     ``data.tokenizer``'s files as they are now; evaluation passes the one a checkpoint recorded)."""
-    data = require_run_config(run).data
+    with building_from_a_config():  # its messages name data.seq_len, not seq_len
+        return _datamodule_of(require_run_config(run), tokenizer)
+
+
+def _datamodule_of(
+    run: RunConfig, tokenizer: Tokenizer | None
+) -> TextDataModule | RecallDataModule | HFDataModule:
+    data = run.data
     if data.name == "recall":
         return RecallDataModule(
             data.recall.num_pairs, data.recall.gap, data.batch_size, data.val_batches, run.seed
@@ -578,13 +586,14 @@ def schedule_arguments(run: RunConfig) -> dict[str, Any]:
 def build_module(run: RunConfig) -> LanguageModelModule:
     """The LightningModule for ``run``'s model and optimizer settings."""
     require_run_config(run)
-    module = LanguageModelModule(
-        model=asdict(run.model),
-        **schedule_arguments(run),
-        num_position_buckets=run.trainer.num_position_buckets,
-        diagnostics_batches=run.trainer.diagnostics_batches,
-        seq_len=build_datamodule(run).seq_len,  # data.seq_len, or the one the recall task derives
-    )
+    with building_from_a_config():  # its messages name optim.lr, not lr
+        module = LanguageModelModule(
+            model=asdict(run.model),
+            **schedule_arguments(run),
+            num_position_buckets=run.trainer.num_position_buckets,
+            diagnostics_batches=run.trainer.diagnostics_batches,
+            seq_len=build_datamodule(run).seq_len,  # data.seq_len, or the one the recall task derives
+        )
     if run.trainer.gradient_checkpointing:  # a memory setting of the run, not of the model: not saved
         module.model.gradient_checkpointing_enable()
     return module

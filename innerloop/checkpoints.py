@@ -1111,7 +1111,26 @@ def _read_file(path: Path, name: str, attempts: int = 3) -> tuple[dict[str, str]
         raise CheckpointError(
             f"{name} is not a readable innerloop checkpoint (expected a safetensors file written by "
             f"`innerloop train`; it may be truncated, corrupt or of another format): {_one_line(err)}"
+            f"{_pickled_note(path)}"
         ) from None
+
+
+def _pickled_note(path: str | os.PathLike[str]) -> str:
+    """For a file that starts as torch.save writes one (a zip archive, or a bare pickle): what it is and,
+    for a Lightning ``.ckpt`` of a LanguageModelModule, how to convert it once; else nothing."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError:
+        return ""
+    if start != b"PK\x03\x04" and start[:1] != b"\x80":
+        return ""
+    return (
+        "; it is a pickled file (torch.save's format: e.g. a Lightning Trainer's .ckpt, written without "
+        "innerloop's SafetensorsCheckpointIO), which innerloop never unpickles (a pickle can run code): "
+        "convert one you trust in Python, module = LanguageModelModule.load_from_checkpoint(path), then "
+        "save_model_checkpoint(module.model, 'model.safetensors')"
+    )
 
 
 def is_safetensors_file(path: str | os.PathLike[str]) -> bool:

@@ -203,3 +203,37 @@ def test_a_users_own_module_resumed_with_another_schedule_names_its_arguments(ca
     assert "this config's optim.schedule=cosine, optim.lr=0.01 and trainer.max_steps=50 define" in said[1], (
         said
     )
+
+
+def test_a_pickled_lightning_checkpoint_is_refused_saying_how_to_convert_it(tmp_path):
+    """A Lightning ``.ckpt`` pickled by a user's own Trainer (one with ``model._orig_mod.`` weights of a model
+    compiled before bdcf72de among them) given to innerloop's readers (``innerloop eval``, ``load_model``)
+    was refused as 'not a readable innerloop checkpoint ...: header too large', saying neither what it is
+    nor how to read it (load_from_checkpoint does, then save_model_checkpoint)."""
+    from innerloop.checkpoints import CheckpointError, load_checkpoint
+    from innerloop.train import LanguageModelModule
+
+    module = LanguageModelModule(CONFIG)
+    state = {"model._orig_mod." + key: value for key, value in module.model.state_dict().items()}
+    import lightning as L
+
+    tree = {
+        "state_dict": state,
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": L.__version__,
+    }
+    torch.save(tree, tmp_path / "old.ckpt")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path / "old.ckpt")
+    message = str(caught.value)
+    assert "is not a readable innerloop checkpoint" in message and "it is a pickled file" in message, message
+    assert message.endswith(
+        "module = LanguageModelModule.load_from_checkpoint(path), then save_model_checkpoint(module.model, "
+        "'model.safetensors')"
+    ), message
+    loaded = LanguageModelModule.load_from_checkpoint(tmp_path / "old.ckpt")  # the way it names
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    (tmp_path / "text.ckpt").write_text("not a checkpoint at all\n" * 4)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(tmp_path / "text.ckpt")
+    assert "it is a pickled file" not in str(caught.value)

@@ -3,21 +3,63 @@ transformers itself; a folder also loads where innerloop is not imported (trust_
 
 from __future__ import annotations
 
+import json
+import select
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 
 import pytest
 from hf_testing import tiny_hf_model
 
+FORK_SERVER = """
+import io, json, os, sys, traceback
+import torch  # what every case imports first (innerloop and transformers both do): paid once here
 
-def run_fresh(code: str) -> str:
-    """Run ``code`` in a fresh interpreter (the import state of this one does not leak); its stdout."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=180
+for line in sys.stdin:
+    code, answer = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the case, in a child whose sys.modules holds torch and no innerloop or transformers
+        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+        status = 0
+        try:
+            exec(compile(code, "<fresh>", "exec"), {"__name__": "__main__"})
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        with open(answer, "w") as file:
+            json.dump([status, sys.stdout.getvalue(), sys.stderr.getvalue()], file)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(answer, flush=True)
+"""
+"""Runs each case sent on its stdin in a fork of itself (one interpreter that has imported torch and
+nothing of innerloop or transformers): each case pays for its own imports, not for torch's again."""
+
+
+@pytest.fixture(scope="module")
+def run_fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+    """Run code in a fresh interpreter (the import state of this one does not leak): its stdout. The
+    interpreter is a fork of :data:`FORK_SERVER`'s, whose only import beyond Python's own is torch."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    answers = tmp_path_factory.mktemp("fresh")
+
+    def run(code: str) -> str:
+        answer = answers / f"{len(list(answers.iterdir()))}.json"
+        server.stdin.write(json.dumps([textwrap.dedent(code), str(answer)]) + "\n")
+        server.stdin.flush()
+        assert select.select([server.stdout], [], [], 180)[0], "the case took over 180 s"
+        assert server.stdout.readline().strip() == str(answer), "the fork server ended"
+        status, out, err = json.loads(answer.read_text())
+        assert status == 0, err[-3000:]
+        return out
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +69,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s
-def test_import_innerloop_does_not_import_transformers() -> None:
+@pytest.mark.slow  # a fresh interpreter importing innerloop (torch: once a module, the fork server's): ~1 s
+def test_import_innerloop_does_not_import_transformers(run_fresh) -> None:
     out = run_fresh("""
         import sys, innerloop
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "tokenizers", "datasets")))
@@ -44,7 +86,7 @@ LOAD = """
 """
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch and transformers: ~10 s
+@pytest.mark.slow  # a fresh interpreter a case importing innerloop and transformers: ~4 s each
 @pytest.mark.parametrize(
     "imports",
     [
@@ -54,13 +96,15 @@ LOAD = """
     ],
     ids=["innerloop_first", "transformers_first", "transformers_then_auto_classes"],
 )
-def test_either_import_order_registers_the_auto_classes(imports: str, folder: str) -> None:
+def test_either_import_order_registers_the_auto_classes(imports: str, folder: str, run_fresh) -> None:
     out = run_fresh(imports + textwrap.dedent(LOAD).format(folder=folder))
     assert out.split() == ["innerloop.hf.modeling", "InnerloopConfig", "InnerloopModel"]
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~6 s
-def test_a_library_loading_the_auto_classes_does_not_import_the_model_until_a_config_is_built() -> None:
+@pytest.mark.slow  # a fresh interpreter importing innerloop and transformers: ~4 s
+def test_a_library_loading_the_auto_classes_does_not_import_the_model_until_a_config_is_built(
+    run_fresh,
+) -> None:
     # torchmetrics loads modeling_auto at import (so every Lightning run does): innerloop's model,
     # and transformers' modeling stack with it, must not be imported for that alone.
     out = run_fresh("""
@@ -74,8 +118,8 @@ def test_a_library_loading_the_auto_classes_does_not_import_the_model_until_a_co
     assert out.split() == ["False", "innerloop.hf.modeling"]
 
 
-@pytest.mark.slow  # a fresh interpreter: ~5 s
-def test_a_tool_that_never_imports_innerloop_loads_with_trust_remote_code(folder: str) -> None:
+@pytest.mark.slow  # a fresh interpreter importing transformers and innerloop: ~4 s
+def test_a_tool_that_never_imports_innerloop_loads_with_trust_remote_code(folder: str, run_fresh) -> None:
     out = run_fresh(
         "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
         + textwrap.dedent(LOAD).format(folder=folder).replace(")\n", ", trust_remote_code=True)\n", 3)
@@ -94,8 +138,8 @@ def test_the_hook_registers_once_and_leaves_other_imports_alone() -> None:
         assert watchers[0].find_spec("json", None) is None
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch and transformers: ~6 s
-def test_a_config_built_before_the_model_is_imported_still_registers_the_model() -> None:
+@pytest.mark.slow  # a fresh interpreter importing innerloop and transformers: ~4 s
+def test_a_config_built_before_the_model_is_imported_still_registers_the_model(run_fresh) -> None:
     # (review s53m) innerloop.hf.modeling's own imports load transformers' Auto classes; with a config
     # already built, the hook registered the model at once from the half-imported module, which failed
     # ("could not register ... circular import" warned) and AutoModelForCausalLM never learnt the model

@@ -4,13 +4,15 @@ or a table of nothing; ``science.py diagnose`` of a model without TTT layers say
 ``e2e_demo.py --help`` says its budget is CPU time, as the code measures.
 
 Most checks call each script's ``parse_args`` in this process (the scripts import torch, and some
-Lightning, before they parse: a process per case would cost seconds each); a few run the script as a
-user does, ``python benchmarks/<script>.py ...``, to check the exit status and the message end to end.
+Lightning, before they parse: a process per case would cost seconds each); a few run the whole script
+as ``__main__`` with its command line (runpy, in this process), and one as a user does, ``python
+benchmarks/<script>.py ...``, to check the exit status and the message end to end.
 """
 
 from __future__ import annotations
 
 import re
+import runpy
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -89,7 +91,9 @@ def test_every_numeric_option_goes_through_a_check():
         assert not re.search(r"type=(int|float)\b", path.read_text(encoding="utf-8")), path.name
 
 
-# End to end, as a user runs them: ~3 s each (torch and innerloop are imported before parsing).
+# End to end, as a user runs them: the script run as ``__main__`` with its command line in sys.argv
+# (here, runpy: the same code as ``python benchmarks/<script>.py``, without a process and its imports);
+# one of them also in a process of its own, for the exit status Python gives.
 COMMANDS = [
     ("layer_speed.py", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got '0'"),
     (
@@ -101,16 +105,33 @@ COMMANDS = [
 ]
 
 
-@pytest.mark.slow  # ~3 s each: a subprocess that imports torch before it parses its arguments
+def _assert_a_one_line_usage_error(script: str, message: str, stdout: str, stderr: str) -> None:
+    assert "Traceback" not in stderr and stdout == ""
+    assert stderr.strip().splitlines()[-1].startswith(f"{script}")
+    assert f"error: {message}" in stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(("script", "argv", "message"), COMMANDS, ids=[c[0] for c in COMMANDS])
-def test_a_bad_value_exits_with_status_2_and_no_traceback(script, argv, message):
+def test_a_bad_value_ends_the_script_with_status_2_and_no_traceback(
+    script, argv, message, monkeypatch, capsys
+):
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / script), *argv])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts benchmarks/ first
+    with pytest.raises(SystemExit) as exit:  # any other exception: the traceback a user would see
+        runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()
+    _assert_a_one_line_usage_error(script, message, out, err)
+
+
+@pytest.mark.slow  # ~2 s: a subprocess that imports torch before it parses its arguments
+def test_a_bad_value_exits_with_status_2_and_no_traceback() -> None:
+    script, argv, message = COMMANDS[1]  # the one whose imports are fewest (no Lightning)
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *argv], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and done.stdout == ""
-    assert done.stderr.strip().splitlines()[-1].startswith(f"{script}")
-    assert f"error: {message}" in done.stderr.strip().splitlines()[-1]
+    _assert_a_one_line_usage_error(script, message, done.stdout, done.stderr)
 
 
 # ---- science.py diagnose: what it says when there is nothing to diagnose ----------------------------

@@ -10,6 +10,7 @@ and it reads a long input a block of queries at a time (:func:`sliding_window_at
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -340,9 +341,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
     SDPA's, so that every backward, the recomputing ones too, computes in the forward's dtype. While
     compiling (dynamo reads neither flag), with ``dropout_p > 0`` (each recomputation would draw another
     dropout mask) or with a mask that requires grad (the function differentiates q, k and v only): SDPA
-    as it is."""
+    as it is.
+
+    NaN and inf are kept wherever the math kernel (the definition) gives a row NaN or inf: on a CPU a call
+    whose q or own keys (the last ``T`` of ``k``) are not finite runs on the math kernel
+    (:func:`_fused_cpu_would_drop_non_finite`); while compiling, such rows are made NaN after SDPA
+    (:func:`_non_finite_rows_kept`); a cached key is finite or NaN (:func:`finite_or_nan_positions`)."""
     if torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, **options)
+        return _non_finite_rows_kept(F.scaled_dot_product_attention(q, k, v, **options), q, k)
     if transformed_or_dual((q, k, v)) or _fused_cpu_would_drop_non_finite(q, k):
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
@@ -366,12 +372,54 @@ def _fused_cpu_would_drop_non_finite(q: torch.Tensor, k: torch.Tensor) -> bool:
     Two sums and one read per call on a CPU, where a read does not stall a queue (CUDA's kernels are not
     asked: not measured there). Of the keys, only the last ``T`` (this call's queries' own: every caller
     appends them to its cache, and a block of a sliding window ends at its queries' keys) are summed, each
-    key having been summed in the call that added it: a whole 32k-token cache summed at each decoded token
-    cost 2.3 ms against SDPA's 11 ms (width 768, 2 threads)."""
+    key having been summed in the call that added it, and cached as NaN if it was not finite
+    (:func:`finite_or_nan_positions`), which the kernel propagates: a whole 32k-token cache summed at each
+    decoded token cost 2.3 ms against SDPA's 11 ms (width 768, 2 threads)."""
     if q.device.type != "cpu" or k.device.type != "cpu":
         return False
     own_keys = k[..., -q.shape[-2] :, :] if q.shape[-2] else k[..., :0, :]  # [B, H, T, f]
     return not bool(torch.isfinite(q.sum(dtype=torch.float32) + own_keys.sum(dtype=torch.float32)))
+
+
+def _non_finite_rows_kept(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``out`` with NaN in each row whose query holds NaN or inf, and in every row of a head whose own
+    keys (the last ``T``, as :func:`_fused_cpu_would_drop_non_finite` reads them) do: on a CPU while
+    ``torch.compile`` traces, where the math kernel cannot be chosen by a branch on the values (a graph
+    break), and inductor runs aten's fused CPU kernel, which drops them as eagerly. No branch: a
+    ``where`` on each row, so a finite output is returned bit for bit; a row the math kernel keeps
+    finite (a key of +-inf its query weighs 0) may come out NaN. Elsewhere ``out`` as it is."""
+    if q.device.type != "cpu" or k.device.type != "cpu":
+        return out
+    own_keys = k[..., k.shape[-2] - q.shape[-2] :, :]  # [B, H, T, f]
+    return torch.where(_all_finite(q, (-1,)) & _all_finite(own_keys, (-2, -1)), out, float("nan"))
+
+
+def _all_finite(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Whether ``x`` over ``dims`` (kept, size 1) holds no NaN or inf, exactly: the float32 sum of ``x``
+    times 2**-64 (a power of two: NaN and inf stay, a finite value stays finite or goes to 0, and fewer
+    than 2**64 values of at most 3.4e38 cannot overflow the sum). One fused reduction under inductor:
+    ``isfinite(x).all()`` cost ~20x as much there (23 ms against SDPA's ~450 ms at T=2048, width 768), and
+    a sum of ``x * 0`` inductor folds to 0."""
+    return torch.isfinite((x * 2.0**-64).sum(dim=dims, keepdim=True, dtype=torch.float32))
+
+
+def finite_or_nan_positions(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k, v [B, H, T, f]`` with NaN in the key and the value of each position whose key or value holds
+    NaN or inf (on a CPU; elsewhere as they are), as an attention mixer caches them. torch's fused CPU
+    kernel (torch 2.13, bfloat16 and float16) weighed a cached key of +-inf as finite for later queries
+    whose math-kernel output is NaN; a cached NaN key (at 2 keys or more) and a NaN value it keeps NaN
+    (measured). A later call then needs no read of the cache: rows seeing such a position are NaN, where
+    the math kernel gives NaN on the rows that weigh the infinite key and not 0. Finite positions are
+    returned bit for bit: eagerly as they are when two float32 sums are finite (one read), else and while
+    compiling through a ``where`` (no branch on values: traces under ``torch.compile``)."""
+    if k.device.type != "cpu" or v.device.type != "cpu":
+        return k, v
+    if not torch.compiler.is_compiling() and math.isfinite(
+        (k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)).item()
+    ):
+        return k, v
+    good = _all_finite(k, (-1,)) & _all_finite(v, (-1,))  # [B, H, T, 1]
+    return torch.where(good, k, float("nan")), torch.where(good, v, float("nan"))
 
 
 def _cast_as_autocast_would(device_type: str) -> Callable[[Any], Any] | None:
@@ -550,6 +598,7 @@ class CausalSelfAttention(nn.Module):
             rotate_with_rope(k, positions, self.rope_theta, self.float64_rope_angles),
         )
 
+        k, v = finite_or_nan_positions(k, v)  # a cached inf key is NaN: no call reads the cache for it
         room = None
         if self.window is None:  # the whole cache is kept: grown in place where it can be (appended)
             k, v, room = appended(state, k, v)  # [B, H, S + T, f]

@@ -71,6 +71,7 @@ from innerloop.models.attention import (
     CausalSelfAttention,
     KVCache,
     block_bounds,
+    finite_or_nan_positions,
     rotate_with_rope,
     sliding_window_attention,
 )
@@ -220,6 +221,7 @@ def chunk_relative_attention(
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [B, H, T, f]
     if attn.q_norm is not None and attn.k_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
+    k, v = finite_or_nan_positions(k, v)  # as CausalSelfAttention caches them (no call reads the cache)
     if cache is not None:  # a cache of another dtype is used in the one this call computes in
         k = torch.cat((cache.key.to(k.dtype), k), dim=2)  # [B, H, S + T, f]
         v = torch.cat((cache.value.to(v.dtype), v), dim=2)

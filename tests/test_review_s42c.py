@@ -359,16 +359,7 @@ def test_every_trainable_parameter_of_a_ttt_layer_gets_a_gradient(rule):
             assert torch.equal(layer(x)[0], y)  # without autograd, no tie: the same numbers
 
 
-@pytest.mark.slow  # ~30 s: two spawned processes import the training stack
-def test_a_momentum_ttt_model_trains_on_two_processes(tmp_path):
-    """Before the fix, the second process died: 'LightningModule has parameters that were not used in
-    producing the loss returned by training_step' (seen)."""
-    from lm_testing import two_process_config
-
-    from innerloop.train import train
-
-    run, cfg = two_process_config(
-        tmp_path / "run", "trainer.max_steps=2", "trainer.accelerator=cpu", "model.ttt.update_rule=momentum"
-    )
-    result = train(run, cfg)
-    assert result.checkpoint.is_file()
+# That a momentum model trains on two processes (before the fix the second process died: 'LightningModule
+# has parameters that were not used in producing the loss returned by training_step') is checked by the
+# 2-process run of tests/train/test_train.py (test_two_process_ddp_on_cpu_trains_and_validates_every_window_once,
+# a momentum model), one 2-process run for that test's claim and this one.

@@ -212,8 +212,11 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> Non
 
 @pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 4 steps and validate (~12 s)
 def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path, caplog) -> None:
-    # 5 validation windows: the ranks' shards differ by one (padded, unscored)
-    run, cfg = two_process_config(tmp_path, "data.batch_size=5", "trainer.max_steps=4")
+    # 5 validation windows: the ranks' shards differ by one (padded, unscored). A momentum model: this run
+    # also decides review s42c's claim that one trains on two processes (its unread learnable_token_idx
+    # got no gradient, and DDP refused the first step; seen failing so without the fix)
+    overrides = ["data.batch_size=5", "trainer.max_steps=4", "model.ttt.update_rule=momentum"]
+    run, cfg = two_process_config(tmp_path, *overrides)
     with caplog.at_level(logging.WARNING, logger="innerloop.train.run"):
         result = train(run, cfg)
     assert load_checkpoint(result.checkpoint)["global_step"] == 4

@@ -56,23 +56,26 @@ def _fork(child) -> int:
     return os.waitpid(pid, 0)[1]
 
 
-def _mounted(tmp_path: Path, options: str, command: list[str]) -> subprocess.CompletedProcess:
-    """Run ``command`` with a fresh tmpfs (mount ``options``) at ``tmp_path/mnt``, in a private mount
-    namespace; skip the test where that is not allowed (not root, no unshare)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+def _mounted(tmp_path: Path, mounts: dict[str, str], command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` with a fresh tmpfs at ``tmp_path/<name>`` for each ``name: options`` of ``mounts``
+    (mount options), in a private mount namespace; skip the test where that is not allowed (not root, no
+    unshare)."""
+    for name in mounts:
+        (tmp_path / name).mkdir()
     if shutil.which("unshare") is None or os.geteuid() != 0:
         pytest.skip("needs root and unshare to mount a small tmpfs")
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
-    script = f'mount -t tmpfs -o {options} tmpfs {mnt} && exec "$@"'
+    script = " && ".join(
+        f"mount -t tmpfs -o {options} tmpfs {tmp_path / name}" for name, options in mounts.items()
+    )
     return subprocess.run(
-        ["unshare", "-m", "sh", "-c", script, "sh", *command],
+        ["unshare", "-m", "sh", "-c", f'{script} && exec "$@"', "sh", *command],
         capture_output=True,
         text=True,
         env=ENV,
-        timeout=120,
+        timeout=600,  # a hang; three commands, one of them an eval, on a loaded machine take minutes
     )
 
 
@@ -194,52 +197,76 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_checkpoint_reada
     )  # the half-written temporary, swept by the next write
 
 
-# review s22 atomic (MED, fixed): a full disk outside train's fit was a traceback naming no path; a
-# read-only destination was refused in one line naming it already
-@pytest.mark.parametrize(
-    ("options", "named"), [("ro,size=64k", "mnt"), ("size=4k", "mnt/tok")], ids=["read-only", "full"]
-)
-@pytest.mark.slow  # ~1.5 s: over the fast loop's 0.4 s per test
-def test_a_read_only_or_full_destination_is_one_line_naming_the_path(tmp_path, options, named):
-    corpus = _corpus(tmp_path)
-    out = tmp_path / "mnt" / "tok"
-    command = [
-        sys.executable,
-        "-m",
-        "innerloop",
-        "tokenizer",
-        "train",
-        "--vocab-size",
-        "300",
-        "--out",
-        str(out),
-    ]
-    done = _mounted(tmp_path, options, [*command, str(corpus)])
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and str(tmp_path / named) in done.stderr, done.stderr[-2000:]
+_CALLS = """
+import contextlib, io, json, sys, traceback
+from innerloop.cli import main
+
+results = {}
+for name, arguments in json.loads(sys.argv[1]).items():
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        try:
+            status = main(arguments)
+        except BaseException:  # what the process would have ended with
+            traceback.print_exc()
+            status = None
+    results[name] = {"status": status, "stderr": printed.getvalue()}
+print(json.dumps(results))
+"""
 
 
-@pytest.mark.slow  # reason: builds a tiny checkpoint (imports Lightning) and runs `innerloop eval` (about 8 s)
-# review s22 atomic (MED, fixed): eval --out on a full disk was a PIL traceback
-def test_eval_into_a_full_destination_gives_one_line_naming_the_path(tmp_path):
+@pytest.fixture(scope="module")
+def full_and_read_only(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """The CLI commands of the tests below, each into its own small tmpfs (``ro`` read-only, ``full`` and
+    ``eval`` nearly full), run by one interpreter in a private mount namespace (a fresh interpreter each
+    cost seconds of importing torch, Lightning for eval): each command's exit status (None: it raised,
+    the traceback in its stderr) and stderr, by name, and the folder the mounts are in."""
     from innerloop.models import ModelConfig, build_model
     from innerloop.models.config import TTTConfig
     from innerloop.train.module import save_model_checkpoint
 
+    folder = tmp_path_factory.mktemp("mounts")
+    corpus = _corpus(folder)
     config = ModelConfig(
         mixer="ttt", backbone="transformer", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
         ttt=TTTConfig(inner_model="linear", mini_batch_size=16),
     )  # fmt: skip
-    checkpoint = save_model_checkpoint(build_model(config), tmp_path / "model" / "last.safetensors")
-    out = tmp_path / "mnt"
-    done = _mounted(
-        tmp_path,
-        "size=8k",
-        [sys.executable, "-m", "innerloop", "eval", str(checkpoint), "--seq-len", "32", "--batches", "1",
-         "--batch-size", "2", "--out", str(out)],
-    )  # fmt: skip
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and str(out) in done.stderr, done.stderr[-2000:]
+    checkpoint = save_model_checkpoint(build_model(config), folder / "model" / "last.safetensors")
+    tokenizer = ["tokenizer", "train", "--vocab-size", "300", "--out"]
+    commands = {
+        "read-only": [*tokenizer, str(folder / "ro" / "tok"), str(corpus)],
+        "full": [*tokenizer, str(folder / "full" / "tok"), str(corpus)],
+        "eval": ["eval", str(checkpoint), "--seq-len", "32", "--batches", "1", "--batch-size", "2",
+                 "--out", str(folder / "eval")],
+    }  # fmt: skip
+    mounts = {"ro": "ro,size=64k", "full": "size=4k", "eval": "size=8k"}
+    done = _mounted(folder, mounts, [sys.executable, "-c", _CALLS, json.dumps(commands)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return folder, json.loads(done.stdout.splitlines()[-1])
+
+
+# review s22 atomic (MED, fixed): a full disk outside train's fit was a traceback naming no path; a
+# read-only destination was refused in one line naming it already
+@pytest.mark.parametrize(
+    ("case", "named"), [("read-only", "ro"), ("full", "full/tok")], ids=["read-only", "full"]
+)
+@pytest.mark.slow  # reason: the interpreter of full_and_read_only (module fixture, ~8 s)
+def test_a_read_only_or_full_destination_is_one_line_naming_the_path(full_and_read_only, case, named):
+    folder, results = full_and_read_only
+    done = results[case]
+    assert done["status"] == 2, done["stderr"][-2000:]
+    assert "Traceback" not in done["stderr"] and str(folder / named) in done["stderr"], done["stderr"][-2000:]
+
+
+@pytest.mark.slow  # reason: the interpreter of full_and_read_only (module fixture, ~8 s)
+# review s22 atomic (MED, fixed): eval --out on a full disk was a PIL traceback
+def test_eval_into_a_full_destination_gives_one_line_naming_the_path(full_and_read_only):
+    folder, results = full_and_read_only
+    done = results["eval"]
+    assert done["status"] == 2, done["stderr"][-2000:]
+    assert "Traceback" not in done["stderr"] and str(folder / "eval") in done["stderr"], done["stderr"][
+        -2000:
+    ]
 
 
 @pytest.mark.slow  # reason: exports a tiny model and loads it back through transformers (about 6 s)

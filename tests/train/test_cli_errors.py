@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -421,50 +422,76 @@ def test_every_user_error_the_cli_names_exists():
         assert isinstance(error_class, type) and issubclass(error_class, Exception), (module_name, class_name)
 
 
-@pytest.mark.slow  # ~4.5 s: two fresh interpreters (what is imported is only visible in a new process)
-@pytest.mark.parametrize("command", ["generate", "eval"])
-def test_a_missing_checkpoint_is_reported_before_lightning_is_imported(command, tmp_path):
-    # a mistyped path answers in about a second, not after the seconds of importing Lightning
-    code = (
-        "import sys\n"
-        "from innerloop.cli import main\n"
-        f"extra = ['--prompt', 'x'] if {command!r} == 'generate' else []\n"
-        f"assert main([{command!r}, {str(tmp_path / 'missing.safetensors')!r}, *extra]) == 2\n"
-        f"assert main([{command!r}, {str(tmp_path)!r}, *extra]) == 2\n"
-        "assert 'lightning' not in sys.modules, 'the check imported Lightning'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "missing.safetensors' does not exist or is not a file" in result.stderr
-    assert f"checkpoint {str(tmp_path)!r} is a directory; give the checkpoint file in it" in result.stderr
+_WITHOUT_LIGHTNING = """
+import contextlib, io, json, sys
+from innerloop.cli import main
+
+cases, statuses = json.loads(sys.argv[1]), {}
+for name, calls in cases.items():  # in order: a case that imported Lightning shows in every case after it
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        codes = [main(arguments) for arguments in calls]
+    imported = "lightning" in sys.modules
+    statuses[name] = {"codes": codes, "stderr": err.getvalue(), "stdout": out.getvalue(), "lightning": imported}
+print(json.dumps(statuses))
+"""
 
 
-@pytest.mark.slow  # ~4 s: a fresh interpreter (what is imported is only visible in a new process)
-def test_generate_reads_a_checkpoint_without_importing_lightning(tmp_path):
-    # generate rebuilds the model with innerloop.checkpoints alone; its errors are still user errors
+@pytest.fixture(scope="module")
+def without_lightning(tmp_path_factory) -> dict[str, dict]:
+    """The CLI calls of the tests below, run by one fresh interpreter (what is imported is only visible in
+    a new process, and each costs seconds of importing torch), each case in its own section: its exit
+    statuses, its stdout and stderr, and whether Lightning was imported by the end of it."""
     from innerloop.models import ModelConfig, build_model
     from innerloop.train.module import save_model_checkpoint
 
+    folder = tmp_path_factory.mktemp("without_lightning")
+    missing = str(folder / "missing.safetensors")
     good = save_model_checkpoint(
         build_model(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, vocab_size=256)),
-        tmp_path / "good.safetensors",
+        folder / "good.safetensors",
     )
     bigger = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, vocab_size=256))
     checkpoint = {"hyper_parameters": {"model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2}}}
     checkpoint["state_dict"] = {f"model.{k}": v for k, v in bigger.state_dict().items()}
-    wrong = save_checkpoint(checkpoint, tmp_path / "wrong.safetensors")
-    code = (
-        "import sys\n"
-        "from innerloop.cli import main\n"
-        f"assert main(['generate', {str(good)!r}, '--prompt', 'ab', '--tokens', '3']) == 0\n"
-        f"assert main(['generate', {str(wrong)!r}, '--prompt', 'ab']) == 2\n"
-        "assert 'lightning' not in sys.modules, 'generate imported Lightning'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    wrong = save_checkpoint(checkpoint, folder / "wrong.safetensors")
+    cases = {
+        "generate": [["generate", missing, "--prompt", "x"], ["generate", str(folder), "--prompt", "x"]],
+        "eval": [["eval", missing], ["eval", str(folder)]],
+        "generate-reads": [
+            ["generate", str(good), "--prompt", "ab", "--tokens", "3"],
+            ["generate", str(wrong), "--prompt", "ab"],
+        ],
+    }
+    command = [sys.executable, "-c", _WITHOUT_LIGHTNING, json.dumps(cases)]
+    # a hang; three cases' imports on a loaded machine (the 120 s each had before was passed here, at load 25)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("ab")
-    assert "wrong.safetensors' does not fit the model its hyperparameters describe" in result.stderr
-    assert "Traceback" not in result.stderr
+    sections = json.loads(result.stdout.splitlines()[-1])
+    return {name: {**section, "folder": str(folder)} for name, section in sections.items()}
+
+
+@pytest.mark.slow  # reason: the fresh interpreter of without_lightning (module fixture, ~4 s)
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_missing_checkpoint_is_reported_before_lightning_is_imported(command, without_lightning):
+    # a mistyped path answers in about a second, not after the seconds of importing Lightning
+    section = without_lightning[command]
+    assert section["codes"] == [2, 2]
+    assert not section["lightning"], "the check imported Lightning"
+    assert "missing.safetensors' does not exist or is not a file" in section["stderr"]
+    folder = section["folder"]
+    assert f"checkpoint {folder!r} is a directory; give the checkpoint file in it" in section["stderr"]
+
+
+@pytest.mark.slow  # reason: the fresh interpreter of without_lightning (module fixture, ~4 s)
+def test_generate_reads_a_checkpoint_without_importing_lightning(without_lightning):
+    # generate rebuilds the model with innerloop.checkpoints alone; its errors are still user errors
+    section = without_lightning["generate-reads"]
+    assert section["codes"] == [0, 2]
+    assert not section["lightning"], "generate imported Lightning"
+    assert section["stdout"].startswith("ab")
+    assert "wrong.safetensors' does not fit the model its hyperparameters describe" in section["stderr"]
+    assert "Traceback" not in section["stderr"]
 
 
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]])

@@ -424,7 +424,7 @@ def test_the_listed_write_sites_still_use_the_atomic_helpers():
     uses = {
         "innerloop/checkpoints.py": "atomic_write(path, lambda tmp: save_file(",
         "innerloop/config/load.py": "atomic_write_text(user_path(path), header + text)",
-        "innerloop/train/plots.py": "atomic_write(user_path(path), lambda tmp: fig.savefig(",
+        "innerloop/train/plots.py": "atomic_write(path, lambda tmp: fig.savefig(",
         # metrics.csv: rewritten atomically under new columns, else appended whole or not at all (s51o)
         "innerloop/train/loggers.py": 'atomic_write(path, lambda tmp: Path(tmp).write_bytes(text.getvalue().encode("utf-8")))',
         "innerloop/train/compare.py": "remove_stale_temporaries_of(",

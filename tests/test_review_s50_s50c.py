@@ -84,11 +84,11 @@ def test_every_curve_has_its_own_style_past_the_colours() -> None:
 
 @pytest.mark.slow  # ~1 s: a plot of 12 models
 def test_more_models_than_colours_are_told_apart_in_the_plot(tmp_path, monkeypatch) -> None:
-    import matplotlib.pyplot as plt
-
     figures = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    real_save = compare_module.save_png
+    monkeypatch.setattr(
+        compare_module, "save_png", lambda path, fig: (figures.append(fig), real_save(path, fig))[1]
+    )
     plot_comparison(tmp_path / "many.png", _comparison(12))
     curves = figures[0].axes[0].get_lines()
     styles = {(str(c.get_color()), c.get_linestyle(), str(c.get_marker())) for c in curves}

@@ -84,6 +84,7 @@ from innerloop.train.bootstrap import (
 from innerloop.train.data import IGNORE_INDEX, DataError, checked_window_sizes, resolve_files
 from innerloop.train.metrics import position_buckets
 from innerloop.train.module import LanguageModelModule, load_module
+from innerloop.train.plots import new_figure, save_png
 from innerloop.train.run import (
     EvaluationWindows,
     RunFiles,
@@ -1427,17 +1428,14 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
     each model in its own colour, line style and marker (:func:`curve_styles`), however many."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     result = max(comparison.lengths, key=lambda r: r.seq_len)
     middles = [(start + end - 1) / 2 for start, end in result.buckets]
     differences = _has_differences(comparison)
     if differences:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, height_ratios=(3, 2))
+        fig, (top, bottom) = new_figure((7, 7), 2, sharex=True, height_ratios=(3, 2))
     else:
-        fig, top = plt.subplots(1, 1, figsize=(7, 4.5))
-    colours = len(plt.rcParams["axes.prop_cycle"].by_key().get("color", [])) or 1
+        fig, top = new_figure((7, 4.5))
+    colours = len(matplotlib.rcParams["axes.prop_cycle"].by_key().get("color", [])) or 1
     styles = curve_styles(len(comparison.models), colours)
     for m, model in enumerate(comparison.models):
         top.plot(middles, result.curve(m).tolist(), markersize=3, label=model.name, **styles[m])
@@ -1455,11 +1453,7 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
         top.set_xlabel("position in the context (bucket middle)")
     for ax in fig.axes:
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return save_png(Path(path), fig)
 
 
 def _label_differences(bottom: Any, comparison: Comparison) -> None:

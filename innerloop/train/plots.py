@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from innerloop.core.functional import check_path_argument, user_path
 from innerloop.data.atomic import atomic_write, atomic_write_text
@@ -44,14 +45,9 @@ def plot_loss_by_position(
     label: str | None = None,
 ) -> Path:
     """Plot the mean loss of each position bucket (x: the bucket's middle position) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     middles = [(start + end - 1) / 2 for start, end in buckets]
     points = [(x, y) for x, y in zip(middles, losses, strict=True) if not math.isnan(y)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure((6, 4))
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set_xlabel("position in the context (bucket middle)")
     ax.set_ylabel("loss (nats per token)")
@@ -59,8 +55,28 @@ def plot_loss_by_position(
     ax.grid(True, alpha=0.3)
     if label:
         ax.legend()
+    return save_png(user_path(path), fig)
+
+
+def new_figure(figsize: tuple[float, float], rows: int = 1, **subplots: Any) -> tuple[Any, Any]:
+    """A matplotlib ``Figure`` on its own Agg canvas and its axes (``Figure.subplots(rows, 1,
+    **subplots)``). Not pyplot's: the process's backend and its open figures (a notebook's) are left
+    as they were, where ``matplotlib.use("Agg")`` switched the backend and closed every open figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100, layout="none")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, 1, **subplots)
+
+
+def save_png(path: Path, fig: Any) -> Path:
+    """Lay ``fig`` out (``tight_layout``) and write it to ``path`` as a 100-dpi PNG, atomically, drawing
+    it once: ``tight_layout`` leaves a placeholder layout engine that made ``savefig`` draw the whole
+    figure a second time (text layout and ticks, without pixels) before the real draw."""
+    import matplotlib
+
     fig.tight_layout()
-    try:
-        return atomic_write(user_path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    with matplotlib.rc_context({"figure.autolayout": False, "figure.constrained_layout.use": False}):
+        fig.set_layout_engine(None)  # no engine at all (None reads these two rcParams): one draw
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

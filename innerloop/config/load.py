@@ -154,6 +154,14 @@ def argument_name(parameter: str) -> str:
     return parameter if options is None else options.get(parameter, parameter)
 
 
+def offers_argument(parameter: str) -> bool:
+    """Whether the caller can give ``parameter``: always from Python; within
+    :func:`command_line_options` only where the command has an option for it (a command without one,
+    e.g. ``science.py growth`` and ``paths``, is not told to give it)."""
+    options = _COMMAND_LINE_OPTIONS.get()
+    return options is None or parameter in options
+
+
 def given_argument(parameter: str, value: Any, quoted: bool = True, placeholder: bool = False) -> str:
     """``value`` of the argument ``parameter`` as its caller gave it (:func:`_given` of
     :func:`argument_name`): ``--seq-len 8`` on the command line, ``seq_len=8`` from Python. A

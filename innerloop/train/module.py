@@ -689,35 +689,43 @@ class LanguageModelModule(L.LightningModule):
         )
 
     def _before_any_step(self) -> str:
-        """Why a loss is NaN or inf before the first optimizer step, in words: not optim.lr, its warm-up
-        or gradient clipping (none has acted yet; "try a lower optim.lr" was said), but the weights as
-        built (``model.init_std``) or loaded, or the model's inner learning rate (its config key)."""
+        """Why a loss is NaN or inf before the first optimizer step, in words: not the learning rate, its
+        warm-up or gradient clipping (none has acted yet; "try a lower learning rate" was said), but the
+        weights as built (the model config's ``init_std``) or loaded, or the model's inner learning rate."""
         config = self.model.config
         inner = inner_lr_key(config)
         inner_now = (
             ""
             if inner is None
-            else f", or its inner learning rate {inner} (now {_config_value(config, inner):g})"
+            else f", or its inner learning rate {self._model_setting(inner)} (now {_config_value(config, inner):g})"
         )
         if inner == "model.e2e.inner_lr":
-            inner_now += (
-                f" and its warm-up's start model.e2e.inner_lr_start (now {config.e2e.inner_lr_start:g})"
-            )
+            start = self._model_setting("model.e2e.inner_lr_start")
+            inner_now += f" and its warm-up's start {start} (now {config.e2e.inner_lr_start:g})"
         return (
-            "no optimizer step has run, so optim.lr, its warm-up and gradient clipping have not acted: the "
-            f"model as built (or loaded) gave it in its first forward; check model.init_std (now "
-            f"{config.init_std:g}, the std of the weights as built){inner_now}"
+            f"no optimizer step has run, so {setting_name('optim.lr', 'lr', self._from_a_config)}, its warm-up "
+            "and gradient clipping have not acted: the model as built (or loaded) gave it in its first forward; "
+            f"check {self._model_setting('model.init_std')} (now {config.init_std:g}, the std of the weights "
+            f"as built){inner_now}"
         )
+
+    def _model_setting(self, key: str) -> str:
+        """How a message names the model setting ``key`` (``model.init_std``): the run config's key for a
+        module built from one, else the field of the ``ModelConfig`` its user built (``the model config's
+        init_std``)."""
+        return key if self._from_a_config else f"the model config's {key.removeprefix('model.')}"
 
     def _float16_cause(self) -> str:
         """The likely cause of a divergence when the module's weights are float16 (a module cast by hand,
         or a float16 ``*-true`` precision, which the config refuses), before the usual remedies; "" otherwise."""
         if not any(p.dtype == torch.float16 for p in self.parameters()):
             return ""
+        lr = setting_name("optim.lr", "lr", self._from_a_config)
+        precision = "trainer.precision=" if self._from_a_config else "the Trainer's precision="
         return (
-            "the module's weights are float16, where AdamW cannot train at any optim.lr (its eps 1e-8 rounds "
+            f"the module's weights are float16, where AdamW cannot train at any {lr} (its eps 1e-8 rounds "
             "to 0 and its second moments underflow, so a step divides 0 by 0): train with float32 weights "
-            "(trainer.precision=16-mixed, bf16-mixed or 32-true) or in bf16-true or 64-true; beyond that, "
+            f"({precision}16-mixed, bf16-mixed or 32-true) or in bf16-true or 64-true; beyond that, "
         )
 
     def _non_finite_error(self, what: str, calls: list[LayerCall]) -> TrainingDivergedError:

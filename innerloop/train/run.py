@@ -98,6 +98,7 @@ from innerloop.config.load import (
     flatten_config,
     given_argument,
     given_flag,
+    offers_argument,
     read_run_config,
     require_run_config,
     resume_command,  # noqa: F401 (re-exported: train.run.resume_command, as before)
@@ -1874,11 +1875,12 @@ def _run_validation_windows(
             inputs, targets = validation_examples(run, seq_len, count, tokenizer, read)
         tag = _run_data_tag(run, tokenizer, held_out)
     except TextTooShortError as err:  # read, but too short: not "cannot be read"
+        other = f", or other text ({given_argument('paths', 'FILES', placeholder=True)})"
         raise TextTooShortError(
             f"the run's {words} text ({_data_origin(checkpoint, overruled)}) has {err.length} {err.unit} (end-of-text "
             f"separators included), too few for one window of {given_argument('seq_len', seq_len, quoted=False)}, "
-            f"which needs {err.needed}; give a shorter {argument_name('seq_len')}, or other text "
-            f"({given_argument('paths', 'FILES', placeholder=True)}){note}",
+            f"which needs {err.needed}; give a shorter {argument_name('seq_len')}"
+            f"{other if offers_argument('paths') else ''}{note}",
             err.length, err.needed, err.unit,
         ) from None  # fmt: skip
     except DataError as err:

@@ -87,10 +87,28 @@ def test_a_float16_module_that_diverges_names_float16_before_the_learning_rate()
     message = _divergence(_module().half())
     assert message.startswith("training diverged: the training loss is nan")
     assert "the module's weights are float16" in message
-    assert message.index("float16") < message.index("optim.lr (now")
+    assert message.index("float16") < message.index("lower lr (now")
     assert "16-mixed" in message and "bf16-true" in message
+    # a module built in Python names its own arguments and the Trainer's, not innerloop's config keys
+    assert "optim." not in message and "trainer.precision" not in message
+    assert "at any lr (its eps" in message and "the Trainer's precision=16-mixed" in message
 
 
 def test_a_float32_module_that_diverges_does_not_blame_float16() -> None:
     message = _divergence(_module())
-    assert "float16" not in message and "optim.lr (now" in message
+    assert "float16" not in message and "lower lr (now" in message
+
+
+def test_a_python_module_that_diverges_at_its_first_step_names_its_model_config_fields() -> None:
+    # s58: a module built in Python (not from a run config) was told to check model.init_std and
+    # model.ttt.base_lr, config keys its user never wrote
+    module = _module()
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        module.model.norm.weight.fill_(float("inf"))
+    with pytest.raises(TrainingDivergedError) as error:
+        module.training_step((ids[:, :-1], ids[:, 1:]), 0)
+    message = str(error.value)
+    assert "no optimizer step has run, so lr," in message, message
+    assert "the model config's init_std (now" in message and "the model config's ttt.base_lr (now" in message
+    assert "model.init_std" not in message and "optim." not in message

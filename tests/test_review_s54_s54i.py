@@ -119,9 +119,12 @@ _SMALL = {"vocab_size": 32, "hidden_size": 16, "num_layers": 1, "num_heads": 2, 
                 "window": 8,
                 "e2e": {"chunk_size": 4, "inner_lr": 1e30, "inner_lr_start": 1e30},
             },
-            "model.e2e.inner_lr",
+            "the model config's e2e.inner_lr",  # a module built in Python: its ModelConfig's field
         ),
-        ({**_SMALL, "mixer": "attention", "init_std": 1e15}, "model.init_std"),  # weights finite, logits inf
+        (
+            {**_SMALL, "mixer": "attention", "init_std": 1e15},
+            "the model config's init_std",
+        ),  # weights finite, logits inf
     ],
 )
 def test_a_loss_non_finite_before_any_optimizer_step_does_not_blame_the_outer_lr(model, named) -> None:
@@ -132,7 +135,7 @@ def test_a_loss_non_finite_before_any_optimizer_step_does_not_blame_the_outer_lr
         module.training_step((ids[:, :-1], ids[:, 1:]), 0)
     text = str(err.value)
     # was: "try a lower optim.lr (now 0.003 ...), gradient clipping ... or a longer warm-up": none has acted
-    assert "try a lower optim.lr" not in text, text
+    assert "try a lower" not in text, text
     assert "no optimizer step" in text and named in text, text
 
 

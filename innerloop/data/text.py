@@ -8,6 +8,7 @@ Used by the run config's checks (:mod:`innerloop.config`) and by the text DataMo
 
 from __future__ import annotations
 
+import copy
 import errno
 import fnmatch
 import glob
@@ -56,6 +57,13 @@ DOCUMENT_SEPARATOR = 0
 class DataError(ValueError):
     """Data that cannot be used as configured (no such file, too little text for ``seq_len``, nothing
     held out for validation); the message names the setting and what to change."""
+
+    def with_message(self, message: str) -> DataError:
+        """This error as another ``message`` says it (a caller naming a setting its own way), of the same
+        type and with the same attributes (:class:`TextTooShortError`'s lengths)."""
+        reworded = copy.copy(self)
+        reworded.args = (message,)
+        return reworded
 
 
 class TextTooShortError(DataError):

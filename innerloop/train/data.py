@@ -16,7 +16,6 @@ Targets equal to :data:`IGNORE_INDEX` are not scored (the recall task scores onl
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import math
@@ -413,9 +412,7 @@ def settings_named(from_a_config: bool, settings: Sequence[str] = TEXT_SETTINGS)
         said = pattern.sub(lambda match: setting_name(match[0], match[1], False), str(err))
         if said == str(err):
             raise
-        renamed = copy.copy(err)
-        renamed.args = (said,)
-        raise renamed from None
+        raise err.with_message(said) from None
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> float:

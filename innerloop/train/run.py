@@ -1690,10 +1690,7 @@ def validation_examples(
         if data.seq_len == run.data.seq_len:
             raise
         # an evaluation's --seq-len, not the run's data.seq_len, is what the held-out data is too short for
-        said = str(err).replace("data.seq_len", argument_name("seq_len"))
-        if isinstance(err, TextTooShortError):
-            raise TextTooShortError(said, err.length, err.needed, err.unit) from None
-        raise DataError(said) from None
+        raise err.with_message(str(err).replace("data.seq_len", argument_name("seq_len"))) from None
     if isinstance(datamodule, HFDataModule):
         assert datamodule.val_examples is not None
         return datamodule.val_examples

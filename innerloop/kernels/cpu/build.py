@@ -102,13 +102,21 @@ def _cpu_identity() -> str:
     return platform.processor() or platform.machine()
 
 
+COMPILE_TIMEOUT_SECONDS = 1800.0
+"""How long one compile may take before it is stopped and counted a failure: a guard against a compiler that
+hangs, far above a slow compile (about 15 s of a core alone; minutes on a loaded machine). It was 300 s, and
+a machine at load 24 on 2 cores ran past it: that process fell back to the torch paths for its whole life
+while the next one, built later, ran the kernels."""
+
+
 def _compile(compiler: str, flags: list[str], target: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [compiler, *flags, str(SOURCE), "-o", str(target)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [compiler, *flags, str(SOURCE), "-o", str(target)]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise CPUKernelUnavailable(
+            f"compiling {SOURCE.name} with {compiler} ran past {COMPILE_TIMEOUT_SECONDS:g} s and was stopped"
+        ) from None
 
 
 def _first_error(output: str) -> str:
@@ -351,14 +359,14 @@ def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
     try:
         path = _build()
     except CPUKernelUnavailable as error:
-        return None, None, str(error)
+        return _unavailable(str(error))
     except Exception as error:  # noqa: BLE001  anything else (an unreadable cache, odd bytes...) is a reason too
-        return None, None, f"building the CPU kernels failed: {type(error).__name__}: {error}"
+        return _unavailable(f"building the CPU kernels failed: {type(error).__name__}: {error}")
     try:
         library = ctypes.CDLL(str(path))
         library.innerloop_uses_openmp  # noqa: B018  a library of that name but not innerloop's lacks it
     except (OSError, AttributeError) as error:
-        return None, None, f"loading {path} failed: {error} (delete it to rebuild)"
+        return _unavailable(f"loading {path} failed: {error} (delete it to rebuild)")
     if torch.get_num_threads() > 1 and not library.innerloop_uses_openmp():
         try:
             warnings.warn(
@@ -370,6 +378,24 @@ def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
         except Warning:  # warnings turned into errors: a slower kernel is no reason to fail a forward
             pass
     return library, path, None
+
+
+def _unavailable(reason: str) -> tuple[None, None, str]:
+    """The outcome of a build or load that failed, said once per process (:func:`_outcome` is cached): the
+    layers run the torch paths instead, slower, and their numbers equal the kernels' to rounding, not bit for
+    bit, so a run resumed where the kernels load again does not end bit-identical to an uninterrupted one."""
+    try:
+        warnings.warn(
+            f"innerloop's CPU kernels are unavailable in this process ({reason}): the TTT layers run their "
+            "torch paths instead, slower and equal to the kernels to rounding, not bit for bit (a run resumed "
+            f"where the kernels load continues to the same result to rounding only); {DISABLE_VARIABLE}=1 "
+            "chooses the torch paths without this warning",
+            RuntimeWarning,
+            stacklevel=warning_stacklevel(),
+        )
+    except Warning:  # warnings turned into errors: a slower path is no reason to fail a forward
+        pass
+    return None, None, reason
 
 
 def library_path() -> Path:

@@ -399,22 +399,26 @@ def test_a_cache_dir_starting_with_a_tilde_is_the_home_folder(monkeypatch):
     assert build.cache_dir() == Path.home() / "innerloop-cache"
 
 
-def test_a_relative_cache_dir_builds_and_runs_the_kernel(tmp_path, monkeypatch):
+def test_a_relative_cache_dir_builds_and_runs_the_kernel(cpu_kernels, tmp_path, monkeypatch):
     """A relative INNERLOOP_CACHE_DIR is taken from the current directory; the library found there is
     the one the process loaded (same file, by the hash in its name)."""
+    # this process's library, found before the variable changes: looked up inside the fake compile, in a
+    # process that had not loaded it yet (an xdist worker's first kernel test), it built into the relative
+    # cache too and waited on that folder's lock, which the build around it held: 15 minutes, then a build
+    loaded = build.library_path()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("INNERLOOP_CACHE_DIR", "relative/cache")
-    monkeypatch.setattr(build, "_compile", _copy_of_the_loaded_library)
+    monkeypatch.setattr(build, "_compile", lambda compiler, flags, target: _copy_of(loaded, target))
     path = build._build()
     assert not path.is_absolute() and (tmp_path / path).is_file()
-    assert path.name == build.library_path().name
+    assert path.name == loaded.name
 
 
-def _copy_of_the_loaded_library(compiler, flags, target):  # no compile in a test: the loaded library
+def _copy_of(library, target):  # no compile in a test: the loaded library
     import shutil
     import subprocess
 
-    shutil.copyfile(build.library_path(), target)
+    shutil.copyfile(library, target)
     return subprocess.CompletedProcess([], 0, "", "")
 
 

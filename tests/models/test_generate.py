@@ -27,28 +27,30 @@ def memory_after(model: CausalLM, tokens: int) -> tuple[int, int]:
     raise AssertionError("generate stopped early")
 
 
-@pytest.mark.slow  # ~3 s in all: generates 500 tokens per mixer
+@pytest.mark.slow  # ~2 s in all: generates 330 tokens per mixer
 @pytest.mark.parametrize("mixer", ["ttt", "swa"])
 def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
-    # mini-batches of 16, a window of 8: 100 tokens are past both. A cache that grew with the tokens would
-    # show at once in the state's bytes, and in the live bytes by 400 tokens: a growing buffer's first
-    # room (attention.appended: 5 positions + 256 at the first token after this prompt) is full by then.
+    # mini-batches of 16, a window of 8: 30 tokens (34 positions) are past both. A cache that grew with
+    # the tokens would show at once in the state's bytes, and in the live bytes by 300 tokens: a growing
+    # buffer's first room (attention.appended: 5 positions + 256 at the first token after this prompt) is
+    # full by then (304 positions).
     model = tiny(mixer)
-    state_100, live_100 = memory_after(model, 100)
-    state_400, live_400 = memory_after(model, 400)
-    assert state_400 == state_100
-    assert live_400 == live_100
+    state_30, live_30 = memory_after(model, 30)
+    state_300, live_300 = memory_after(model, 300)
+    assert state_300 == state_30
+    assert live_300 == live_30
 
 
-@pytest.mark.slow  # ~2 s: scans every live object of the process twice
+@pytest.mark.slow  # ~1 s: generates 310 tokens, scans every live object of the process twice
 def test_the_measurement_sees_a_growing_cache() -> None:
     # Full attention keeps every key and value: the same measurement must see it grow. Its buffers grow
-    # in steps (a quarter, at least 256 tokens), so at least half the cache's growth shows.
+    # in steps (a quarter, at least 256 tokens), so at least half the cache's growth shows: at 304
+    # positions the first room (261) has overflowed.
     model = tiny("attention")
     state_10, live_10 = memory_after(model, 10)
-    state_600, live_600 = memory_after(model, 600)
-    assert state_600 > 40 * state_10  # 604 keys and values kept against 14
-    assert live_600 - live_10 >= (state_600 - state_10) / 2
+    state_300, live_300 = memory_after(model, 300)
+    assert state_300 > 20 * state_10  # 304 keys and values kept against 14
+    assert live_300 - live_10 >= (state_300 - state_10) / 2
 
 
 @pytest.mark.parametrize("mixer", ["ttt", "attention"])

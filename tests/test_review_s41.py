@@ -3,14 +3,15 @@ evaluation metrics that did not sync across processes are refused, never logged.
 
 from __future__ import annotations
 
-import lightning as L
+import json
+import re
+
 import pytest
 import torch
-from lm_testing import two_process_config
+from ddp_testing import unsynced_two_rank_run  # noqa: F401 (a fixture)
 from torch.func import functional_call, grad, jvp
 
 from innerloop.models import build_model
-from innerloop.train import train
 
 
 def _model(chunk_size: int) -> torch.nn.Module:
@@ -59,17 +60,12 @@ def test_e2e_call_that_trains_a_chunk_is_still_refused_under_torch_func(length):
         grad(lambda w: functional_call(model, {"embed.weight": w}, (ids,))[0].sum())(weight)
 
 
-class _MetricsNeverSync(L.Callback):
-    """Makes torchmetrics skip the evaluation metrics' sync on every process (``bool()`` is False: "not
-    distributed"), as a run did once whose val_ppl was rank 0's shard alone (session 41's first full suite)."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pl_module.val_ppl.distributed_available_fn = bool
-
-
-@pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 2 steps and validate (~12 s)
-def test_evaluation_metrics_not_combined_across_processes_are_refused_not_logged(tmp_path) -> None:
-    # the number logged was one process's shard (max over the processes of their own val_ppl), silently
-    run, cfg = two_process_config(tmp_path, "data.batch_size=5", "trainer.max_steps=2", "trainer.val_every=2")
-    with pytest.raises(Exception, match=r"val_\* metrics were not combined across the 2 processes"):
-        train(run, cfg, callbacks=[_MetricsNeverSync()])
+@pytest.mark.slow  # reason: uses a 2-process run (ddp_testing: ddp_spawn on CPU, ~15 s, shared with s42a)
+def test_evaluation_metrics_not_combined_across_processes_are_refused_not_logged(
+    unsynced_two_rank_run,  # noqa: F811
+) -> None:
+    # the number logged was one process's shard (max over the processes of their own val_ppl), silently:
+    # two processes train 2 steps and validate, the metrics' sync skipped (ddp_testing.MetricsNeverSync)
+    raised = json.loads((unsynced_two_rank_run / "raised.json").read_text())
+    assert raised is not None, "the run whose metrics never synced ended without an error"
+    assert re.search(r"val_\* metrics were not combined across the 2 processes", raised["message"]), raised

@@ -6,7 +6,6 @@ says what is still wrong.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import shutil
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ddp_testing import TWO_RANK_RUN, TWO_RANKS, two_rank_run  # noqa: F401 (a fixture)
 from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 from lm_testing import TINY
 
@@ -24,10 +24,6 @@ from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.train import data as train_data
 from innerloop.train import load_checkpoint, train
-
-TWO_RANKS = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.strategy=ddp_spawn"]
-# float64, so that 2 ranks x batch b and 1 rank x b with 2 micro-batches give the same weights exactly
-BASE = [*TINY, "trainer.precision=64-true", "trainer.log_every=1", "trainer.max_steps=2"]
 
 
 def _rows(out: Path) -> list[tuple[str, dict[str, str]]]:
@@ -42,71 +38,45 @@ def _train_losses(out: Path) -> dict[int, float]:
     return {int(row["step"]): float(row["train_loss"]) for _, row in _rows(out) if row.get("train_loss")}
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory) -> Path:
-    """2 steps on 2 processes (ddp_spawn), val_every=4 > max_steps, so the validation comes after the fit."""
-    out = tmp_path_factory.mktemp("s21ddp") / "two"
-    run, cfg = load_config("tiny", [*BASE, *TWO_RANKS, f"out_dir={out}"])
-    with _stderr_into(out.parent / "stderr.txt"):  # the spawned processes' too
-        train(run, cfg)
-    keep = out.parent / "two-at-step-2"  # the checkpoint before any test resumes it
-    shutil.copytree(out, keep)
-    return keep
-
-
-@contextlib.contextmanager
-def _stderr_into(path: Path):
-    """File descriptor 2 of this process (and of the processes it starts) into ``path``."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with path.open("w") as file:
-        os.dup2(file.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-@pytest.mark.slow  # reason: uses the 2-process run (module fixture, ~12 s)
-def test_metrics_already_synced_are_logged_without_lightnings_sync_dist_warning(two_rank_run) -> None:
+@pytest.mark.slow  # reason: uses the shared 2-process run (ddp_testing, ~15 s once per session)
+def test_metrics_already_synced_are_logged_without_lightnings_sync_dist_warning(two_rank_run) -> None:  # noqa: F811
     # review s21 ddp (LOW): ~15 warnings per validation, one per metric its torchmetrics state had synced
-    printed = (two_rank_run.parent / "stderr.txt").read_text()
-    assert any(row.get("val_loss") for _, row in _rows(two_rank_run))  # it validated
+    printed = (two_rank_run / "stderr.txt").read_text()
+    assert any(row.get("val_loss") for _, row in _rows(two_rank_run / "run"))  # it validated
     assert "It is recommended to use `self.log(" not in printed
 
 
 @pytest.fixture(scope="module")
 def one_rank_run(tmp_path_factory) -> Path:
-    """The same 2 steps on 1 process, each step's batch in 2 micro-batches: the two-rank run's weights
+    """The same 4 steps on 1 process, each step's batch in 2 micro-batches: the two-rank run's weights
     (bit for bit when this process computes with as many threads as each rank: Lightning gives a rank
     OMP_NUM_THREADS, or its share of the cores)."""
     threads = int(os.environ.get("OMP_NUM_THREADS") or _suggested_max_num_threads(2))
     out = tmp_path_factory.mktemp("s21ddp") / "one"
     overrides = ["trainer.accumulate_grad_batches=2", f"trainer.threads={threads}", f"out_dir={out}"]
-    run, cfg = load_config("tiny", [*BASE, *overrides])
+    run, cfg = load_config("tiny", [*TWO_RANK_RUN, *overrides])
     train(run, cfg)
     return out
 
 
-@pytest.mark.slow  # reason: a 2-process ddp_spawn run and a 1-process run (module fixtures, ~12 s and ~4 s)
-def test_train_loss_under_two_ranks_is_the_global_batch_mean(two_rank_run, one_rank_run) -> None:
+@pytest.mark.slow  # reason: the shared 2-process ddp_spawn run and a 1-process run (module fixture, ~4 s)
+def test_train_loss_under_two_ranks_is_the_global_batch_mean(two_rank_run, one_rank_run) -> None:  # noqa: F811
     # the weights agree exactly: the same batches, the same update (checked here so the loss is comparable)
     one, two = (
         load_checkpoint(one_rank_run / "last.safetensors"),
-        load_checkpoint(two_rank_run / "last.safetensors"),
+        load_checkpoint(two_rank_run / "run" / "last.safetensors"),
     )
     assert all((one["state_dict"][k] == two["state_dict"][k]).all() for k in one["state_dict"])
-    expected, got = _train_losses(one_rank_run), _train_losses(two_rank_run)
-    assert sorted(got) == sorted(expected) == [0, 1]
+    expected, got = _train_losses(one_rank_run), _train_losses(two_rank_run / "run")
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-9, abs=0), step
 
 
-@pytest.mark.slow  # reason: uses the 2-process and the 1-process runs (module fixtures)
+@pytest.mark.slow  # reason: uses the shared 2-process run and the 1-process run (fixtures)
 def test_the_final_validation_row_under_ddp_spawn_names_the_last_step_in_the_launchs_folder(
-    two_rank_run, one_rank_run
+    two_rank_run,  # noqa: F811
+    one_rank_run,
 ) -> None:
     def validations(out: Path) -> list[tuple[str, str, str, float]]:
         return [
@@ -118,18 +88,21 @@ def test_the_final_validation_row_under_ddp_spawn_names_the_last_step_in_the_lau
     # as one process logs it: one row, the step column of a validation inside the fit (one less than
     # val_step), in the launch's only folder, the loss to the rounding of the ranks' sum (pytest.approx
     # compares a tuple holding strings exactly: it failed here on 1 ulp, on an Intel Xeon)
-    two, one = validations(two_rank_run), validations(one_rank_run)
-    assert [v[:3] for v in two] == [v[:3] for v in one] == [("version_0", "1", "2.0")]
+    two, one = validations(two_rank_run / "run"), validations(one_rank_run)
+    assert [v[:3] for v in two] == [v[:3] for v in one] == [("version_0", "3", "4.0")]
     assert [v[3] for v in two] == pytest.approx([v[3] for v in one], rel=1e-9, abs=0)
-    assert {folder for folder, _ in _rows(two_rank_run)} == {"version_0"}
+    assert {folder for folder, _ in _rows(two_rank_run / "run")} == {"version_0"}
 
 
-@pytest.mark.slow  # reason: uses the 2-process run (module fixture) and resumes it on 1 process (~4 s)
+@pytest.mark.slow  # reason: uses the shared 2-process run and resumes it on 1 process (~4 s)
 def test_resuming_a_two_rank_run_on_one_process_reads_no_batch_twice(
-    two_rank_run, tmp_path, monkeypatch, capsys
+    two_rank_run,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    capsys,
 ) -> None:
     out = tmp_path / "resumed"
-    shutil.copytree(two_rank_run, out)
+    shutil.copytree(two_rank_run / "run", out)
     read: list[int] = []
     original = train_data.TextDataModule.make_train_batch
 
@@ -138,13 +111,13 @@ def test_resuming_a_two_rank_run_on_one_process_reads_no_batch_twice(
         return original(self, index)
 
     monkeypatch.setattr(train_data.TextDataModule, "make_train_batch", recording)
-    # the 2-rank run read batches 0..3 in its 2 steps (rank r of 2 reads r, r + 2, ...)
+    # the 2-rank run read batches 0..7 in its 4 steps (rank r of 2 reads r, r + 2, ...)
     status = main(
         [
             "train",
             "--resume",
             f"out_dir={out}",
-            "trainer.max_steps=3",
+            "trainer.max_steps=5",
             "trainer.devices=1",
             "trainer.strategy=auto",
         ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import re
 import signal
@@ -12,12 +12,12 @@ import lightning as L
 import matplotlib.image
 import pytest
 import torch
+from ddp_testing import two_rank_run  # noqa: F401 (a fixture)
 from lm_testing import (  # the tiny run of the end-to-end tests; a killed run
     TINY,
     PressCtrlC,
     RecordLosses,
     kill_a_training_run,
-    two_process_config,
 )
 
 from innerloop.cli import main
@@ -210,24 +210,22 @@ def test_resume_without_a_checkpoint_is_one_clear_error(tmp_path, capsys) -> Non
     assert "no saved config" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # reason: two processes (ddp_spawn on CPU) train 4 steps and validate (~12 s)
-def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(tmp_path, caplog) -> None:
+@pytest.mark.slow  # reason: uses the shared 2-process run (ddp_testing: ddp_spawn on CPU, ~15 s once per session)
+def test_two_process_ddp_on_cpu_trains_and_validates_every_window_once(two_rank_run) -> None:  # noqa: F811
     # 5 validation windows: the ranks' shards differ by one (padded, unscored). A momentum model: this run
     # also decides review s42c's claim that one trains on two processes (its unread learnable_token_idx
     # got no gradient, and DDP refused the first step; seen failing so without the fix)
-    overrides = ["data.batch_size=5", "trainer.max_steps=4", "model.ttt.update_rule=momentum"]
-    run, cfg = two_process_config(tmp_path, *overrides)
-    with caplog.at_level(logging.WARNING, logger="innerloop.train.run"):
-        result = train(run, cfg)
-    assert load_checkpoint(result.checkpoint)["global_step"] == 4
-    assert not [r for r in caplog.records if "the run stopped at step" in r.getMessage()]  # it finished
-    assert 0 < result.metrics["val_loss"] < 10 and result.plot.exists()
-    model = load_model(result.checkpoint)
+    result = json.loads((two_rank_run / "result.json").read_text())
+    checkpoint = two_rank_run / "run" / "last.safetensors"
+    assert load_checkpoint(checkpoint)["global_step"] == 4
+    assert not [w for w in result["warnings"] if "the run stopped at step" in w]  # it finished
+    assert 0 < result["metrics"]["val_loss"] < 10 and Path(result["plot"]).exists()
+    model = load_model(checkpoint)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # review s15 metrics (HIGH): Lightning's sampler repeated the first window to even the ranks out
-    metrics, _, _ = evaluate(result.checkpoint, progress_bar=False)
+    metrics, _, _ = evaluate(checkpoint, progress_bar=False)
     assert metrics["windows"] == 5
-    assert result.metrics["val_ppl"] == pytest.approx(metrics["val_ppl"], rel=1e-5)
+    assert result["metrics"]["val_ppl"] == pytest.approx(metrics["val_ppl"], rel=1e-5)
 
 
 class _PressCtrlCTwice(L.Callback):

@@ -37,34 +37,41 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
     return result
 
 
-@pytest.mark.slow  # ~14 s: pip-installs the example package, then runs its suite in a subprocess
-def test_the_plugin_package_passes_its_own_tests(plugin_env, tmp_path) -> None:
-    result = _run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", str(PLUGIN / "tests")],
-                  plugin_env, tmp_path)  # fmt: skip
-    assert " passed" in result.stdout and "failed" not in result.stdout
-
-
-#: What the training test's one process runs: ``innerloop plugins``, a separator line, then ``innerloop
-#: train`` (one interpreter start, not one per command; each command's output is read on its own).
-PLUGINS_THEN_TRAIN = """
+#: What the plugin test's one process runs, where the package is installed: the package's own suite
+#: (``pytest``, first: as in a fresh interpreter, nothing but its entry point has registered ``huber``),
+#: then ``innerloop plugins``, then ``innerloop train``, each followed by a line with its exit status (one
+#: interpreter start, not one per command; each command's output is read on its own).
+SUITE_PLUGINS_THEN_TRAIN = """
 import sys
+import pytest
 from innerloop.cli import main
 
-status = main(["plugins"])
-print("--- innerloop train ---", flush=True)
-sys.exit(status or main(sys.argv[1:]))
+tests, *train = sys.argv[1:]
+print(f"--- pytest exited {int(pytest.main(['-q', '-n', '0', '-p', 'no:cacheprovider', tests]))} ---", flush=True)
+print(f"--- innerloop plugins exited {main(['plugins'])} ---", flush=True)
+print(f"--- innerloop train exited {main(train)} ---", flush=True)
 """
 
 
-@pytest.mark.slow  # ~5 s: a training run in a subprocess (where the package is installed)
-def test_a_config_that_names_the_plugin_trains(plugin_env, tmp_path) -> None:
+@pytest.mark.slow  # ~25 s: pip-installs the example package, then runs its suite and a training run in a subprocess
+def test_the_plugin_package_passes_its_own_tests_and_a_config_that_names_it_trains(
+    plugin_env, tmp_path
+) -> None:
+    """One process where the package is installed (its suite, then ``innerloop plugins`` and a training
+    run of its config), not one per command: each pays ~3-7 s of start-up (torch, innerloop, pytest's
+    plugins, Lightning, the registry) before its own work."""
     config = PLUGIN / "src" / "innerloop_huber" / "tiny-huber.yaml"
     overrides = ["trainer.max_steps=2", "trainer.val_every=2", "data.seq_len=32", "data.batch_size=2",
                  "data.val_batches=1", "trainer.progress_bar=false", f"out_dir={tmp_path / 'run'}"]  # fmt: skip
-    result = _run([sys.executable, "-c", PLUGINS_THEN_TRAIN, "train", "--config", str(config), *overrides],
-                  plugin_env, tmp_path)  # fmt: skip
-    listing, _, training = result.stdout.partition("--- innerloop train ---")
+    command = [sys.executable, "-c", SUITE_PLUGINS_THEN_TRAIN, str(PLUGIN / "tests"), "train", "--config",
+               str(config), *overrides]  # fmt: skip
+    result = _run(command, plugin_env, tmp_path)
+    suite, _, rest = result.stdout.partition("--- pytest exited 0 ---")
+    assert rest, f"the package's own tests failed:\n{suite[-3000:]}"
+    assert " passed" in suite and "failed" not in suite
+    listing, _, training = rest.partition("--- innerloop plugins exited 0 ---")
     assert "huber" in listing
+    assert training.rstrip().endswith("--- innerloop train exited 0 ---"), training[-3000:]
     assert "validation perplexity:" in training
     assert "inner_loss: huber" in (tmp_path / "run" / "config.yaml").read_text()
 

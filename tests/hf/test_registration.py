@@ -13,9 +13,37 @@ from collections.abc import Callable, Iterator
 import pytest
 from hf_testing import tiny_hf_model
 
-FORK_SERVER = """
-import io, json, os, sys, traceback
+#: What the cases' imports of innerloop and transformers load that is neither (torch's dynamo, distributed
+#: tensor and symbolic shapes, sympy, scipy, the hub's HTTP stack, ...): ~2/3 of a case's CPU, imported
+#: once by the fork server. None of them imports innerloop, transformers, tokenizers or datasets, whose
+#: import order the cases are about: the server checks that before its first case.
+NEITHER = (
+    "torch._dynamo",
+    "torch.distributed.tensor",
+    "torch.fx.experimental.symbolic_shapes",
+    "scipy.optimize",
+    "numpy",
+    "omegaconf",
+    "regex",
+    "yaml",
+    "jinja2",
+    "PIL.Image",
+    "safetensors.torch",
+    "huggingface_hub",
+    "accelerate",
+)
+UNDER_TEST = ("innerloop", "transformers", "tokenizers", "datasets")
+
+FORK_SERVER = f"""
+import importlib, io, json, os, sys, traceback
 import torch  # what every case imports first (innerloop and transformers both do): paid once here
+for name in {NEITHER!r}:
+    try:
+        importlib.import_module(name)
+    except ImportError:  # not installed here: a case that needs it imports it itself
+        pass
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in {UNDER_TEST!r})
+assert not loaded, f"the fork server imported what the cases test the import order of: {{loaded}}"
 
 for line in sys.stdin:
     code, answer = json.loads(line)
@@ -24,7 +52,7 @@ for line in sys.stdin:
         sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
         status = 0
         try:
-            exec(compile(code, "<fresh>", "exec"), {"__name__": "__main__"})
+            exec(compile(code, "<fresh>", "exec"), {{"__name__": "__main__"}})
         except BaseException:
             traceback.print_exc()
             status = 1
@@ -35,13 +63,15 @@ for line in sys.stdin:
     print(answer, flush=True)
 """
 """Runs each case sent on its stdin in a fork of itself (one interpreter that has imported torch and
-nothing of innerloop or transformers): each case pays for its own imports, not for torch's again."""
+:data:`NEITHER`, and nothing of :data:`UNDER_TEST`): each case pays for its own imports of innerloop and
+transformers, not for torch's again."""
 
 
 @pytest.fixture(scope="module")
 def run_fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
     """Run code in a fresh interpreter (the import state of this one does not leak): its stdout. The
-    interpreter is a fork of :data:`FORK_SERVER`'s, whose only import beyond Python's own is torch."""
+    interpreter is a fork of :data:`FORK_SERVER`'s, whose imports beyond Python's own are torch and
+    :data:`NEITHER`."""
     server = subprocess.Popen(
         [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )

@@ -213,10 +213,13 @@ def test_auto_never_picks_the_compiled_path(cpu_kernels, monkeypatch):
 
 
 @pytest.mark.slow  # ~30 s from an empty inductor cache: inductor generates and compiles C++ for the step
-def test_inductor_trains_within_a_small_factor_of_the_fused_path_in_float32():
+def test_inductor_trains_within_a_small_factor_of_the_fused_path_in_float32(monkeypatch):
     """The default backend, against float64 truth: the compiled step's float32 error is within a small
     factor of the plain fused path's (inductor fuses and reorders float operations)."""
     assert compiled.BACKEND == "inductor"  # nothing before this test left another backend set
+    # the float32 numbers are under test, not the first-use check: its float64 probe compiled the step a
+    # second time, in float64 (~15 s of this test's ~45 s of CPU)
+    monkeypatch.setattr(first_use, "checked", lambda *args: True)
     torch._dynamo.reset()
     torch.manual_seed(1)
     exact = TTTLayer(16, 2, inner_model="mlp", mini_batch_size=4, kernel="torch").double()

@@ -20,6 +20,16 @@ from hypothesis import HealthCheck, settings
 # module is imported.
 sys.dont_write_bytecode = False
 
+# torch.compile's inductor, at its first compile in each process, builds and loads one probe program per
+# vector instruction set the CPU's flags name (a g++ build and a `python -c` that imports torch, each), to
+# choose the one its generated code uses: ~10 s of CPU in every worker and every subprocess that compiles
+# (a first compile: 19 s without this, 8.7 s with it). Trusting the flags chooses the same set here
+# (AMX, then AVX-512 VNNI, AVX-512, AVX2 on this project's machines; torch._inductor.cpu_vec_isa's
+# valid_vec_isa_list is the same either way). On a machine whose compiler cannot build what its CPU claims,
+# run with TORCHINDUCTOR_VEC_ISA_OK set empty: inductor probes again (0 would turn its vector code off).
+# This only fills the variable where it is unset; the tests' subprocesses inherit it.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+
 settings.register_profile(
     "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )

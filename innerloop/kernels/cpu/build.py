@@ -368,33 +368,32 @@ def _outcome() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
     except (OSError, AttributeError) as error:
         return _unavailable(f"loading {path} failed: {error} (delete it to rebuild)")
     if torch.get_num_threads() > 1 and not library.innerloop_uses_openmp():
-        try:
-            warnings.warn(
-                "innerloop's CPU kernel runs on one thread: its OpenMP build failed or did not load; "
-                "install an OpenMP-capable compiler (e.g. g++) or set CXX to one",
-                RuntimeWarning,
-                stacklevel=warning_stacklevel(),
-            )
-        except Warning:  # warnings turned into errors: a slower kernel is no reason to fail a forward
-            pass
+        _warn_never_raise(
+            "innerloop's CPU kernel runs on one thread: its OpenMP build failed or did not load; "
+            "install an OpenMP-capable compiler (e.g. g++) or set CXX to one"
+        )
     return library, path, None
+
+
+def _warn_never_raise(message: str) -> None:
+    """A ``RuntimeWarning`` about the kernels' build, which never fails the caller: where warnings are
+    errors (``python -W error``), a slower path is still no reason to fail a forward."""
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=warning_stacklevel())
+    except Warning:
+        pass
 
 
 def _unavailable(reason: str) -> tuple[None, None, str]:
     """The outcome of a build or load that failed, said once per process (:func:`_outcome` is cached): the
     layers run the torch paths instead, slower, and their numbers equal the kernels' to rounding, not bit for
     bit, so a run resumed where the kernels load again does not end bit-identical to an uninterrupted one."""
-    try:
-        warnings.warn(
-            f"innerloop's CPU kernels are unavailable in this process ({reason}): the TTT layers run their "
-            "torch paths instead, slower and equal to the kernels to rounding, not bit for bit (a run resumed "
-            f"where the kernels load continues to the same result to rounding only); {DISABLE_VARIABLE}=1 "
-            "chooses the torch paths without this warning",
-            RuntimeWarning,
-            stacklevel=warning_stacklevel(),
-        )
-    except Warning:  # warnings turned into errors: a slower path is no reason to fail a forward
-        pass
+    _warn_never_raise(
+        f"innerloop's CPU kernels are unavailable in this process ({reason}): the TTT layers run their "
+        "torch paths instead, slower and equal to the kernels to rounding, not bit for bit (a run resumed "
+        f"where the kernels load continues to the same result to rounding only); {DISABLE_VARIABLE}=1 "
+        "chooses the torch paths without this warning"
+    )
     return None, None, reason
 
 

@@ -233,7 +233,7 @@ import torch, innerloop, innerloop.train  # what nearly every block imports, onc
 single = len(os.listdir("/proc/self/task")) == 1 if os.path.isdir("/proc/self/task") else False
 print("fork" if single and hasattr(os, "fork") else "no-fork", flush=True)
 for line in sys.stdin:
-    script, log, cwd, environment = line.rstrip("\\n").split("\\t")
+    script, log, cwd, environment, timeout_s = line.rstrip("\\n").split("\\t")
     pid = os.fork()
     if pid == 0:
         os.chdir(cwd)
@@ -254,14 +254,14 @@ for line in sys.stdin:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(status)
-    deadline = time.monotonic() + 300  # a block that hangs is killed, as subprocess.run(timeout=300) did
+    deadline = time.monotonic() + float(timeout_s)  # a block that hangs is killed, as subprocess.run(timeout=) did
     while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     if done[0] == 0:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         with open(log, "a") as output:
-            output.write("timed out after 300 s\\n")
+            output.write(f"timed out after {timeout_s} s\\n")
         print(124, flush=True)
     else:
         print(os.waitstatus_to_exitcode(done[1]), flush=True)
@@ -283,11 +283,17 @@ class BlockServer:
         self.forks = self.process.stdout.readline().strip() == "fork"
 
     def run(
-        self, script: Path, log: Path, cwd: Path = REPO, environment: dict[str, str] | None = None
+        self,
+        script: Path,
+        log: Path,
+        cwd: Path = REPO,
+        environment: dict[str, str] | None = None,
+        timeout_s: float = 300,
     ) -> tuple[int, str]:
         """The block's exit status and its output (stdout and stderr together), run in ``cwd`` with
-        ``environment`` added to the server's."""
-        self.process.stdin.write(f"{script}\t{log}\t{cwd}\t{json.dumps(environment or {})}\n")
+        ``environment`` added to the server's; killed after ``timeout_s`` (status 124)."""
+        line = f"{script}\t{log}\t{cwd}\t{json.dumps(environment or {})}\t{timeout_s:g}\n"
+        self.process.stdin.write(line)
         self.process.stdin.flush()
         status = int(self.process.stdout.readline())
         return status, log.read_text()

@@ -164,7 +164,11 @@ class _Launched:
         script.write_text(f"import sys\nsys.argv[1:] = {[str(pid), 'train', *overrides]!r}\n" + _LAUNCH)
 
         def run() -> None:
-            self.status.append(server.run(script, log, environment={"OMP_NUM_THREADS": "1"})[0])
+            # the server kills a job after timeout_s: past the test's own waits (300 s for the first
+            # checkpoint on a loaded machine, 60 s after the signal), as the fresh process had no limit
+            self.status.append(
+                server.run(script, log, environment={"OMP_NUM_THREADS": "1"}, timeout_s=900)[0]
+            )
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()

@@ -853,7 +853,26 @@ def check_rule_returns(
             f"update rule {name!r}: the state forward returns must be at position {moved} (the input state's "
             f"{state.position} + the call's {expected[2]} tokens); got {new_state.position}"
         )
-    return out, new_state
+    return out, _in_the_given_order(state, new_state)
+
+
+def _in_the_given_order(state: TTTState, new_state: TTTState) -> TTTState:
+    """``new_state`` with its weights, pending sums and momentum keyed in the order of ``state``'s weights
+    (a kernel builds them in its stack's order: TTT-MLP's W1, b1, W2, b2 against the layer's W1, W2, b1,
+    b2), so that ``state.params.values()`` means the same whatever path wrote the state; keys ``state``
+    does not hold keep their place after them (the layer's state check names them)."""
+    order = list(state.params)
+    groups = {g: getattr(new_state, g) for g in ("params", "pending", "momentum")}
+    if all(list(group) == [k for k in order if k in group] for group in groups.values()):
+        return new_state  # already in order (every path but a stack kernel's)
+    ordered = {
+        g: {
+            **{k: group[k] for k in order if k in group},
+            **{k: v for k, v in group.items() if k not in order},
+        }
+        for g, group in groups.items()
+    }
+    return replace(new_state, **ordered)
 
 
 def _check_same_dtype(name: str, what: str, got: torch.Tensor, like: torch.Tensor, whose: str) -> None:

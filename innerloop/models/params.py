@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from innerloop.core.compiled import plain_name, uncompiled
 from innerloop.core.functional import as_integer
 from innerloop.models.config import MODEL_FIELD_BOUNDS, ModelConfig, uses_rope
 from innerloop.models.factory import build_model
@@ -110,11 +111,14 @@ def same_size(ours: int, theirs: int) -> bool:
 
 def count_parameters(model: nn.Module) -> ParameterCounts:
     """The parameters of ``model`` (a :class:`~innerloop.models.CausalLM` or
-    :class:`~innerloop.models.E2ELM`), by part and by block; see :class:`ParameterCounts`."""
+    :class:`~innerloop.models.E2ELM`, or either compiled by ``torch.compile``, whole or a part in place),
+    by part and by block; see :class:`ParameterCounts`. A compiled model's names are read as the
+    uncompiled model's (:func:`~innerloop.core.compiled.plain_name`), so its parts are counted alike."""
     parts = dict.fromkeys(PARTS, 0)
-    num_blocks = len(getattr(model, "blocks", ()))
+    num_blocks = len(getattr(uncompiled(model), "blocks", ()))
     per_block, per_block_mixer = [0] * num_blocks, [0] * num_blocks
-    for name, parameter in model.named_parameters():  # each shared parameter once, under its first name
+    for compiled_name, parameter in model.named_parameters():  # each shared parameter once, first name
+        name = plain_name(compiled_name)  # "_orig_mod.embed.weight" -> "embed.weight"
         part = _part_of(name)
         parts[part] += parameter.numel()
         if name.startswith("blocks."):

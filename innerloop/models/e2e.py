@@ -980,17 +980,16 @@ class E2ELM(MaterialisableLM):
                 "sequences, one row of fast weights each"
             )
         batch_size = count
-        params = dict(self.named_parameters())
+        # By attribute, not by named_parameters(): a suffix block compiled in place (torch.compile) names
+        # its weights blocks.i._orig_mod.prime...; _weight reaches them through the wrapper.
+        params = {name: self._weight(name) for name in self.fast_weight_names()}
         # In at least float32, whatever the parameters' dtype (model.bfloat16()): a bf16 fast weight
         # would lose every inner update smaller than its rounding step.
         return {
-            name: params[name]
-            .to(
-                torch.promote_types(params[name].dtype, torch.float32), copy=True
-            )  # not a view of the parameter
+            name: weight.to(torch.promote_types(weight.dtype, torch.float32), copy=True)  # not a view of it
             .unsqueeze(0)
-            .expand(batch_size, *params[name].shape)
-            for name in self.fast_weight_names()
+            .expand(batch_size, *weight.shape)
+            for name, weight in params.items()
         }
 
     def _block_fast(self, fast: FastWeights, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1244,8 +1243,8 @@ class E2ELM(MaterialisableLM):
     def _check_state_shapes(self, state: E2EState, batch: int) -> None:
         """The state's fast weights, pending tokens and caches have this model's shapes for ``batch``."""
         e2e = self.config.e2e
-        params = dict(self.named_parameters())
         names = self.fast_weight_names() if e2e.test_time_training else []
+        params = {name: self._weight(name) for name in names}  # _weight: a suffix block compiled in place too
         if sorted(state.fast) != sorted(names):
             raise ValueError(
                 f"state holds fast weights {sorted(state.fast)}, this model (test_time_training="

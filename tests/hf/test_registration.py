@@ -31,6 +31,18 @@ NEITHER = (
     "safetensors.torch",
     "huggingface_hub",
     "accelerate",
+    # what transformers and the hub load on top of those (the hub's kernels package, its HTTP client and
+    # async stack, file locks, pluggy, psutil, tqdm): ~0.2 s more of each case's CPU, imported once
+    "kernels",
+    "httpx2",
+    "httpcore2",
+    "trio",
+    "anyio",
+    "h11",
+    "filelock",
+    "pluggy",
+    "psutil",
+    "tqdm",
 )
 UNDER_TEST = ("innerloop", "transformers", "tokenizers", "datasets")
 

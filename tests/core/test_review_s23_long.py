@@ -111,11 +111,15 @@ def test_family_layers_long_sequence_float32_drift(cls) -> None:
     x = torch.randn(1, 8192, D)
     with torch.no_grad():
         y64, s64 = copy.deepcopy(layer).double()(x.double())
-        for kernel in ("torch", "auto"):
+        for kernel in ("auto", "torch"):
             layer.kernel = kernel
             y, s = layer(x)
             assert rel(y[:, -1024:], y64[:, -1024:]) < ROUNDOFF, kernel
             assert max(rel(s.params[k], s64.params[k]) for k in s.params) < ROUNDOFF, kernel
+            if {path for path, _ in layer.dispatches} == {"torch"}:
+                # auto took the torch path (no kernel for linear attention's or Titans' plugins): the
+                # forced torch run would be the same computation, bit for bit (~0.5 s for Titans)
+                break
 
 
 @pytest.mark.slow  # over 0.4 s: the fast loop stays under a minute

@@ -16,12 +16,39 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (the test e
 
 LOWERING = textwrap.dedent(
     """
+    import inspect
     import re
-    import triton
+    from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
     from innerloop.kernels.triton.ttt_linear import _kernels as linear
     from innerloop.kernels.triton.ttt_mlp import _kernels as mlp
+
+    TARGET = GPUTarget("cuda", 90, 32)
+    BACKEND = make_backend(TARGET)
+
+
+    def lower_to_ttir(source):
+        # the first stage of triton.compile only: the code generated from the kernel's source, through
+        # Triton's own passes (ttir); triton.compile goes on to ttgir, LLVM IR, PTX and a cubin (ptxas),
+        # ~90% of its time from an empty cache, and none of them is read here
+        options = BACKEND.parse_options(source.parse_options())
+        context = ir.context()
+        ir.load_dialects(context)
+        BACKEND.load_dialects(context)
+        given = {
+            "target": TARGET,
+            "options": options,
+            "codegen_fns": BACKEND.get_codegen_implementation(options),
+            "module_map": BACKEND.get_module_map(),
+            "context": context,
+        }
+        wanted = inspect.signature(source.make_ir).parameters  # its arguments vary across Triton 3.x
+        module = source.make_ir(**{name: value for name, value in given.items() if name in wanted})
+        stages = {}
+        BACKEND.add_stages(stages, options, source.language)
+        return str(stages["ttir"](module, {}))
+
 
     F, BLOCK = 16, {"BK": 16, "GROUP": 2, "PREC": "ieee"}
     KERNELS = [
@@ -40,14 +67,14 @@ LOWERING = textwrap.dedent(
             signature={a: kind(a) for a in names},
             constexprs={(names.index(a),): v for a, v in constants.items()},
         )
-        ir = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
-        for pointer, width in re.findall(r"tt\\.addptr %(\\w+_ptr), %\\S+ : !tt\\.ptr<\\w+>, (i\\d+)", ir):
+        ttir = lower_to_ttir(source)
+        for pointer, width in re.findall(r"tt\\.addptr %(\\w+_ptr), %\\S+ : !tt\\.ptr<\\w+>, (i\\d+)", ttir):
             print(kernel.fn.__name__, pointer, width)
     """
 )
 
 
-@pytest.mark.slow  # reason: Triton lowers six kernels for a GPU target in a child process, ~15 s
+@pytest.mark.slow  # reason: Triton lowers six kernels for a GPU target (to ttir) in a child process, ~5 s
 def test_every_offset_from_a_kernel_argument_is_64_bit() -> None:
     env = {
         k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"

@@ -57,8 +57,14 @@ def test_the_compiled_step_trains_like_the_torch_path(inner_model, counted_backe
     assert candidate.dispatches == [
         (f"compiled_torch_{inner_model}", f"kernel 'compiled_torch_{inner_model}' forced")
     ]
-    assert counted_backend.frame_count >= 1  # the step ran compiled, not eagerly
+    compiled_steps = counted_backend.frame_count
+    assert compiled_steps >= 1  # the step ran compiled, not eagerly
     assert not counters["graph_break"], dict(counters["graph_break"])  # one whole graph per step
+    # another sequence length trains on the same compiled step: each mini-batch's tensors were views
+    # whose strides held the call's length, and dynamo recompiled for every new one
+    shorter = x[:, :4].detach().requires_grad_()  # a length not seen yet
+    assert_layers_train_alike(reference, candidate, shorter, FLOAT64_TOLERANCE)
+    assert counted_backend.frame_count == compiled_steps
 
 
 @pytest.mark.slow  # ~20 s: a dynamo recompile (with dynamic shapes) per new shape

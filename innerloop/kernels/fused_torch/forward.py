@@ -348,8 +348,13 @@ def make_fused_forward(
         else:
             scan = _Scan(stack, weights, in_place, eps)
             step = training_step if training_step is not None and not in_place else _Scan.mini_batch
-            per_mb = zip(*(t.unbind(0) for t in (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta,
-                                                 hoisted.update_scale)), strict=True)  # fmt: skip
+            blocks = (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta, hoisted.update_scale)
+            if step is not _Scan.mini_batch:
+                # one copy each, so that every mini-batch's tensors have the same strides whatever the
+                # call's length: as views of the [B, H, T, n] inputs their strides held T, and
+                # torch.compile recompiled a training step for each new sequence length (to its limit)
+                blocks = tuple(t.contiguous() for t in blocks)
+            per_mb = zip(*(t.unbind(0) for t in blocks), strict=True)
             z_all = torch.stack([step(scan, *tensors_n, hoisted.gamma_sq) for tensors_n in per_mb], dim=1)
             weights = scan.weights
 

@@ -328,9 +328,15 @@ def causal_depthwise_conv(
     for j in range(1, kernel):
         y = torch.addcmul(y, padded[:, j : j + tokens], taps[j])
     y = (y if bias is None else y + bias.to(accumulate)).to(x.dtype)
-    # a copy (a few rows): a view would keep the whole padded input alive in the state
+    # a copy (a few rows): a view would keep the whole padded input alive in the state. Contiguous: a
+    # copy that preserved the slice's strides kept the call's length in them at batch size 1 (torch.compile
+    # guards on strides, of size-1 dims too: the first decoded token recompiled for every prompt length)
     new_history = (
-        padded[:, padded.shape[1] - (kernel - 1) :].to(history.dtype, copy=True) if kernel > 1 else history
+        padded[:, padded.shape[1] - (kernel - 1) :].to(
+            history.dtype, memory_format=torch.contiguous_format, copy=True
+        )
+        if kernel > 1
+        else history
     )
     return y, new_history
 

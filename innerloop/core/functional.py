@@ -159,10 +159,21 @@ def _row_peaks(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(high.abs(), low.abs())  # (not max(high, -low): a zero row would give -0.0)
 
 
+def _bit_length(n: int | torch.SymInt) -> int:
+    """``n.bit_length()`` of a size ``n >= 0``, found by comparisons: of a symbolic size (``torch.compile``
+    with dynamic shapes) they guard the range ``[2**(k - 1), 2**k)`` that holds it, where ``bit_length``
+    specialised the graph to its value (a layer of another head dim recompiled). Dynamo traces
+    ``isinstance(n, int)`` as true for a symbolic size: one way for both."""
+    length = 0
+    while n >= 1 << length:
+        length += 1
+    return length
+
+
 def _overflow_bound(x: torch.Tensor) -> float:
     """The largest |value| a row of ``x`` may hold before its squares could overflow (see above)."""
     max_exponent = math.frexp(torch.finfo(x.dtype).max)[1]  # 128 for float32: max < 2**128
-    return 2.0 ** ((max_exponent - 4 - x.shape[-1].bit_length()) // 2)
+    return 2.0 ** ((max_exponent - 4 - _bit_length(x.shape[-1])) // 2)
 
 
 def host_reads_are_free(x: torch.Tensor) -> bool:

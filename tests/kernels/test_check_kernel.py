@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from plugin_testing import accept_every_input, register_linear_dual_form_kernel
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import innerloop
 import innerloop.kernels.fused_torch.compiled as compiled
@@ -260,11 +261,16 @@ def test_the_delta_rule_kernel_passes_at_its_mini_batch_size():
 @pytest.mark.slow  # 5-9 s each: torch.compile (aot_eager) traces the training step of each case's shapes
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_the_compiled_torch_kernels_pass_where_they_train(model, monkeypatch):
-    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")  # inductor would compile C++ (minutes)
+    backend = CompileCounterWithBackend("aot_eager")  # inductor would compile C++ (minutes)
+    monkeypatch.setattr(compiled, "BACKEND", backend)
     torch._dynamo.reset()
     report = check_kernel(f"compiled_torch_{model}", head_dims=(4,))
     assert all(case.endswith("grad") for case in report.ran)  # it trains only: the rest run elsewhere
     assert any("trains only" in reason for reason in report.skipped.values())
+    # one step compiled for the layer's weights, one for a carried state's (no grad), one for both wide
+    # head dims (dynamic: the overflow bound's bit_length specialised the first), one in float32; no more
+    # (the step's tensors were views whose strides held the call's length: 7 compiles, seconds each)
+    assert backend.frame_count == 4, backend.frame_count
     torch._dynamo.reset()
 
 

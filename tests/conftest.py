@@ -250,3 +250,15 @@ def tiny_hf_model():
     torch.manual_seed(0)
     model = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32, "vocab_size": 50}
     return InnerloopForCausalLM(InnerloopConfig(model=model)).eval()
+
+
+@pytest.fixture(scope="session")
+def block_server():
+    """The warm interpreter that tests/test_docs.py's blocks and the ddp_spawn launches of
+    tests/train/test_review_s21_ddp.py fork from (tests/block_server.py): one per pytest process, started
+    at its first use (its start imports torch, innerloop and Lightning: ~6 s of CPU, once)."""
+    from block_server import BlockServer  # here: the xdist controller starts none
+
+    server = BlockServer()
+    yield server
+    server.close()

@@ -4,8 +4,8 @@ Blocks are found by parsing the markdown's fences, so a new block is covered wit
 file:
 
 - ```python: run in a process of its own (a block's plugin registrations stay out of other tests),
-  forked from one interpreter that imported torch and innerloop once (:data:`BLOCK_SERVER`), from the
-  repository root; any ``test_*`` function it defines is called too.
+  forked from one interpreter that imported torch and innerloop once (tests/block_server.py, the
+  ``block_server`` fixture), from the repository root; any ``test_*`` function it defines is called too.
 - ```bash: every command, in order, in one temporary folder per document (so ``innerloop eval
   runs/tiny/...`` reads what the ``innerloop train`` above it wrote):
   - ``innerloop ...`` runs (in-process, through ``innerloop.cli.main`` as the console script does); ``innerloop train`` gets
@@ -20,7 +20,7 @@ file:
   - ``python benchmarks/<script>.py`` with ``--quick`` runs; without it (minutes to an hour) it is
     parsed by the script's own argument parser, not run.
   - ``innerloop -p ./my_loss.py ...`` (and ``INNERLOOP_PLUGIN_MODULES=my_loss``) runs in a process of
-    its own (a plugin module stays out of this one's registry), forked from :data:`BLOCK_SERVER` as a
+    its own (a plugin module stays out of this one's registry), forked from the block server as a
     python block is, with the ``MyLoss`` of CONTRIBUTING.md's python block, registered, as the
     ``my_loss.py`` beside it.
   - any other command fails the test: decide how it is covered here.
@@ -35,20 +35,22 @@ covers them.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from block_server import REPO, RUN_BLOCK, BlockServer
+from block_server import environment as _environment
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DOCUMENTS = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -208,108 +210,6 @@ def test_no_text_block_holds_a_command() -> None:
 # --------------------------------------------------------------------------------------------- python
 
 
-def _environment() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-RUN_BLOCK = """
-import runpy, sys
-namespace = runpy.run_path(sys.argv[1])
-for name, value in list(namespace.items()):
-    if name.startswith("test_") and callable(value):
-        value()
-"""
-
-# A fresh interpreter per block costs seconds of start-up (torch, innerloop, Lightning) before the
-# block's own work. The blocks are run instead by children forked from one interpreter that imported
-# those once: each child is still a process of its own (plugin registrations, globals and threads
-# stay in it) that runs the block with fresh globals, so a block that forgets an import still fails.
-# The server forks only while it is a single thread (a thread pool copied into a fork can hang;
-# OpenBLAS, under numpy, starts one at import unless told to use one thread); otherwise, or where fork
-# does not exist, every block gets a fresh interpreter as before.
-BLOCK_SERVER = """
-import json, os, signal, sys, time, traceback
-import torch, innerloop, innerloop.train  # what nearly every block imports, once
-single = len(os.listdir("/proc/self/task")) == 1 if os.path.isdir("/proc/self/task") else False
-print("fork" if single and hasattr(os, "fork") else "no-fork", flush=True)
-for line in sys.stdin:
-    script, log, cwd, environment, timeout_s = line.rstrip("\\n").split("\\t")
-    pid = os.fork()
-    if pid == 0:
-        os.chdir(cwd)
-        os.environ.update(json.loads(environment))
-        with open(log, "w") as output, open(os.devnull) as nothing:
-            os.dup2(nothing.fileno(), 0)
-            os.dup2(output.fileno(), 1)
-            os.dup2(output.fileno(), 2)
-            status = 0
-            try:
-                sys.argv = ["-c", script]
-                exec(compile(RUN_BLOCK, "<block runner>", "exec"), {"__name__": "__main__"})
-            except SystemExit as exit:
-                status = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-                status = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(status)
-    deadline = time.monotonic() + float(timeout_s)  # a block that hangs is killed, as subprocess.run(timeout=) did
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if done[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        with open(log, "a") as output:
-            output.write(f"timed out after {timeout_s} s\\n")
-        print(124, flush=True)
-    else:
-        print(os.waitstatus_to_exitcode(done[1]), flush=True)
-"""
-
-
-class BlockServer:
-    """Runs blocks in children forked from one warm interpreter (see :data:`BLOCK_SERVER`)."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", f"RUN_BLOCK = {RUN_BLOCK!r}\n" + BLOCK_SERVER],
-            cwd=REPO,
-            env={**_environment(), "OPENBLAS_NUM_THREADS": "1"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.forks = self.process.stdout.readline().strip() == "fork"
-
-    def run(
-        self,
-        script: Path,
-        log: Path,
-        cwd: Path = REPO,
-        environment: dict[str, str] | None = None,
-        timeout_s: float = 300,
-    ) -> tuple[int, str]:
-        """The block's exit status and its output (stdout and stderr together), run in ``cwd`` with
-        ``environment`` added to the server's; killed after ``timeout_s`` (status 124)."""
-        line = f"{script}\t{log}\t{cwd}\t{json.dumps(environment or {})}\t{timeout_s:g}\n"
-        self.process.stdin.write(line)
-        self.process.stdin.flush()
-        status = int(self.process.stdout.readline())
-        return status, log.read_text()
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def block_server():
-    server = BlockServer()
-    yield server
-    server.close()
-
-
 @pytest.mark.slow  # each block runs in a process of its own (forked from a warm one): ~1-6 s each
 @pytest.mark.parametrize("block", blocks_of("python"), ids=lambda b: b.id)
 def test_python_block_runs(block: Block, tmp_path, block_server) -> None:
@@ -353,6 +253,40 @@ def test_a_block_that_fails_or_forgets_an_import_fails_in_the_server(tmp_path, b
     )
     assert statuses["raises.py"][0] == 1 and "ValueError: bad block" in statuses["raises.py"][1]
     assert statuses["ok.py"] == (0, "")
+
+
+def test_a_job_left_running_is_killed_with_its_group_before_the_next_starts(tmp_path, block_server) -> None:
+    # a stop test that failed with its launch still alive left the server waiting on that job (up to its
+    # 900-s limit): the next test's job waited behind it. The job and what it started (its process group,
+    # as ddp_spawn's ranks) are killed at the next start, which then runs at once
+    if not block_server.forks:
+        pytest.skip("this machine's server does not fork: every job is a fresh interpreter")
+    (tmp_path / "hangs.py").write_text(
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen(['sleep', '600'])\nopen({str(tmp_path / 'child')!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(600)\n"
+    )
+    (tmp_path / "ok.py").write_text("x = 1\n")
+    left = block_server.start(tmp_path / "hangs.py", tmp_path / "hangs.log")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "child").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child = int((tmp_path / "child").read_text())
+    started = time.monotonic()
+    assert block_server.run(tmp_path / "ok.py", tmp_path / "ok.log") == (0, "")
+    assert time.monotonic() - started < 60
+    assert left.status == -signal.SIGKILL
+    deadline = time.monotonic() + 10  # the job's child, killed with its group (a zombie until init reaps it)
+    while _running(child):
+        assert time.monotonic() < deadline, "the job's child still runs"
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- bash

@@ -12,15 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from block_server import Job
 from ddp_testing import TWO_RANK_RUN, TWO_RANKS, two_rank_run  # noqa: F401 (a fixture)
 from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 from lm_testing import TINY
-from test_docs import block_server  # noqa: F401 (a fixture: the warm interpreter the launches fork from)
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -129,69 +128,30 @@ def test_resuming_a_two_rank_run_on_one_process_reads_no_batch_twice(
 
 
 _LAUNCH = """
-import os, runpy, sys
-os.setsid()  # its own process group, as a shell job in a terminal
-with open(sys.argv[1] + ".part", "w") as file:
-    file.write(str(os.getpid()))
-os.replace(sys.argv[1] + ".part", sys.argv[1])
-sys.argv = ["innerloop", *sys.argv[2:]]
+import runpy
 runpy.run_module("innerloop", run_name="__main__", alter_sys=True)  # as `python -m innerloop` runs it
 """
 
 
-class _Launched:
+def _launch(server, overrides: list[str], log: Path) -> subprocess.Popen | Job:
     """``python -m innerloop train`` (``overrides``) in a process group of its own, as a shell job, its
-    stdout and stderr into ``log``: forked from the module's warm interpreter (test_docs.BlockServer,
-    which imported torch, innerloop and Lightning once: ~7 s of CPU a launch saves) as a process of its
-    own that runs innerloop's ``__main__`` (the ranks it spawns start fresh interpreters, as ever), or,
-    where that server does not fork, a fresh ``python -m innerloop``. ``pid``, and Popen's ``poll`` and
-    ``wait``."""
-
-    def __init__(self, server, overrides: list[str], log: Path) -> None:
-        self.status: list[int] = []
-        if not server.forks:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "innerloop", "train", *overrides],
-                stdout=log.open("wb"),  # a file: a pipe nobody reads would fill up and block the run
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                start_new_session=True,
-            )
-            self.pid = self.process.pid
-            return
-        self.process = None
-        script, pid = log.with_name("launch.py"), log.with_name("launch.pid")
-        script.write_text(f"import sys\nsys.argv[1:] = {[str(pid), 'train', *overrides]!r}\n" + _LAUNCH)
-
-        def run() -> None:
-            # the server kills a job after timeout_s: past the test's own waits (300 s for the first
-            # checkpoint on a loaded machine, 60 s after the signal), as the fresh process had no limit
-            self.status.append(
-                server.run(script, log, environment={"OMP_NUM_THREADS": "1"}, timeout_s=900)[0]
-            )
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not pid.exists() and self.thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert pid.exists(), (
-            f"the launch started no process: {log.read_text()[-2000:] if log.exists() else ''}"
+    stdout and stderr into ``log``: forked from the warm interpreter (tests/block_server.py, which
+    imported torch, innerloop and Lightning once: ~7 s of CPU a launch saves) as a job that runs
+    innerloop's ``__main__`` (the ranks it spawns start fresh interpreters, as ever), or, where that server
+    does not fork, a fresh ``python -m innerloop``. Either has ``pid`` (its group's), ``poll``, ``wait``."""
+    if not server.forks:
+        return subprocess.Popen(
+            [sys.executable, "-m", "innerloop", "train", *overrides],
+            stdout=log.open("wb"),  # a file: a pipe nobody reads would fill up and block the run
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            start_new_session=True,
         )
-        self.pid = int(pid.read_text())
-
-    def poll(self) -> int | None:
-        if self.process is not None:
-            return self.process.poll()
-        return self.status[0] if self.status else None
-
-    def wait(self, timeout: float) -> int | None:
-        if self.process is not None:
-            return self.process.wait(timeout=timeout)
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise subprocess.TimeoutExpired("innerloop train", timeout)
-        return self.status[0] if self.status else None  # None: the server failed (its error is above)
+    script = log.with_name("launch.py")
+    script.write_text(f"import sys\nsys.argv = {['innerloop', 'train', *overrides]!r}\n" + _LAUNCH)
+    # the server kills a job after timeout_s: past the test's own waits (300 s for the first checkpoint on
+    # a loaded machine, 60 s after the signal), as the fresh process had no limit
+    return server.start(script, log, environment={"OMP_NUM_THREADS": "1"}, timeout_s=900)
 
 
 @pytest.mark.slow  # reason: a 2-process ddp_spawn run started, stopped and waited for (~20 s)
@@ -209,7 +169,7 @@ class _Launched:
 )
 def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(
     tmp_path,
-    block_server,  # noqa: F811
+    block_server,
     to_group,
     signum,
     status,
@@ -217,7 +177,7 @@ def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(
     out = tmp_path / "run"
     log = tmp_path / "stderr.txt"
     overrides = [*TINY, *TWO_RANKS, "trainer.max_steps=400", "trainer.val_every=400", f"out_dir={out}"]
-    process = _Launched(block_server, overrides, log)
+    process = _launch(block_server, overrides, log)
     try:
         # up to 300 s for the first checkpoint, as long as the run lives: on a loaded machine (load 9 on 2
         # cores) the two ranks had written none after 40 s, the old limit; a run that ends fails at once
@@ -249,7 +209,7 @@ def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        process.wait(timeout=10)
+        process.wait(timeout=10)  # (a job of the server still running then is killed at the next's start)
 
 
 @pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])

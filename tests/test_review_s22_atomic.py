@@ -56,10 +56,9 @@ def _fork(child) -> int:
     return os.waitpid(pid, 0)[1]
 
 
-def _mounted(tmp_path: Path, mounts: dict[str, str], command: list[str]) -> subprocess.CompletedProcess:
-    """Run ``command`` with a fresh tmpfs at ``tmp_path/<name>`` for each ``name: options`` of ``mounts``
-    (mount options), in a private mount namespace; skip the test where that is not allowed (not root, no
-    unshare)."""
+def _mount_points(tmp_path: Path, mounts: dict[str, str]) -> None:
+    """The folders ``tmp_path/<name>`` a tmpfs is mounted on, for each ``name`` of ``mounts``; skip the test
+    where mounting is not allowed (not root, no unshare)."""
     for name in mounts:
         (tmp_path / name).mkdir()
     if shutil.which("unshare") is None or os.geteuid() != 0:
@@ -67,6 +66,11 @@ def _mounted(tmp_path: Path, mounts: dict[str, str], command: list[str]) -> subp
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare -m is not allowed here: {probe.stderr.decode().strip()}")
+
+
+def _mounted(tmp_path: Path, mounts: dict[str, str], command: list[str]) -> subprocess.CompletedProcess:
+    """Run ``command`` with a fresh tmpfs at ``tmp_path/<name>`` for each ``name: options`` of ``mounts``
+    (mount options), in a private mount namespace (:func:`_mount_points` first)."""
     script = " && ".join(
         f"mount -t tmpfs -o {options} tmpfs {tmp_path / name}" for name, options in mounts.items()
     )
@@ -77,6 +81,18 @@ def _mounted(tmp_path: Path, mounts: dict[str, str], command: list[str]) -> subp
         env=ENV,
         timeout=600,  # a hang; three commands, one of them an eval, on a loaded machine take minutes
     )
+
+
+_IN_A_MOUNT_NAMESPACE = """
+import ctypes, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS: a mount namespace of this process's own, as `unshare -m`
+    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)  # as `unshare -m`: nothing reaches the host's
+for path, options in MOUNTS.items():
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", path], check=True)
+"""
+"""The start of a job of the block server that mounts ``MOUNTS`` (path: options) where only it sees them."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -216,11 +232,14 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def full_and_read_only(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+def full_and_read_only(tmp_path_factory, block_server) -> tuple[Path, dict[str, dict]]:
     """The CLI commands of the tests below, each into its own small tmpfs (``ro`` read-only, ``full`` and
-    ``eval`` nearly full), run by one interpreter in a private mount namespace (a fresh interpreter each
-    cost seconds of importing torch, Lightning for eval): each command's exit status (None: it raised,
-    the traceback in its stderr) and stderr, by name, and the folder the mounts are in."""
+    ``eval`` nearly full), run by one process in a private mount namespace (a fresh interpreter each
+    cost seconds of importing torch, Lightning for eval): a job of the warm block server
+    (tests/block_server.py, torch, innerloop and Lightning imported: a fresh interpreter's ~6 s of
+    imports saved where the server runs already), or where it does not fork a fresh interpreter under
+    ``unshare -m``. Each command's exit status (None: it raised, the traceback in its stderr) and stderr,
+    by name, and the folder the mounts are in."""
     from innerloop.models import ModelConfig, build_model
     from innerloop.models.config import TTTConfig
     from innerloop.train.module import save_model_checkpoint
@@ -240,9 +259,21 @@ def full_and_read_only(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
                  "--out", str(folder / "eval")],
     }  # fmt: skip
     mounts = {"ro": "ro,size=64k", "full": "size=4k", "eval": "size=8k"}
-    done = _mounted(folder, mounts, [sys.executable, "-c", _CALLS, json.dumps(commands)])
-    assert done.returncode == 0, done.stderr[-2000:]
-    return folder, json.loads(done.stdout.splitlines()[-1])
+    _mount_points(folder, mounts)
+    if not block_server.forks:
+        done = _mounted(folder, mounts, [sys.executable, "-c", _CALLS, json.dumps(commands)])
+        assert done.returncode == 0, done.stderr[-2000:]
+        return folder, json.loads(done.stdout.splitlines()[-1])
+    script = folder / "calls.py"
+    paths = {str(folder / name): options for name, options in mounts.items()}
+    script.write_text(
+        f"import sys\nMOUNTS = {paths!r}\n{_IN_A_MOUNT_NAMESPACE}\nsys.argv = ['-c', {json.dumps(commands)!r}]\n{_CALLS}"
+    )
+    status, output = block_server.run(
+        script, folder / "calls.log", cwd=ROOT, environment={"OMP_NUM_THREADS": "1"}, timeout_s=600
+    )
+    assert status == 0, output[-2000:]
+    return folder, json.loads(output.splitlines()[-1])
 
 
 # review s22 atomic (MED, fixed): a full disk outside train's fit was a traceback naming no path; a

@@ -168,7 +168,6 @@ class BlockServer:
         """Start ``script`` (:data:`RUN_BLOCK`) in a forked child, in ``cwd`` with ``environment``
         added to the server's, its stdout and stderr into ``log``; killed after ``timeout_s`` (status
         124). A job of this server still running is killed first (:meth:`_forget`)."""
-        assert self.forks, "this server does not fork: start a fresh interpreter"
         self._forget()
         line = f"{script}\t{log}\t{cwd}\t{json.dumps(environment or {})}\t{timeout_s:g}\n"
         self.process.stdin.write(line)

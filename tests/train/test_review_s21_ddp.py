@@ -201,7 +201,9 @@ def test_a_stop_of_a_ddp_spawn_run_saves_the_step_and_ends_it(
             code = None
         assert code == status, f"exit status {code} (None: still running 60 s after the signal)"
         after = load_checkpoint(out / "last.safetensors")["global_step"]
-        assert after > before  # the step in progress was saved as last.safetensors
+        # the step in progress was saved as last.safetensors, and the stop ended the run there: not the
+        # 400 steps run out within the wait (a SIGTERM to the main process alone that its ranks never had)
+        assert before < after < 400
         assert not (out / ".last.safetensors.pending").exists()
         assert "stopped at" in log.read_text()
     finally:

@@ -303,6 +303,24 @@ def _unguarded(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _scan_mini_batches(
+    scan: _Scan, hoisted: _Hoisted, training_step: TrainingStep | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Every mini-batch through ``scan`` in order (``training_step`` in place of :meth:`_Scan.mini_batch`
+    where given): the pre-LayerNorm outputs of the mini-batches ``[BH, NB, K, f]`` and the
+    scan's final weights."""
+    blocks = (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta, hoisted.update_scale)
+    step = _Scan.mini_batch if training_step is None else training_step
+    if training_step is not None:
+        # one copy each, so that every mini-batch's tensors have the same strides whatever the call's
+        # length: as views of the [B, H, T, n] inputs their strides held T, and torch.compile recompiled
+        # a training step for each new sequence length (to its limit)
+        blocks = tuple(t.contiguous() for t in blocks)
+    per_mb = zip(*(t.unbind(0) for t in blocks), strict=True)
+    z_all = torch.stack([step(scan, *tensors_n, hoisted.gamma_sq) for tensors_n in per_mb], dim=1)
+    return z_all, scan.weights
+
+
 def make_fused_forward(
     stack: tuple[AffineLayer, ...],
     training_scan: TrainingScan | None = None,
@@ -346,17 +364,8 @@ def make_fused_forward(
                 out = ends.output(eps, z_all.reshape(batch, heads, tokens, dim), xq, ln_weight, ln_bias)
                 return out, _unfolded_params(stack, params, weights, output_guard)
         else:
-            scan = _Scan(stack, weights, in_place, eps)
-            step = training_step if training_step is not None and not in_place else _Scan.mini_batch
-            blocks = (hoisted.both1, hoisted.left1, hoisted.shift, hoisted.eta, hoisted.update_scale)
-            if step is not _Scan.mini_batch:
-                # one copy each, so that every mini-batch's tensors have the same strides whatever the
-                # call's length: as views of the [B, H, T, n] inputs their strides held T, and
-                # torch.compile recompiled a training step for each new sequence length (to its limit)
-                blocks = tuple(t.contiguous() for t in blocks)
-            per_mb = zip(*(t.unbind(0) for t in blocks), strict=True)
-            z_all = torch.stack([step(scan, *tensors_n, hoisted.gamma_sq) for tensors_n in per_mb], dim=1)
-            weights = scan.weights
+            step = training_step if training_step is not None and not in_place else None
+            z_all, weights = _scan_mini_batches(_Scan(stack, weights, in_place, eps), hoisted, step)
 
         # the output LayerNorm and residual, once over all tokens
         z_all = z_all.reshape(batch, heads, tokens, dim)  # [B, H, T, f]

@@ -2257,7 +2257,10 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
         """transformers' own, after refusing chunked prefill of ``inputs_embeds`` (transformers chunks
         ``input_ids``, empty then, and its one empty chunk read the embeddings whole after the cache: wrong
         tokens) and without a cache, with what to pass: an innerloop model's cache is made by its first
-        forward, so transformers cannot make an empty one."""
+        forward, so transformers cannot make an empty one. A chunked prompt's mask and cache are checked
+        whole first (:func:`check_generate_mask`, :func:`check_cache_continues`), as an unchunked one's
+        are: the checks of a chunk alone saw a slice of the mask (a left-padded row's first chunk all
+        zeros, refused as an empty row)."""
         check_generate_pad_token(generation_config, input_ids.shape[0], self.config.vocab_size)
         chunk = generation_config.prefill_chunk_size
         if chunk is not None and model_kwargs.get("inputs_embeds") is not None:
@@ -2272,6 +2275,13 @@ class InnerloopForCausalLM(InnerloopPreTrainedModel, GenerationMixin):
                 "innerloop model makes its cache by reading tokens: read the first token, then pass its "
                 "cache with the whole prompt: cache = model(input_ids[:, :1]).cache; "
                 f"model.generate(input_ids, cache=cache, prefill_chunk_size={chunk}, ...)"
+            )
+        if chunk is not None:  # the whole prompt's checks: each chunk's alone named a slice of the mask
+            cache, attention_mask = model_kwargs["cache"], model_kwargs.get("attention_mask")
+            check_generate_mask(attention_mask)
+            new_tokens = input_ids.shape[1] - cache.seq_length if isinstance(cache, InnerloopCache) else None
+            check_cache_continues(
+                cache, input_ids, new_tokens, attention_mask, None, self.get_input_embeddings()
             )
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 

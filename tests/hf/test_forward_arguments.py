@@ -304,6 +304,37 @@ def test_chunked_prefill_without_a_cache_says_what_to_pass_and_that_works() -> N
     assert torch.equal(chunked, model.generate(IDS, max_new_tokens=3, do_sample=False))
 
 
+def test_a_chunked_prompt_is_checked_whole_as_an_unchunked_one() -> None:
+    # review s60: each chunk was checked alone, so a left-padded row whose first chunk is all pads was
+    # refused as "an empty row" (a right padding's words) where the unchunked prompt names the cause
+    model = float64_model("ttt_linear")
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0  # row 0 left padded: its first chunk of 3 (after the cached token) is all pads
+    plain_cache = model(IDS[:, :1]).cache  # has read row 0's pad as a token
+    for chunk in (None, 3):
+        with pytest.raises(
+            ValueError, match=r"a cache that has not read the first 1 tokens of input_ids as "
+        ):
+            model.generate(
+                IDS, attention_mask=mask, cache=plain_cache, prefill_chunk_size=chunk, max_new_tokens=2,
+                do_sample=False,
+            )  # fmt: skip
+    other = IDS.flip(0)  # a cache of other tokens: the chunked prompt names it as the unchunked one
+    with pytest.raises(
+        ValueError, match=r"a cache that has not read the first 1 tokens of input_ids \(row 0"
+    ):
+        model.generate(
+            IDS, cache=model(other[:, :1]).cache, prefill_chunk_size=3, max_new_tokens=2, do_sample=False
+        )
+    # a cache that read the left-padded prefix continues it, chunked or not, to the same tokens
+    cache = model(IDS[:, :4], attention_mask=mask[:, :4]).cache
+    chunked = model.generate(
+        IDS, attention_mask=mask, cache=cache, prefill_chunk_size=1, max_new_tokens=3, do_sample=False
+    )
+    whole = model.generate(IDS, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(chunked, whole)
+
+
 # --- A cache of another dtype -------------------------------------------------------------------------
 
 

@@ -722,7 +722,7 @@ def _eval(args: argparse.Namespace) -> int:
     _check_checkpoint(args.checkpoint)
     if args.data:  # text, which a checkpoint that records no tokenizer cannot read
         _refuse_text_without_tokenizer(args.checkpoint)
-    from innerloop.train.run import evaluate
+    from innerloop.train.run import evaluate, scored_count
 
     _check_data_patterns(args.data)
     out = Path(args.out) if args.out is not None else Path(args.checkpoint).parent
@@ -750,7 +750,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"innerloop eval: {err}", file=sys.stderr)
         return err.exit_code  # 130, 143: the shell's status for a process ended by that signal
     print(f"perplexity: {metrics['val_ppl']:.3f}  (loss {metrics['val_loss']:.4f} nats/{_token_unit(args.checkpoint, args.data)}, "
-          f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)")  # fmt: skip
+          f"{scored_count(metrics)})")  # fmt: skip
     print(f"loss by position: {png} ({csv_path})")
     return 0
 

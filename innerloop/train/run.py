@@ -2341,6 +2341,13 @@ def tokens_digest(windows: EvaluationWindows) -> str:
     return digest.hexdigest()[:16]
 
 
+def scored_count(metrics: dict[str, float]) -> str:
+    """What an evaluation scored, as its line and its ``.md`` say it: ``"128 tokens in 1 window"``,
+    ``"4096 tokens in 32 windows"`` (``metrics``' ``tokens`` and ``windows``, of :func:`evaluate`)."""
+    tokens, windows = int(metrics["tokens"]), int(metrics["windows"])
+    return f"{tokens} token{'' if tokens == 1 else 's'} in {windows} window{'' if windows == 1 else 's'}"
+
+
 def evaluation_record(
     title: str, metrics: dict[str, float], checkpoint: str | Path, windows: EvaluationWindows, command: str
 ) -> str:
@@ -2355,8 +2362,7 @@ def evaluation_record(
     ]
     return (
         f"# {title}\n\nperplexity {metrics['val_ppl']:.6g} (loss {metrics['val_loss']:.6f}, "
-        f"{int(metrics['tokens'])} tokens in {int(metrics['windows'])} windows)\n\nReproduce:\n\n"
-        + "".join(f"- {line}\n" for line in lines)
+        f"{scored_count(metrics)})\n\nReproduce:\n\n" + "".join(f"- {line}\n" for line in lines)
     )
 
 

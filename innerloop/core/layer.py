@@ -59,6 +59,7 @@ from innerloop.core.protocol import (
 )
 from innerloop.core.scan import model_refusal, run_scan, run_scan_without_autocast
 from innerloop.core.state import StateSignature, TTTState, inner_output_label
+from innerloop.core.wording import a_type
 
 NON_FINITE_POLICIES = ("raise", "ignore")
 # Inputs this large (|x|) may overflow a float32 inner scan through the projections and the inner
@@ -875,6 +876,45 @@ def _log_forgetting_reaches_scan(layer_class: type) -> bool:
     return depth("log_forgetting") <= depth("forgetting")
 
 
+def _hook_gates(layer: nn.Module, hook: str, names: tuple[str, str], gates: Any) -> tuple[Any, Any]:
+    """``gates``, what ``layer``'s gate ``hook`` returned, as its two entries (``names``), after checking
+    that it is a pair of tensors or None: a float, a list or a triple is refused naming the hook, not
+    met later as an ``AttributeError`` or an unpacking error from inside the layer."""
+    what = f"{type(layer).__name__}.{hook}(x) must return a pair ({names[0]}, {names[1]}) of [B, H, T] tensors or None"
+    if not isinstance(gates, (tuple, list)) or len(gates) != 2:
+        got = (
+            f"a {type(gates).__name__} of {len(gates)}" if isinstance(gates, (tuple, list)) else a_type(gates)
+        )
+        raise TypeError(f"{what}, got {got}")
+    for name, gate in zip(names, gates, strict=True):
+        if gate is not None and not isinstance(gate, torch.Tensor):
+            raise TypeError(f"{what}, got {name} = {a_type(gate)}")
+    return gates[0], gates[1]
+
+
+def _check_gate_range(layer: nn.Module, decay: torch.Tensor | None, decay_log: torch.Tensor | None) -> None:
+    """Refuse a forgetting gate outside its range, as :func:`~innerloop.ops.scan` does: ``decay`` in ``[0,
+    1]``, ``decay_log <= 0`` (``-inf``, a full reset, is in range). A layer's own hooks give them in range
+    by construction; one of a subclass (or set on the layer) that gives ``decay = 1.5`` or ``log a = 0.3``
+    would otherwise run, on the torch paths, a memory that flips sign or grows at every token, silently.
+    NaN is let through (from a NaN input under ``non_finite="ignore"`` it spreads, as on every path; from
+    finite input the layer's output check diagnoses it). One sync; none where values cannot be read."""
+    for name, gate, hook, outside in (
+        ("decay", decay, "forgetting", lambda g: (g < 0) | (g > 1)),
+        ("log a", decay_log, "log_forgetting", lambda g: g > 0),
+    ):
+        if gate is None or not holds_values(gate):
+            continue
+        bad = outside(gate.detach())
+        if bool(bad.any()):
+            raise ValueError(
+                f"{type(layer).__name__}.{hook}(x) gave {name} outside "
+                f"{'[0, 1]' if name == 'decay' else '(-inf, 0]'} (the gate a_t = "
+                f"{'1 - decay' if name == 'decay' else 'exp(log a)'} must lie in [0, 1]): "
+                f"{int(bad.sum())} values, e.g. {gate.detach()[bad][0].item()}"
+            )
+
+
 def _log_forgetting_reaches_layers_scan(layer: nn.Module) -> bool:
     """:func:`_log_forgetting_reaches_scan` for ``layer``, where a hook set on the layer itself
     (``layer.forgetting = f``) is below every class: it reaches the scan (both set: the log)."""
@@ -1656,8 +1696,9 @@ class TTTLayer(nn.Module):
         scans; a layer's gates are changed through the two hooks, not here."""
         gates = self.log_forgetting(x) if _log_forgetting_reaches_layers_scan(self) else None
         if gates is None:
-            return (*self.forgetting(x), None)
-        log_retention, momentum = gates
+            decay, momentum = _hook_gates(self, "forgetting", ("decay", "momentum"), self.forgetting(x))
+            return decay, momentum, None
+        log_retention, momentum = _hook_gates(self, "log_forgetting", ("log a", "momentum"), gates)
         return None, momentum, log_retention
 
     def inner_task(self) -> InnerTask:
@@ -2052,6 +2093,7 @@ class TTTLayer(nn.Module):
         # the state check reads the state's ints (its mini-batch offset), eagerly: traced, dynamo failed on
         # comparing a bool with the symbolic offset of a decoded token ("BooleanAtom not allowed")
         decay, momentum, decay_log = scan_inputs[2:]
+        _check_gate_range(self, decay, decay_log)
         forgets = decay is not None or decay_log is not None
         self._check_rule_state_fits_gates(state, forgets, momentum is not None)
         record = self._dispatch_record()

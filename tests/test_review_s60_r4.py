@@ -22,7 +22,8 @@ and when passed to ``scan`` unregistered.
 Found: a layer's gate hooks (``forgetting`` / ``log_forgetting``, overridden in a subclass or set on the
 layer) were not checked: a decay outside [0, 1] or a ``log a > 0`` ran (on the torch paths) a memory that
 flips sign or grows at every token, where ``ops.scan`` refuses the same gates; a float, a tensor or a triple
-returned failed deep inside with an AttributeError or an unpacking error.
+returned failed deep inside with an AttributeError or an unpacking error, and so did a float learning rate
+from ``inner_learning_rates`` (a bare lr tensor was unpacked along its batch into a wrong shape error).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import re
 import pytest
 import torch
 
-from innerloop.core.family_layers import TitansLayer
+from innerloop.core.family_layers import DeltaNetLayer, TitansLayer
+from innerloop.core.layer import TTTLayer
 from innerloop.ops import scan
 
 B, H, T, D = 2, 2, 9, 16
@@ -53,8 +55,8 @@ def _full(value: float) -> torch.Tensor:
     [
         ("forgetting", lambda x: (_full(1.5), _full(0.2)), "decay outside [0, 1]"),
         ("forgetting", lambda x: (_full(-0.25), _full(0.2)), "decay outside [0, 1]"),
-        ("log_forgetting", lambda x: (_full(0.3), _full(0.2)), "log a outside (-inf, 0]"),
-        ("log_forgetting", lambda x: (_full(torch.inf), _full(0.2)), "log a outside (-inf, 0]"),
+        ("log_forgetting", lambda x: (_full(0.3), _full(0.2)), "log_a outside (-inf, 0]"),
+        ("log_forgetting", lambda x: (_full(torch.inf), _full(0.2)), "log_a outside (-inf, 0]"),
     ],
 )
 def test_a_gate_hook_out_of_range_is_refused_naming_it(hook, gates, what) -> None:  # noqa: ANN001
@@ -106,3 +108,28 @@ def test_a_gate_hook_of_the_wrong_type_is_refused_naming_it(gates, got) -> None:
     error about a decay of shape [B, T] (a bare tensor unpacked along its batch)."""
     with pytest.raises(TypeError, match=rf"TitansLayer\.forgetting\(x\) must return a pair .*{got}"):
         _titans("forgetting", gates)(torch.randn(B, T, D, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("layer_class", [TTTLayer, DeltaNetLayer, TitansLayer])
+@pytest.mark.parametrize(
+    ("rates", "got"),
+    [
+        (
+            lambda layer, x: (0.1, layer.token_scale if hasattr(layer, "token_scale") else None),
+            "got lr = a float",
+        ),
+        (lambda layer, x: torch.full((B, H, x.shape[1]), 0.1, dtype=torch.float64), "got a Tensor"),
+        (
+            lambda layer, x: (torch.full((B, H, x.shape[1]), 0.1, dtype=torch.float64), 1.0),
+            "got tau = a float",
+        ),
+    ],
+)
+def test_an_inner_learning_rates_hook_of_the_wrong_type_is_refused_naming_it(layer_class, rates, got) -> None:  # noqa: ANN001
+    """Before the fix: ``'float' object has no attribute 'to'``, or the bare tensor unpacked along its batch
+    into "lr must have shape [B, H, T] = [2, 2, 9], got [2, 9]"."""
+    layer = layer_class(D, H).double()
+    layer.inner_learning_rates = lambda x: rates(layer, x)
+    name = layer_class.__name__
+    with pytest.raises(TypeError, match=rf"{name}\.inner_learning_rates\(x\) must return a pair .*{got}"):
+        layer(torch.randn(B, T, D, dtype=torch.float64))

@@ -45,8 +45,10 @@ from innerloop.core.functional import (
 )
 from innerloop.core.layer import (
     PLUGIN_OPTIONS,
+    RATE_ENTRIES,
     TTTLayer,
     gates_declared_by,
+    hook_pair,
     inner_norm_initial_values,
     is_real,
     plugin_label,
@@ -497,7 +499,7 @@ class FamilyLayer(TTTLayer):
             query, key = l2_normalize(query), l2_normalize(key)
         if self.scale_query:
             query = query * self.head_dim**-0.5
-        lr, tau = self.inner_learning_rates(x)
+        lr, tau = hook_pair(self, "inner_learning_rates", RATE_ENTRIES, self.inner_learning_rates(x))
         return Views(query, key, value), lr, tau, conv_history
 
     def state_layer_label(self) -> str:

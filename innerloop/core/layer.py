@@ -876,20 +876,27 @@ def _log_forgetting_reaches_scan(layer_class: type) -> bool:
     return depth("log_forgetting") <= depth("forgetting")
 
 
-def _hook_gates(layer: nn.Module, hook: str, names: tuple[str, str], gates: Any) -> tuple[Any, Any]:
-    """``gates``, what ``layer``'s gate ``hook`` returned, as its two entries (``names``), after checking
-    that it is a pair of tensors or None: a float, a list or a triple is refused naming the hook, not
-    met later as an ``AttributeError`` or an unpacking error from inside the layer."""
-    what = f"{type(layer).__name__}.{hook}(x) must return a pair ({names[0]}, {names[1]}) of [B, H, T] tensors or None"
-    if not isinstance(gates, (tuple, list)) or len(gates) != 2:
+#: What the layer's hooks return (:func:`hook_pair`): ``inner_learning_rates``, ``forgetting``, ``log_forgetting``.
+RATE_ENTRIES = ("lr [B, H, T]", "tau [mini_batch_size] or None")
+GATE_ENTRIES = ("decay [B, H, T] or None", "momentum [B, H, T] or None")
+LOG_GATE_ENTRIES = ("log_a [B, H, T] or None", "momentum [B, H, T] or None")
+
+
+def hook_pair(layer: nn.Module, hook: str, entries: tuple[str, str], value: Any) -> tuple[Any, Any]:
+    """``value``, what ``layer``'s ``hook`` returned (a gate hook, or ``inner_learning_rates``), as its two
+    entries after checking that it is a pair of them: ``entries`` says each (``"lr [B, H, T]"``; ``"... or
+    None"`` where None is valid). A float, a bare tensor (unpacked along its batch) or a triple is refused
+    naming the hook, not met later as an ``AttributeError``, a shape or an unpacking error inside the layer."""
+    what = f"{type(layer).__name__}.{hook}(x) must return a pair ({entries[0]}, {entries[1]})"
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
         got = (
-            f"a {type(gates).__name__} of {len(gates)}" if isinstance(gates, (tuple, list)) else a_type(gates)
+            f"a {type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list)) else a_type(value)
         )
         raise TypeError(f"{what}, got {got}")
-    for name, gate in zip(names, gates, strict=True):
-        if gate is not None and not isinstance(gate, torch.Tensor):
-            raise TypeError(f"{what}, got {name} = {a_type(gate)}")
-    return gates[0], gates[1]
+    for entry, given in zip(entries, value, strict=True):
+        if not isinstance(given, torch.Tensor) and not (given is None and entry.endswith(" or None")):
+            raise TypeError(f"{what}, got {entry.split()[0]} = {a_type(given)}")
+    return value[0], value[1]
 
 
 def _check_gate_range(layer: nn.Module, decay: torch.Tensor | None, decay_log: torch.Tensor | None) -> None:
@@ -901,7 +908,7 @@ def _check_gate_range(layer: nn.Module, decay: torch.Tensor | None, decay_log: t
     finite input the layer's output check diagnoses it). One sync; none where values cannot be read."""
     for name, gate, hook, outside in (
         ("decay", decay, "forgetting", lambda g: (g < 0) | (g > 1)),
-        ("log a", decay_log, "log_forgetting", lambda g: g > 0),
+        ("log_a", decay_log, "log_forgetting", lambda g: g > 0),
     ):
         if gate is None or not holds_values(gate):
             continue
@@ -1621,7 +1628,7 @@ class TTTLayer(nn.Module):
             query, key = self.q_proj(x), self.k_proj(x)  # [B, T, D] each
             owned = (_output_is_scratch(self.q_proj), _output_is_scratch(self.k_proj))
         value = self.v_proj(x)
-        lr, tau = self.inner_learning_rates(x)
+        lr, tau = hook_pair(self, "inner_learning_rates", RATE_ENTRIES, self.inner_learning_rates(x))
         if query.dtype != self.scan_dtype:  # low-precision projections: the views in the scan's dtype
             query, key, value = (t.to(self.scan_dtype) for t in (query, key, value))
             owned = (True, True)  # fresh copies: RoPE below rotates them in place (without autograd)
@@ -1696,9 +1703,9 @@ class TTTLayer(nn.Module):
         scans; a layer's gates are changed through the two hooks, not here."""
         gates = self.log_forgetting(x) if _log_forgetting_reaches_layers_scan(self) else None
         if gates is None:
-            decay, momentum = _hook_gates(self, "forgetting", ("decay", "momentum"), self.forgetting(x))
+            decay, momentum = hook_pair(self, "forgetting", GATE_ENTRIES, self.forgetting(x))
             return decay, momentum, None
-        log_retention, momentum = _hook_gates(self, "log_forgetting", ("log a", "momentum"), gates)
+        log_retention, momentum = hook_pair(self, "log_forgetting", LOG_GATE_ENTRIES, gates)
         return None, momentum, log_retention
 
     def inner_task(self) -> InnerTask:

@@ -33,7 +33,7 @@ import re
 import pytest
 import torch
 
-from innerloop.core.family_layers import DeltaNetLayer, TitansLayer
+from innerloop.core.family_layers import DeltaNetLayer, GatedDeltaNetLayer, TitansLayer
 from innerloop.core.layer import TTTLayer
 from innerloop.ops import scan
 
@@ -133,3 +133,19 @@ def test_an_inner_learning_rates_hook_of_the_wrong_type_is_refused_naming_it(lay
     name = layer_class.__name__
     with pytest.raises(TypeError, match=rf"{name}\.inner_learning_rates\(x\) must return a pair .*{got}"):
         layer(torch.randn(B, T, D, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(B, T, H), (B, H), (H, T)])
+def test_a_log_decay_factor_of_the_wrong_shape_is_refused_naming_it(shape) -> None:  # noqa: ANN001
+    """Gated DeltaNet's gate, overridden as docs/family.md says (``log_decay_factor``), of another shape than
+    [B, H, T]: before, a broadcasting RuntimeError inside ``v / a`` ([B, T, H]), or ([H, T], [B, H]: where
+    it broadcast) a shape error from the scan about ``decay_log`` that does not name the override."""
+
+    class Gated(GatedDeltaNetLayer):
+        def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full(shape, -0.2, dtype=x.dtype)
+
+    with pytest.raises(
+        ValueError, match=re.escape("Gated.log_decay_factor(x) must give log a of shape [B, H, T]")
+    ):
+        Gated(D, H).double()(torch.randn(B, T, D, dtype=torch.float64))

@@ -732,6 +732,12 @@ class GatedDeltaNetLayer(DeltaNetLayer):
     def _read(self, x: torch.Tensor, state: TTTState) -> tuple[Views, torch.Tensor, torch.Tensor, dict]:
         views, beta_lr, tau, conv_history = super()._read(x, state)
         a = self.decay_factor(x)  # [B, H, T]
+        if not isinstance(a, torch.Tensor) or a.shape != views.value.shape[:3]:
+            got = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise ValueError(  # an override's [B, T, H] would broadcast into v / a, or fail there unnamed
+                f"{type(self).__name__}.log_decay_factor(x) must give log a of shape [B, H, T] = "
+                f"{list(views.value.shape[:3])}, got {got}"
+            )
         views = Views(views.query, views.key, views.value / a[..., None])
         return views, a * beta_lr, tau, conv_history
 

@@ -149,3 +149,34 @@ def test_a_log_decay_factor_of_the_wrong_shape_is_refused_naming_it(shape) -> No
         ValueError, match=re.escape("Gated.log_decay_factor(x) must give log a of shape [B, H, T]")
     ):
         Gated(D, H).double()(torch.randn(B, T, D, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("field", ["valid", "targets", "inputs"])
+def test_an_inner_loss_whose_pairs_give_nan_is_refused_as_such(field: str) -> None:
+    """Before: refused, but as "pairs() is not deterministic ... use a fixed corruption instead of fresh
+    random noise" (NaN != NaN between the two calls the check compares), which sends the author to look for
+    randomness that is not there."""
+    import innerloop
+    from innerloop.core.protocol import InnerLoss, LossPairs
+    from innerloop.registry import PluginError, isolated_registry
+
+    class NaNPairs(InnerLoss):
+        name = f"nan_{field}_r4"
+
+        def pairs(self, views, carry):  # noqa: ANN001, ANN201
+            fields = {
+                "inputs": views.key,
+                "targets": views.value,
+                "valid": views.key.new_ones(views.key.shape[:3]),
+            }
+            fields[field] = fields[field] * float("nan")
+            return LossPairs(**fields, carry={})
+
+        def token_loss(self, prediction, target):  # noqa: ANN001, ANN201
+            return 0.5 * (prediction - target).pow(2).sum(dim=-1)
+
+    with (
+        isolated_registry(),
+        pytest.raises(PluginError, match=rf"pairs\(\) gave NaN in {field} for finite views"),
+    ):
+        innerloop.register_inner_loss(NaNPairs())

@@ -516,6 +516,13 @@ def _check_pairs_fields(name: str, pairs: Any, expected: tuple[int, ...], dtype:
             f"{label} gave valid of shape {got}; valid (a weight per pair) must broadcast to [B, H, T] = "
             f"{expected[:-1]} (or be None: every pair counts)"
         )
+    for field in ("inputs", "targets", "valid"):
+        value = getattr(pairs, field)
+        bad = None if value is None or not value.is_floating_point() else _non_finite(value)
+        if bad is not None:  # (else met as "pairs() is not deterministic": NaN != NaN)
+            raise PluginError(
+                f"{label} gave {bad} in {field} for finite views; the inner loop would write it into the weights"
+            )
     if not isinstance(pairs.carry, Mapping):
         raise PluginError(
             f"{label} must give a carry that is a dict of tensors (what the next chunk needs); got "

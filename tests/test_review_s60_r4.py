@@ -180,3 +180,23 @@ def test_an_inner_loss_whose_pairs_give_nan_is_refused_as_such(field: str) -> No
         pytest.raises(PluginError, match=rf"pairs\(\) gave NaN in {field} for finite views"),
     ):
         innerloop.register_inner_loss(NaNPairs())
+
+
+def test_a_subclass_gate_out_of_range_is_refused_and_the_built_in_gates_are_not_checked(monkeypatch) -> None:  # noqa: ANN001
+    """A gate changed in a subclass (Titans' ``log_decay_factor``, the family's documented override) is
+    checked as one set on the layer; a built-in layer's gates (in range by construction) are not read back."""
+
+    class Growing(TitansLayer):
+        def log_decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], H, x.shape[1]), 0.3, dtype=x.dtype)
+
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape("Growing.log_forgetting(x) gave log_a outside (-inf, 0]")):
+        Growing(D, H, mini_batch_size=4).double()(x)
+    read = []
+    original = torch.Tensor.any
+    monkeypatch.setattr(
+        torch.Tensor, "any", lambda self, *a, **k: read.append(self.shape) or original(self, *a, **k)
+    )
+    TitansLayer(D, H, mini_batch_size=4, non_finite="ignore").double()(x)
+    assert (B, H, T) not in read  # the range check reads a [B, H, T] gate; a built-in Titans' is not read

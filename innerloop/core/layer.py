@@ -905,7 +905,10 @@ def _check_gate_range(layer: nn.Module, decay: torch.Tensor | None, decay_log: t
     by construction; one of a subclass (or set on the layer) that gives ``decay = 1.5`` or ``log a = 0.3``
     would otherwise run, on the torch paths, a memory that flips sign or grows at every token, silently.
     NaN is let through (from a NaN input under ``non_finite="ignore"`` it spreads, as on every path; from
-    finite input the layer's output check diagnoses it). One sync; none where values cannot be read."""
+    finite input the layer's output check diagnoses it). One sync where a gate is the user's code; none
+    for innerloop's own gates (in range by construction) or where values cannot be read."""
+    if _gates_are_innerloops(layer):
+        return
     for name, gate, hook, outside in (
         ("decay", decay, "forgetting", lambda g: (g < 0) | (g > 1)),
         ("log_a", decay_log, "log_forgetting", lambda g: g > 0),
@@ -920,6 +923,23 @@ def _check_gate_range(layer: nn.Module, decay: torch.Tensor | None, decay_log: t
                 f"{'1 - decay' if name == 'decay' else 'exp(log a)'} must lie in [0, 1]): "
                 f"{int(bad.sum())} values, e.g. {gate.detach()[bad][0].item()}"
             )
+
+
+#: What computes a layer's gates: :data:`GATE_HOOKS` and the family's gate factors.
+_GATE_CODE = ("forgetting", "log_forgetting", "scan_gates", "log_decay_factor", "decay_factor")
+_OWN_GATE_MODULES = ("innerloop.core.layer", "innerloop.core.family_layers")
+
+
+def _gates_are_innerloops(layer: nn.Module) -> bool:
+    """Whether every function that computes ``layer``'s gates is innerloop's own layers' (none set on the
+    layer, none overridden in a class of another module): their gates lie in range by construction."""
+    for name in _GATE_CODE:
+        if _hook_set_on(layer, name):
+            return False
+        function = getattr(type(layer), name, None)
+        if function is not None and getattr(function, "__module__", None) not in _OWN_GATE_MODULES:
+            return False
+    return True
 
 
 def _log_forgetting_reaches_layers_scan(layer: nn.Module) -> bool:

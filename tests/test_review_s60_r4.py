@@ -23,7 +23,9 @@ Found: a layer's gate hooks (``forgetting`` / ``log_forgetting``, overridden in 
 layer) were not checked: a decay outside [0, 1] or a ``log a > 0`` ran (on the torch paths) a memory that
 flips sign or grows at every token, where ``ops.scan`` refuses the same gates; a float, a tensor or a triple
 returned failed deep inside with an AttributeError or an unpacking error, and so did a float learning rate
-from ``inner_learning_rates`` (a bare lr tensor was unpacked along its batch into a wrong shape error).
+from ``inner_learning_rates`` (a bare lr tensor was unpacked along its batch into a wrong shape error); a
+Gated DeltaNet ``log_decay_factor`` override of the wrong shape failed inside ``v / a`` unnamed; a plugin
+loss whose pairs give NaN was refused as "not deterministic" (NaN != NaN).
 """
 
 from __future__ import annotations

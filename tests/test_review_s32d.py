@@ -244,7 +244,7 @@ def test_a_kernel_name_two_distributions_provide_is_used_by_neither(fresh_global
     layer = innerloop.TTTLayer(16, 2, mini_batch_size=4)
     layer(torch.randn(1, 4, 16))
     assert all(path != "s32d_dup_kernel" for path, _ in layer.dispatches), layer.dispatches
-    with pytest.raises(PluginError, match="provided by two installed distributions"):
+    with pytest.raises(PluginError, match="provided by two installed plugins"):
         innerloop.TTTLayer(16, 2, mini_batch_size=4, kernel="s32d_dup_kernel")
 
 

@@ -134,7 +134,7 @@ def test_a_plugin_refused_at_its_first_name_still_clashes_with_its_later_ones(
     with isolated_registry(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         registry = innerloop.get_registry()
-        with pytest.raises(PluginError, match="'s46e_shared' is provided by two installed distributions"):
+        with pytest.raises(PluginError, match="'s46e_shared' is provided by two installed plugins"):
             registry.inner_loss("s46e_shared")
     messages = [str(w.message) for w in caught if issubclass(w.category, PluginLoadWarning)]
     assert len(messages) == 1 and "inner model name 'linear'" in messages[0], messages

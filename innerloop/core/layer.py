@@ -514,7 +514,7 @@ def _check_kernel_name(
     registry = get_registry()
     specs = {k.name: k for k in registry.kernels_for(model.name, loss.name, rule.name)}
     clash = registry.clash_error("kernel", kernel) if isinstance(kernel, str) else None
-    if clash is not None:  # two installed distributions provide it: neither is used
+    if clash is not None:  # two installed plugins provide it: neither is used
         raise clash
     refusal = no_kernel_reason(rule)
     if refusal is not None:  # its blocks never reach a kernel: one registered for it never runs

@@ -18,9 +18,9 @@ or a name clashes, the registry is left exactly as it was. A plugin that impleme
 hooks, or marks with ``hookimpl`` a function whose name is not a hook (a misspelling), is refused
 before anything runs. An entry-point plugin that
 fails to load is skipped with one :class:`PluginLoadWarning` and listed as broken; only asking for a
-name it would have provided fails, with the reason. When two installed distributions register the
-same name, the second to load is refused (the warning), and asking for that name fails naming both
-(which one a run got would otherwise depend on install order), also when one was refused for another
+name it would have provided fails, with the reason. When two installed plugins (entry points of one
+distribution or of two) register the same name, the second to load is refused (the warning), and asking
+for that name fails naming both (which one a run got would otherwise depend on the order they load in), also when one was refused for another
 reason (every name its hooks offer counts, those past its failure too); a plugin that takes a
 built-in's name is refused and the built-in is used.
 """
@@ -601,7 +601,7 @@ class Registry:
 
     def get(self, kind: str, name: str) -> Any:
         """The object registered under ``name``; a ValueError listing the valid names otherwise, and a
-        :class:`PluginError` naming both when two installed distributions provide ``name``
+        :class:`PluginError` naming both when two installed plugins provide ``name``
         (:meth:`clash_error`)."""
         self._check_kind(kind)
         entries = self._entries[kind]
@@ -628,10 +628,10 @@ class Registry:
         label = kind.replace("_", " ")
         others = "; ".join(f"plugin {b.entry_point!r} from distribution {b.distribution!r}" for b in rivals)
         return PluginError(
-            f"{label} name {name!r} is provided by two installed distributions: plugin {entry.origin!r} from "
+            f"{label} name {name!r} is provided by two installed plugins: plugin {entry.origin!r} from "
             f"distribution {winner[0]!r}, and {others} (refused at load: {rivals[0].error}). Which one a run "
-            f"would get depends on install order, so neither is used: uninstall one, or set {ALLOW_ENV} to "
-            "the entry point to load"
+            f"would get depends on the order they are found in, so neither is used: uninstall one, or set "
+            f"{ALLOW_ENV} to the entry point to load"
         )
 
     def unknown_name_error(self, kind: str, name: Any) -> ValueError:
@@ -684,7 +684,7 @@ class Registry:
 
     def kernels_for(self, inner_model: str, inner_loss: str, update_rule: str) -> list[KernelSpec]:
         """Kernels registered for this combination, best (highest priority) first; not a kernel whose
-        name two installed distributions provide (:meth:`clash_error`: neither is used)."""
+        name two installed plugins provide (:meth:`clash_error`: neither is used)."""
         matching = [
             k
             for k in self.kernels()

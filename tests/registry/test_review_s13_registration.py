@@ -248,7 +248,7 @@ def test_a_name_two_distributions_register_is_an_error_naming_both(order):
     with pytest.warns(PluginLoadWarning, match="already registered"):
         for entry_point in (a, b) if order == "a-first" else (b, a):
             registry.add_entry_point(entry_point)
-    with pytest.raises(PluginError, match="two installed distributions") as raised:
+    with pytest.raises(PluginError, match="two installed plugins") as raised:
         registry.inner_loss("clashing_huber")
     assert "'plug-a'" in str(raised.value) and "'plug-b'" in str(raised.value)
 

@@ -414,7 +414,10 @@ def scan(
             ``decay = 1 - a_t`` near 1 rounds to ``eps / a_t`` of itself, and the gradient w.r.t. ``log a_t``.
         initial: weights by name, ``[B, H, *shape]`` or ``[H, *shape]``, at a mini-batch boundary,
             plus ``"momentum.<name>"`` (``S``) for the momentum rule, read through ``momentum`` (refused
-            without it); None: zeros. The inner loss
+            without it); None: zeros (a model of one affine map, ``"linear"`` or ``"matrix"``, learns from
+            zeros; a deeper one does not: ``"mlp"``'s zero hidden layer passes no gradient, so only its last
+            bias moves: pass its initialisation, ``get_registry().inner_model("mlp").init_params(H, f)``,
+            or weights of your own). The inner loss
             starts a sequence (``next_token``'s first token has no pair). Continuing from the weights
             a call returned is exact when that call's token count was a multiple of
             ``mini_batch_size`` and its inner loss carries nothing from one call to the next (else

@@ -262,7 +262,8 @@ class LossPairs:
 
     ``inputs`` and ``targets`` are ``[B, H, T, f]``; token ``t`` trains the inner model to map
     ``inputs[t]`` to ``targets[t]``. ``valid`` (broadcastable to ``[B, H, T]``, or None for all
-    valid) zeroes the pairs that do not exist (e.g. the first token for next-token prediction).
+    valid) is a weight per pair that multiplies its learning rate: 0 (or False) drops the pairs that do
+    not exist (e.g. the first token for next-token prediction); other values weight a pair as they are.
     ``carry`` is what the loss needs from this chunk to continue with the next one (default: nothing).
     """
 

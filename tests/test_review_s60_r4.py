@@ -202,3 +202,19 @@ def test_a_subclass_gate_out_of_range_is_refused_and_the_built_in_gates_are_not_
     )
     TitansLayer(D, H, mini_batch_size=4, non_finite="ignore").double()(x)
     assert (B, H, T) not in read  # the range check reads a [B, H, T] gate; a built-in Titans' is not read
+
+
+@pytest.mark.parametrize("name", ["forgetting", "log_forgetting", "inner_learning_rates"])
+def test_a_hook_set_to_none_is_refused_naming_it(name) -> None:
+    # review s60: `layer.forgetting = None` (the docs said the hooks were "each None by default") failed
+    # "'NoneType' object is not callable"
+    layer = TTTLayer(
+        hidden_size=8, num_heads=2, inner_model="matrix", update_rule="momentum", mini_batch_size=4
+    )
+    setattr(layer, name, None)
+    with pytest.raises(
+        TypeError, match=rf"TTTLayer\.{name} is None, not a function of x: .*del layer\.{name}"
+    ):
+        layer(torch.randn(1, 8, 8))
+    delattr(layer, name)  # what the message says: the class's own again
+    layer(torch.randn(1, 8, 8))

@@ -51,6 +51,7 @@ from innerloop.core.layer import (
     hook_pair,
     inner_norm_initial_values,
     is_real,
+    layer_hook,
     plugin_label,
     registered_entry,
 )
@@ -499,7 +500,9 @@ class FamilyLayer(TTTLayer):
             query, key = l2_normalize(query), l2_normalize(key)
         if self.scale_query:
             query = query * self.head_dim**-0.5
-        lr, tau = hook_pair(self, "inner_learning_rates", RATE_ENTRIES, self.inner_learning_rates(x))
+        lr, tau = hook_pair(
+            self, "inner_learning_rates", RATE_ENTRIES, layer_hook(self, "inner_learning_rates")(x)
+        )
         return Views(query, key, value), lr, tau, conv_history
 
     def state_layer_label(self) -> str:

@@ -23,7 +23,7 @@ import numbers
 import os
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -882,6 +882,20 @@ GATE_ENTRIES = ("decay [B, H, T] or None", "momentum [B, H, T] or None")
 LOG_GATE_ENTRIES = ("log_a [B, H, T] or None", "momentum [B, H, T] or None")
 
 
+def layer_hook(layer: nn.Module, name: str) -> Callable[[torch.Tensor], Any]:
+    """``layer``'s hook ``name`` (``inner_learning_rates``, ``forgetting``, ``log_forgetting``), refused
+    naming it where it is not a function (``layer.forgetting = None`` failed "'NoneType' object is not
+    callable")."""
+    function = getattr(layer, name)
+    if not callable(function):
+        raise TypeError(
+            f"{type(layer).__name__}.{name} is {'None' if function is None else a_type(function)}, not a "
+            f"function of x: set a function on the layer, or delete the attribute (del layer.{name}) to use "
+            "its class's"
+        )
+    return function
+
+
 def hook_pair(layer: nn.Module, hook: str, entries: tuple[str, str], value: Any) -> tuple[Any, Any]:
     """``value``, what ``layer``'s ``hook`` returned (a gate hook, or ``inner_learning_rates``), as its two
     entries after checking that it is a pair of them: ``entries`` says each (``"lr [B, H, T]"``; ``"... or
@@ -1648,7 +1662,9 @@ class TTTLayer(nn.Module):
             query, key = self.q_proj(x), self.k_proj(x)  # [B, T, D] each
             owned = (_output_is_scratch(self.q_proj), _output_is_scratch(self.k_proj))
         value = self.v_proj(x)
-        lr, tau = hook_pair(self, "inner_learning_rates", RATE_ENTRIES, self.inner_learning_rates(x))
+        lr, tau = hook_pair(
+            self, "inner_learning_rates", RATE_ENTRIES, layer_hook(self, "inner_learning_rates")(x)
+        )
         if query.dtype != self.scan_dtype:  # low-precision projections: the views in the scan's dtype
             query, key, value = (t.to(self.scan_dtype) for t in (query, key, value))
             owned = (True, True)  # fresh copies: RoPE below rotates them in place (without autograd)
@@ -1697,7 +1713,7 @@ class TTTLayer(nn.Module):
         :func:`innerloop.core.scan.run_scan`): :meth:`log_forgetting`'s gates with ``decay = 1 - exp(log
         a)`` (:func:`~innerloop.core.functional.decay_from_log`), None each where that gives none (this
         layer: it has no gates for them). A layer that forgets overrides this (or :meth:`log_forgetting`)."""
-        gates = self.log_forgetting(x)
+        gates = layer_hook(self, "log_forgetting")(x)
         if gates is None:
             return None, None
         log_retention, momentum = gates
@@ -1721,9 +1737,9 @@ class TTTLayer(nn.Module):
         itself (``layer.forgetting = f``: below every class; the rule is read at each call). What each call's
         scan is given, and what :func:`~innerloop.core.diagnostics.inner_loss_before_after` gives its own
         scans; a layer's gates are changed through the two hooks, not here."""
-        gates = self.log_forgetting(x) if _log_forgetting_reaches_layers_scan(self) else None
+        gates = layer_hook(self, "log_forgetting")(x) if _log_forgetting_reaches_layers_scan(self) else None
         if gates is None:
-            decay, momentum = hook_pair(self, "forgetting", GATE_ENTRIES, self.forgetting(x))
+            decay, momentum = hook_pair(self, "forgetting", GATE_ENTRIES, layer_hook(self, "forgetting")(x))
             return decay, momentum, None
         log_retention, momentum = hook_pair(self, "log_forgetting", LOG_GATE_ENTRIES, gates)
         return None, momentum, log_retention

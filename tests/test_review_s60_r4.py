@@ -218,3 +218,15 @@ def test_a_hook_set_to_none_is_refused_naming_it(name) -> None:
         layer(torch.randn(1, 8, 8))
     delattr(layer, name)  # what the message says: the class's own again
     layer(torch.randn(1, 8, 8))
+
+
+def test_a_decay_factor_override_of_the_wrong_shape_is_refused_naming_it() -> None:
+    # last look s60: the shape check named log_decay_factor also where decay_factor itself was overridden
+    class Gated(GatedDeltaNetLayer):
+        def decay_factor(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((x.shape[0], x.shape[1], 2), 0.5, dtype=x.dtype)  # [B, T, H]: not [B, H, T]
+
+    with pytest.raises(
+        ValueError, match=re.escape("Gated.decay_factor(x) must give a of shape [B, H, T] = [1, 2, 8]")
+    ):
+        Gated(8, 2)(torch.randn(1, 8, 8))

@@ -737,9 +737,11 @@ class GatedDeltaNetLayer(DeltaNetLayer):
         a = self.decay_factor(x)  # [B, H, T]
         if not isinstance(a, torch.Tensor) or a.shape != views.value.shape[:3]:
             got = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-            raise ValueError(  # an override's [B, T, H] would broadcast into v / a, or fail there unnamed
-                f"{type(self).__name__}.log_decay_factor(x) must give log a of shape [B, H, T] = "
-                f"{list(views.value.shape[:3])}, got {got}"
+            # an override's [B, T, H] would broadcast into v / a, or fail there unnamed: name the override
+            own = type(self).decay_factor is GatedDeltaNetLayer.decay_factor
+            given = "log_decay_factor(x) must give log a" if own else "decay_factor(x) must give a"
+            raise ValueError(
+                f"{type(self).__name__}.{given} of shape [B, H, T] = {list(views.value.shape[:3])}, got {got}"
             )
         views = Views(views.query, views.key, views.value / a[..., None])
         return views, a * beta_lr, tau, conv_history

@@ -921,8 +921,8 @@ def _check_gate_range(layer: nn.Module, decay: torch.Tensor | None, decay_log: t
     NaN is let through (from a NaN input under ``non_finite="ignore"`` it spreads, as on every path; from
     finite input the layer's output check diagnoses it). One sync where a gate is the user's code; none
     for innerloop's own gates (in range by construction) or where values cannot be read."""
-    if _gates_are_innerloops(layer):
-        return
+    if (decay is None and decay_log is None) or _gates_are_innerloops(layer):
+        return  # no gate (most layers: no look at the class either), or innerloop's own
     for name, gate, hook, outside in (
         ("decay", decay, "forgetting", lambda g: (g < 0) | (g > 1)),
         ("log_a", decay_log, "log_forgetting", lambda g: g > 0),

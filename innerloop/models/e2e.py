@@ -1701,8 +1701,9 @@ class E2ELM(MaterialisableLM):
     def stream_losses(self, pieces: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Per-token next-token losses of a sequence given as pieces ``[B, n_i]``.
 
-        Yields, piece by piece, the losses of the tokens whose target has arrived: the loss at
-        position ``t`` is ``-log p(x_{t+1} | x_{<=t})``, so the first yield is one short and the
+        Yields, one ``[B, n']`` tensor per piece (as :meth:`stream` yields one per piece), the losses of
+        the tokens whose target has arrived: the loss at position ``t`` is ``-log p(x_{t+1} | x_{<=t})``,
+        so the first non-empty piece's yield is one short, an empty piece's is ``[B, 0]``, and the
         sequence's last token has none. Concatenated, the yields are ``[B, N - 1]`` for ``N`` tokens.
         """
         last_logits: torch.Tensor | None = None  # [B, 1, V]: the previous piece's last prediction
@@ -1710,7 +1711,9 @@ class E2ELM(MaterialisableLM):
         for i, piece in enumerate(_checked_pieces(pieces, "stream_losses")):
             check_token_ids(piece, self.config.vocab_size, f"pieces[{i}]")
             _check_piece_rows(piece, i, state)
-            if piece.shape[1] == 0:
+            if piece.shape[1] == 0:  # no token, no target: [B, 0], so that yields and pieces pair up
+                dtype = torch.promote_types(self.embed.weight.dtype, torch.float32)  # the logits'
+                yield torch.zeros(piece.shape[0], 0, dtype=dtype, device=piece.device)
                 continue
             with torch.no_grad():  # around the call, not as a decorator: see stream
                 logits, state = self(piece, state)

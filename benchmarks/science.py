@@ -37,6 +37,7 @@ import torch
 from innerloop.checkpoints import CheckpointError
 from innerloop.config import load_config
 from innerloop.config.load import ConfigError, command_line_options
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write
 from innerloop.data.text import DataError
 from innerloop.models.params import count_config_parameters, size_to_budget
@@ -936,7 +937,9 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
             if fewest == result.windows
             else f"the {('first', 'second')[scored.index(fewest)]} half is scored in "
         )
-        band = f"(no band: {which}{fewest} windows, fewer than the {MIN_BAND_WINDOWS} a band needs)"
+        band = (
+            f"(no band: {which}{counted(fewest, 'window')}, fewer than the {MIN_BAND_WINDOWS} a band needs)"
+        )
     else:
         draws = torch.randint(0, result.windows, (resamples, result.windows), generator=generator)
         change = torch.stack([torch.stack(halves(rows)) for rows in draws])  # [resamples, 2]
@@ -950,7 +953,7 @@ def advantage_growth(model: str, baseline: str, seq_len: int | None, resamples: 
         band += "" if rough is None else f" (a rough band: {rough})"
     end = result.buckets[-1][1]
     return (
-        f"{names[0]} minus {names[1]} on {result.windows} windows of {result.seq_len}: "
+        f"{names[0]} minus {names[1]} on {counted(result.windows, 'window')} of {result.seq_len}: "
         f"{float(first):+.3f} over positions 0-{result.buckets[half][0] - 1}, {float(second):+.3f} over "
         f"{result.buckets[half][0]}-{end - 1}; change {float(second - first):+.3f} {band}"
     )

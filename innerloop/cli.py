@@ -32,6 +32,7 @@ from innerloop.config.load import (
 from innerloop.config.schema import HELD_OUT
 from innerloop.config.trainer_args import PLAIN_FLOAT_WORDS, PLAIN_INT_WORDS, plain_number
 from innerloop.core.functional import TORCH_SEEDS, TORCH_SEEDS_TEXT
+from innerloop.core.wording import counted
 from innerloop.data.tokenizer import MAX_TRAINED_VOCAB, MIN_TRAINED_VOCAB
 from innerloop.models.config import WINDOW_SIZE_BOUNDS
 
@@ -1349,9 +1350,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
         else ""
     )
     what = (
-        f"the {records.field!r} field of {records.count} records of {', '.join(args.paths)}"
+        f"the {records.field!r} field of {counted(records.count, 'record')} of {', '.join(args.paths)}"
         if records is not None
-        else f"{len(files)} file(s)"
+        else counted(len(files), "file")
     )
     print(f"trained on {what}: {tokenizer.vocab_size} tokens{short}")
     print(f"tokenizer: {', '.join(str(p) for p in written)}")

@@ -12,3 +12,11 @@ def a_type(value: object) -> str:
         lowered.startswith("un") and not lowered.startswith("uni")
     )
     return f"{'an' if vowel_sound else 'a'} {name}"
+
+
+def counted(count: int, noun: str, plural: str | None = None, *, grouped: bool = False) -> str:
+    """``"1 window"``, ``"3 windows"``, ``"1 optimizer step"``: ``count`` and ``noun``, in the plural
+    (``plural``, by default ``noun`` + ``s``) unless ``count`` is 1, for a message or title that counts
+    something; ``grouped``: the count with thousands separators (``"4,096 tokens"``)."""
+    number = f"{count:,}" if grouped else str(count)
+    return f"{number} {noun if count == 1 else (plural or noun + 's')}"

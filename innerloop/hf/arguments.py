@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from innerloop.core.functional import as_integer, is_flag
-from innerloop.core.wording import a_type
+from innerloop.core.wording import a_type, counted
 
 CACHE_NAMES = ("cache", "past_key_values", "cache_params")
 """The names a cache is passed under: the model's own, transformers' usual one, and Mamba's."""
@@ -150,7 +150,7 @@ def check_mask_shape(
     given = given or sequence_given(input_ids, None)
     raise ValueError(
         f"{caller + ': ' if caller else ''}attention_mask must be [batch, cached + length] = {expected}{also} "
-        f"({given} after {cached} tokens in the cache), got {_shape_of(attention_mask)}"
+        f"({given} after {counted(cached, 'token')} in the cache), got {_shape_of(attention_mask)}"
     )
 
 
@@ -246,7 +246,7 @@ def _check_positions(
             return
     shown = value.tolist() if isinstance(value, torch.Tensor) and value.numel() <= 16 else _shape_of(value)
     raise ValueError(
-        f"{name} must be the positions of {given or 'input_ids'} after the {start} tokens in the cache, "
+        f"{name} must be the positions of {given or 'input_ids'} after the {counted(start, 'token')} in the cache, "
         f"{start}..{start + length - 1} ([{length}] or [batch, {length}]), got {shown}: innerloop models "
         f"count positions in their cache{_left_padding_note(offsets)}; leave {name} out"
         f"{_packing_note(value) if fits else ''}"

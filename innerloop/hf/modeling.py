@@ -73,6 +73,7 @@ from innerloop.core.functional import (
 )
 from innerloop.core.layer import NonFiniteRowsError
 from innerloop.core.state import check_batch_rows
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write_text, file_sha256, flush_files_in, permissions_to_give
 from innerloop.hf.arguments import (
     CACHE_NAMES,
@@ -353,7 +354,7 @@ def check_embeddings_mask_shape(attention_mask: Any, inputs_embeds: torch.Tensor
     raise ValueError(
         f"generate(): attention_mask must be [batch, length] = {[batch, length]} with inputs_embeds "
         f"{list(inputs_embeds.shape)}, got shape {list(attention_mask.shape)}: in generate(), inputs_embeds "
-        f"hold the whole sequence, the {cached} tokens the cache has read included, and the mask covers "
+        f"hold the whole sequence, the {counted(cached, 'token')} the cache has read included, and the mask covers "
         "the same tokens: pass the mask of the sequence the embeddings hold"
     )
 
@@ -376,7 +377,7 @@ def check_cache_length(cache: InnerloopCache) -> None:
     read = getattr(cache.state, "position", None)  # LMState's and E2EState's tokens read (None: not recorded)
     if isinstance(read, int) and read != length:
         raise ValueError(
-            f"cache.seq_length is {length} but its state has read {read} tokens: generate() would read prompt "
+            f"cache.seq_length is {length} but its state has read {counted(read, 'token')}: generate() would read prompt "
             f"tokens twice or skip them; make the cache with InnerloopCache(state, {read}), or pass the cache "
             "the model returned"
         )
@@ -428,8 +429,8 @@ def check_cache_continues(
     read, length = cache.seq_length, sequence.shape[1]
     if next_sequence_length <= 0 or length <= read:
         raise ValueError(
-            f"generate() got {name} of {length} tokens with a cache that has read {read}: pass the whole "
-            f"sequence as {name}, the {read} tokens the cache has read then at least one new token (the cache "
+            f"generate() got {name} of {counted(length, 'token')} with a cache that has read {read}: pass the whole "
+            f"sequence as {name}, the {counted(read, 'token')} the cache has read then at least one new token (the cache "
             "cannot give the logits of a token it has already read)"
         )
     if attention_mask is not None and attention_mask.shape != sequence.shape[:2]:
@@ -449,7 +450,7 @@ def check_cache_continues(
     if differs is not None and bool(differs.any()):
         row = int(differs.nonzero()[0, 0])
         raise ValueError(
-            f"generate() got a cache that has not read the first {read} tokens of {name} (row {row} "
+            f"generate() got a cache that has not read the first {counted(read, 'token')} of {name} (row {row} "
             f"differs{'' if inputs_embeds is None else ', compared bit for bit'}): a cache continues the "
             f"sequence it was built from; pass that sequence, then the new tokens, as {name}"
         )
@@ -475,7 +476,7 @@ def check_cache_pads(
     if bool(differs.any()):
         row = int(differs.nonzero()[0, 0])
         raise ValueError(
-            f"generate() got a cache that has not read the first {read} tokens of {name} as attention_mask "
+            f"generate() got a cache that has not read the first {counted(read, 'token')} of {name} as attention_mask "
             f"gives them (row {row}: the cache skipped {int(skipped[row])} pad(s) there, the mask reads "
             f"{given[row].to(torch.int64).tolist()}): a cache continues the sequence it was built from; pass "
             f"that sequence with its mask (its pads as 0), then the new tokens, as {name}"
@@ -850,7 +851,7 @@ class NonFiniteScoresCheck(LogitsProcessor):
                 + f"; transformers' rows {rows}, prompt * {per_prompt} + {kind[:-1]})"
             )
         error = NonFiniteRowsError(
-            f"generate: the model produced non-finite logits after {length} tokens {where}: NaN or +inf, or "
+            f"generate: the model produced non-finite logits after {counted(length, 'token')} {where}: NaN or +inf, or "
             "-inf for every token, from which no token can be chosen; the model's weights or state overflowed "
             "or hold NaN (TTT-E2E checks a call that trains on a chunk, not one that only scores a decoded "
             "token: innerloop.models.generate names its likely cause)"

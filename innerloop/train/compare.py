@@ -59,6 +59,7 @@ from innerloop.config.load import (
 )
 from innerloop.config.schema import DataConfig, RunConfig
 from innerloop.core.functional import as_integer, check_flag, user_path
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write, atomic_write_text, remove_stale_temporaries_of
 from innerloop.data.packing import document_side, first_document_of
 from innerloop.data.text import held_out_share, path_entries
@@ -413,8 +414,8 @@ def reproduction_lines(
     given, in the current folder)."""
     lines = [
         f"innerloop {innerloop_version()}, torch {torch.__version__}, Python {platform.python_version()}; "
-        f"bootstrap seed {comparison.seed}, {comparison.resamples} resamples, "
-        f"{comparison.confidence:.6g} confidence, {torch.get_num_threads()} torch threads"
+        f"bootstrap seed {comparison.seed}, {counted(comparison.resamples, 'resample')}, "
+        f"{comparison.confidence:.6g} confidence, {counted(torch.get_num_threads(), 'torch thread')}"
     ]
     lines += [
         f"{model.name}: {os.path.abspath(model.checkpoint)} (content SHA-256 "
@@ -422,7 +423,7 @@ def reproduction_lines(
         for model in comparison.models
     ]
     lines += [
-        f"T={w.inputs.shape[1]}: {len(w.inputs)} windows, tokens SHA-256 {tokens_digest(w)}"
+        f"T={w.inputs.shape[1]}: {counted(len(w.inputs), 'window')}, tokens SHA-256 {tokens_digest(w)}"
         for w in every_windows
     ]
     lines.append(
@@ -637,10 +638,10 @@ def _add_length(comparison: Comparison, result: LengthResult) -> None:
     bands; a warning when the windows are too few for a band."""
     if result.windows < MIN_BAND_WINDOWS and len(comparison.models) > 1:
         log.warning(
-            "T=%d: %d window%s, fewer than the %d a %.0f%% band needs to cover as often as it says: the "
+            "T=%d: %s, fewer than the %d a %.0f%% band needs to cover as often as it says: the "
             "differences to the baseline have no band (NaN in the CSV); score more windows (%s, "
             "which scores %s x %s windows, or more text with %s)",
-            result.seq_len, result.windows, "" if result.windows == 1 else "s", MIN_BAND_WINDOWS,
+            result.seq_len, counted(result.windows, "window"), MIN_BAND_WINDOWS,
             100 * comparison.confidence, *map(argument_name, ("batches", "batches", "batch_size", "paths")),
         )  # fmt: skip
     elif len(comparison.models) > 1:
@@ -724,14 +725,14 @@ def _training_length_notes(model: ComparedModel, baseline: ComparedModel) -> lis
     trained = (model.tokens_trained, baseline.tokens_trained)
     if None not in trained and trained[0] != trained[1]:
         notes.append(
-            f"{model.name} trained on {trained[0]:,} tokens, the baseline {baseline.name} on {trained[1]:,}: "
+            f"{model.name} trained on {counted(trained[0], 'token', grouped=True)}, the baseline {baseline.name} on {trained[1]:,}: "
             "its difference is also one of training"
         )
     # a record without steps (size_notes is public: a caller's own model records) counts as unknown
     steps = (getattr(model, "steps", None), getattr(baseline, "steps", None))
     if None not in steps and steps[0] != steps[1]:
         notes.append(
-            f"{model.name} took {steps[0]:,} optimizer steps, the baseline {baseline.name} {steps[1]:,}: "
+            f"{model.name} took {counted(steps[0], 'optimizer step', grouped=True)}, the baseline {baseline.name} {steps[1]:,}: "
             "its difference is also one of training"
         )
     return notes
@@ -1445,7 +1446,7 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Path:
             bottom.plot(middles, mean.tolist(), label=model.name, **line)
             bottom.fill_between(middles, low.tolist(), high.tolist(), color=styles[m]["color"], alpha=0.2)
     top.set_ylabel("loss (nats per token)")
-    top.set_title(f"loss by position, T={result.seq_len}, {result.windows} windows")
+    top.set_title(f"loss by position, T={result.seq_len}, {counted(result.windows, 'window')}")
     top.legend(fontsize=8)
     if differences:
         _label_differences(bottom, comparison)

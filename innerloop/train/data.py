@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from innerloop.config.load import argument_name, built_from_a_config, given_argument, given_flag, setting_name
 from innerloop.core.functional import as_integer
+from innerloop.core.wording import counted
 from innerloop.data.hf import files_record, iter_texts, open_hf_dataset, own_split, source_files
 from innerloop.data.packing import (
     START,
@@ -732,8 +733,8 @@ def spread_windows(
     holds = (len(data) - 1) // seq_len  # windows whose targets do not overlap
     if count > holds:
         log.warning(
-            "%s holds %d windows of %s=%d without overlap (%d %s); scoring those %d, not the %d of batches x batch size",
-            what, holds, seq_len_name, seq_len, len(data), unit, holds, count,
+            "%s holds %s of %s=%d without overlap (%d %s); scoring those %d, not the %d of batches x batch size",
+            what, counted(holds, "window"), seq_len_name, seq_len, len(data), unit, holds, count,
         )  # fmt: skip
         count = holds
     # starts at least seq_len apart: (len - seq_len - 1) / (count - 1) >= seq_len for count <= holds
@@ -998,8 +999,9 @@ class HFDataModule(L.LightningDataModule):
         windows = validation_windows(self._reader(held_out), self.seq_len, asked, held_out)
         if len(windows) < asked:
             log.warning(
-                "the %s documents hold %d windows of seq_len=%d; scoring those %d, not the %d of batches x batch size",
-                "held-out" if held_out == "validation" else "test", len(windows), self.seq_len, len(windows), asked,
+                "the %s documents hold %s of seq_len=%d; scoring those %d, not the %d of batches x batch size",
+                "held-out" if held_out == "validation" else "test", counted(len(windows), "window"), self.seq_len,
+                len(windows), asked,
             )  # fmt: skip
         tokens = torch.tensor(windows, dtype=torch.long)  # [N, T + 1]
         return (tokens[:, :-1], tokens[:, 1:]), hashlib.sha256(tokens.contiguous().numpy()).hexdigest()

@@ -74,7 +74,7 @@ from innerloop.core.compiled import is_compiled_name, plain_name, plain_names
 from innerloop.core.diagnostics import inner_loss_before_after
 from innerloop.core.functional import check_flag, mean_scored_cross_entropy
 from innerloop.core.layer import LARGE_INPUT, is_built_in, plugin_label
-from innerloop.core.wording import a_type
+from innerloop.core.wording import a_type, counted
 from innerloop.models import E2ELM, CausalLM, ModelConfig, build_model
 from innerloop.models.config import (
     AT_LEAST_0,
@@ -234,7 +234,7 @@ def _inner_step_non_finite_diverges(steps: int, fitting: bool = True, model: Any
     except NonFiniteInnerStepError as error:
         if not fitting:
             raise
-        raise TrainingDivergedError(f"after {steps} optimizer steps, {error}") from error
+        raise TrainingDivergedError(f"after {counted(steps, 'optimizer step')}, {error}") from error
     finally:
         if fitting and diagnoses is not None:
             model.diagnoses_its_inner_loop = diagnoses
@@ -589,7 +589,7 @@ class LanguageModelModule(L.LightningModule):
         else:
             loss = mean_scored_cross_entropy(logits, targets, IGNORE_INDEX)
         if not self._finite_on_every_process(loss):
-            what = f"the training loss is {self._describe(loss)} after {self.global_step} optimizer steps"
+            what = f"the training loss is {self._describe(loss)} after {counted(self.global_step, 'optimizer step')}"
             raise self._non_finite_error(what, calls)
         self._last_finite_loss = (self.global_step, loss.detach())
         # the mean over every process's batch too (sync_dist: one all-reduce per step, only with several)
@@ -676,7 +676,7 @@ class LanguageModelModule(L.LightningModule):
             last = "no finite training loss before"
         else:
             step, loss = self._last_finite_loss
-            last = f"last finite training loss {float(loss):.4f}, after {step} steps"
+            last = f"last finite training loss {float(loss):.4f}, after {counted(step, 'step')}"
         clip = self.trainer.gradient_clip_val if self._trainer is not None else None
         lr, min_lr = (setting_name(f"optim.{p}", p, self._from_a_config) for p in ("lr", "min_lr"))
         clipping = "optim.grad_clip" if self._from_a_config else "the Trainer's gradient_clip_val"
@@ -965,7 +965,7 @@ class LanguageModelModule(L.LightningModule):
                     "inf: its weights or activations overflowed or hold NaN), so no loss or perplexity can "
                     "be told"
                 )
-            what = f"the validation loss is not finite after {self.global_step} optimizer steps"
+            what = f"the validation loss is not finite after {counted(self.global_step, 'optimizer step')}"
             raise self._non_finite_error(what, calls)
         self.val_ppl.update(logits, targets)
         self.val_acc.update(logits.flatten(0, 1).argmax(dim=-1), targets.flatten())  # as of the logits

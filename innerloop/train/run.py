@@ -110,6 +110,7 @@ from innerloop.config.schema import HELD_OUT, DataConfig, RecallConfig, RunConfi
 from innerloop.core.durable import fsync_directory
 from innerloop.core.functional import check_flag, user_path
 from innerloop.core.layer import ModelTooLargeError, device_memory_bytes, memory_size
+from innerloop.core.wording import counted
 from innerloop.data.atomic import (
     atomic_write_text,
     file_sha256,
@@ -279,7 +280,7 @@ class _SafetensorsModelCheckpoint(ModelCheckpoint):
         tensors = [*module.parameters(), *(v for v in moments if isinstance(v, torch.Tensor))]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise module.diverged(
-                f"the weights or optimizer state hold NaN or inf after {trainer.global_step} optimizer steps"
+                f"the weights or optimizer state hold NaN or inf after {counted(trainer.global_step, 'optimizer step')}"
             )
         pending = Path(filepath).parent / PENDING_CHECKPOINT
         self.writing_step = trainer.global_step
@@ -1005,7 +1006,7 @@ def _raise_if_stopped(
     if not interrupt.requested:
         return
     steps = _steps_done(run, trainer, ckpt)
-    stopped = f"stopped at {interrupt.signal_name} after {steps} of {run.trainer.max_steps} steps"
+    stopped = f"stopped at {interrupt.signal_name} after {steps} of {counted(run.trainer.max_steps, 'step')}"
     exit_code = 128 + (interrupt.signal or signal.SIGINT)
     if undone:
         raise TrainingInterrupted(
@@ -1100,7 +1101,7 @@ def _finish(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if metrics.get("val_step") != steps:
         stopped = (
-            f"during the final validation, after all {trainer.global_step} steps; the checkpoint "
+            f"during the final validation, after all {counted(trainer.global_step, 'step')}; the checkpoint "
             f"{str(ckpt)!r} holds them: {continuing_call(run.out_dir)} runs the validation "
             "again and writes loss_by_position.*"
         )
@@ -1110,7 +1111,7 @@ def _finish(
             results = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         metrics = {k: float(v) for k, v in results.items()}
     writing = (
-        f"while loss_by_position.* were written, after all {trainer.global_step} steps; the checkpoint "
+        f"while loss_by_position.* were written, after all {counted(trainer.global_step, 'step')}; the checkpoint "
         f"{str(ckpt)!r} holds them: {continuing_call(run.out_dir)} writes the files again"
     )
     with ended_by_signals(writing):
@@ -1211,7 +1212,7 @@ def _write_loss_by_position(run: RunConfig, metrics: dict[str, float], seq_len: 
     buckets = position_buckets(seq_len, run.trainer.num_position_buckets)
     losses = [metrics[f"val_loss_pos/{b}"] for b in range(len(buckets))]
     steps = int(metrics["val_step"])
-    title = f"{run.model.mixer} ({run.model.backbone}), {steps} steps: validation loss by position"
+    title = f"{run.model.mixer} ({run.model.backbone}), {counted(steps, 'step')}: validation loss by position"
     plot = plot_loss_by_position(out_dir / "loss_by_position.png", buckets, losses, title=title)
     csv_path = write_loss_by_position_csv(out_dir / "loss_by_position.csv", buckets, losses)
     return plot, csv_path
@@ -1229,7 +1230,7 @@ def _write_loss_by_position_or_say_why_not(
             raise
         raise RunDirError(
             f"writing into out_dir={run.out_dir!r} failed: {' '.join(str(err).split())}; free some space: the "
-            f"checkpoint {str(ckpt)!r} holds all {steps} steps: {continuing_call(run.out_dir)} writes "
+            f"checkpoint {str(ckpt)!r} holds all {counted(steps, 'step')}: {continuing_call(run.out_dir)} writes "
             "loss_by_position.* again"
         ) from None
 
@@ -1471,7 +1472,7 @@ def _last_checkpoint_note(ckpt: Path, run: RunConfig, overrides: str = " optim.l
     except (CheckpointError, KeyError):
         return f"the checkpoint {str(ckpt)!r} could not be read back"
     return (
-        f"the last checkpoint, {str(ckpt)!r} (after {step} steps), is kept: continue it with "
+        f"the last checkpoint, {str(ckpt)!r} (after {counted(step, 'step')}), is kept: continue it with "
         f"{continuing_call(run.out_dir, overrides)}"
     )
 
@@ -2278,7 +2279,7 @@ def evaluate(
         checkpoint, module, paths, seq_len, batch_size, batches, tokenizer, split, held_out
     )
     inputs, targets = windows.inputs, windows.targets
-    count = f"{len(inputs)} window{'' if len(inputs) == 1 else 's'}"
+    count = counted(len(inputs), "window")
     print(f"evaluating {count} of {seq_len} tokens from {windows.source} ({windows.tag})", flush=True)
     if paths:
         _warn_of_evaluating_training_text(
@@ -2328,7 +2329,7 @@ def reproduction_header() -> str:
     torch's thread count (a sum's order, so its last digits, may follow the threads)."""
     return (
         f"innerloop {innerloop_version()}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{torch.get_num_threads()} torch threads"
+        f"{counted(torch.get_num_threads(), 'torch thread')}"
     )
 
 
@@ -2345,7 +2346,7 @@ def scored_count(metrics: dict[str, float]) -> str:
     """What an evaluation scored, as its line and its ``.md`` say it: ``"128 tokens in 1 window"``,
     ``"4096 tokens in 32 windows"`` (``metrics``' ``tokens`` and ``windows``, of :func:`evaluate`)."""
     tokens, windows = int(metrics["tokens"]), int(metrics["windows"])
-    return f"{tokens} token{'' if tokens == 1 else 's'} in {windows} window{'' if windows == 1 else 's'}"
+    return f"{counted(tokens, 'token')} in {counted(windows, 'window')}"
 
 
 def evaluation_record(
@@ -2357,7 +2358,7 @@ def evaluation_record(
     lines = [
         reproduction_header(),
         f"{os.path.abspath(checkpoint)} (content SHA-256 {checkpoint_content_digest(checkpoint)[:16]})",
-        f"T={windows.inputs.shape[1]}: {len(windows.inputs)} windows, tokens SHA-256 {tokens_digest(windows)}",
+        f"T={windows.inputs.shape[1]}: {counted(len(windows.inputs), 'window')}, tokens SHA-256 {tokens_digest(windows)}",
         f"command (in {os.getcwd()}): `{command}`",
     ]
     return (
@@ -2448,7 +2449,7 @@ def _write_evaluation(
     except OSError as err:
         finished = (
             f"the evaluation had finished: perplexity {metrics['val_ppl']:.3f} (loss {metrics['val_loss']:.4f}, "
-            f"{int(metrics['tokens'])} tokens)"
+            f"{counted(int(metrics['tokens']), 'token')})"
         )
         raise _with_words(err, finished) from err
 

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from innerloop.core.wording import counted
 from innerloop.models.params import count_parameters
 
 RATE_WINDOW = 10
@@ -75,9 +76,9 @@ def oversubscription(threads: int, cpus: int, load: float | None) -> str | None:
     """Why ``threads`` torch threads on ``cpus`` cores with a load average of ``load`` (before training
     starts, so it is other processes') are oversubscribed, or None when they are not."""
     if threads > cpus:
-        return f"torch uses {threads} threads but this process may run on {cpus} cores"
+        return f"torch uses {counted(threads, 'thread')} but this process may run on {counted(cpus, 'core')}"
     if load is not None and load >= cpus:
-        return f"the load average is {load:.1f} on the {cpus} cores this process may run on, before training"
+        return f"the load average is {load:.1f} on the {counted(cpus, 'core')} this process may run on, before training"
     return None
 
 

@@ -141,7 +141,7 @@ def test_a_plugins_nan_while_fitting_names_the_plugin_in_training_and_in_validat
         _trainer(max_steps=1, num_sanity_val_steps=0, callbacks=[ArmAtValidation()]).fit(
             module, loader, loader
         )
-    assert str(error.value).startswith("the validation loss is not finite after 1 optimizer steps")
+    assert str(error.value).startswith("the validation loss is not finite after 1 optimizer step")
     _assert_names_the_layer_and_its_plugins(str(error.value), "model.blocks.0.mixer")
 
 

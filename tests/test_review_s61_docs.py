@@ -1,0 +1,97 @@
+"""Session 61, review helper docs (docs truth and the command line): regression tests.
+
+- Counts printed or recorded in the plural whatever the count: eval's ``Reproduce:`` line ("T=32: 1
+  windows"), compare's (the same, and "1 torch threads"), compare's plot title ("1 windows"), the run's
+  title and messages ("1 steps", "1 optimizer steps"), the data warnings ("holds 1 windows"), the CPU
+  warning ("1 cores"). One rule, :func:`innerloop.core.wording.counted`, now says every such count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import matplotlib.axes
+import pytest
+import torch
+
+from innerloop.cli import main
+from innerloop.core.wording import counted
+from innerloop.models import ModelConfig, build_model
+from innerloop.train.data import spread_windows
+from innerloop.train.module import save_model_checkpoint
+from innerloop.train.run import reproduction_header
+from innerloop.train.throughput import oversubscription
+
+
+def test_counted_says_one_in_the_singular_and_any_other_count_in_the_plural() -> None:
+    assert counted(1, "window") == "1 window"
+    assert [counted(n, "window") for n in (0, 2)] == ["0 windows", "2 windows"]
+    assert counted(1, "optimizer step") == "1 optimizer step"
+    assert counted(4096, "token", grouped=True) == "4,096 tokens"
+    assert counted(2, "child", "children") == "2 children"
+
+
+@pytest.fixture
+def one_window(tmp_path):
+    """A tiny model's checkpoint and a text that holds one window of 32 bytes."""
+    model = build_model(ModelConfig(hidden_size=16, num_heads=2, num_layers=1, intermediate_size=32))
+    checkpoint = save_model_checkpoint(model, tmp_path / "m.safetensors")
+    (tmp_path / "text.txt").write_text("b" * 40)
+    return checkpoint, tmp_path / "text.txt"
+
+
+@pytest.mark.slow  # one Lightning validation of a tiny model: ~1 s CPU
+def test_evals_reproduce_line_says_1_window(one_window, tmp_path) -> None:
+    checkpoint, text = one_window
+    assert (
+        main(["eval", str(checkpoint), "--data", str(text), "--seq-len", "32", "--out", str(tmp_path)]) == 0
+    )
+    (record,) = tmp_path.glob("eval_*.md")
+    assert "- T=32: 1 window, tokens SHA-256 " in record.read_text()  # was "1 windows"
+
+
+@pytest.mark.slow  # two Lightning validations of a tiny model and a plot: ~2 s CPU
+def test_compares_record_and_plot_title_say_1_window(one_window, tmp_path, monkeypatch) -> None:
+    checkpoint, text = one_window
+    titles: list[str] = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set_title",
+        lambda ax, t, *a, **k: titles.append(t) or set_title(ax, t, *a, **k),
+    )
+    args = [
+        "compare",
+        str(checkpoint),
+        str(checkpoint),
+        "--data",
+        str(text),
+        "--seq-len",
+        "32",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    (record,) = tmp_path.glob("compare-*.md")
+    assert "- T=32: 1 window, tokens SHA-256 " in record.read_text()  # was "1 windows"
+    assert "loss by position, T=32, 1 window" in titles, titles  # was "1 windows"
+
+
+def test_the_reproduce_header_says_1_torch_thread() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert reproduction_header().endswith(", 1 torch thread")  # was "1 torch threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_cpu_warning_says_1_core() -> None:
+    assert oversubscription(2, 1, None) == "torch uses 2 threads but this process may run on 1 core"
+
+
+def test_a_text_of_one_window_is_warned_of_as_1_window(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        inputs, _ = spread_windows(torch.arange(40), 32, 4)
+    assert len(inputs) == 1
+    assert "the text holds 1 window of seq_len=32 without overlap" in caplog.text  # was "1 windows"

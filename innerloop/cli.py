@@ -1320,6 +1320,7 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from innerloop.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, train_bpe
 
     out = Path(args.out)
+    check_output_dir(out, "--out")  # first: a file given as --out is not a folder, whatever PATH holds
     check_tokenizer_out_outside_data(out, args.paths, (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE))
     existing = [str(out / name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE) if (out / name).exists()]
     folders = [path for path in existing if not Path(path).is_file()]
@@ -1330,9 +1331,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
         )
     if existing and not args.overwrite:  # both files are written: neither is replaced without --overwrite
         raise ConfigError(
-            f"{', '.join(map(repr, existing))} exist(s); pass --overwrite to replace, or another --out"
+            f"{', '.join(map(repr, existing))} {'exists' if len(existing) == 1 else 'exist'}; pass --overwrite "
+            "to replace, or another --out"
         )
-    check_output_dir(out, "--out")
     try:
         files = resolve_files(args.paths, "PATH") if args.paths else split_text_files(stdlib_files(), 0.1)[0]
     except DataError as err:  # its errors and warnings name the PATH arguments

@@ -120,3 +120,12 @@ def test_readmes_conformance_tolerances_are_those_the_conformance_test_holds() -
     assert bounds == {gradient}, bounds  # the input's gradient and every parameter's
     held = re.search(r"^FP64_RELATIVE = ([\d.e-]+)$", test, re.MULTILINE)
     assert held and float(held.group(1)) == fp64
+
+
+def test_tokenizer_train_refuses_a_file_given_as_out_as_not_a_folder(tmp_path, capsys) -> None:
+    """--out naming the text file itself was refused as "lies inside PATH", not as the file it is."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox " * 20)
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(text), str(text)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"--out={str(text)!r} is not a directory" in error, error

@@ -136,7 +136,7 @@ def test_tokenizer_train_refuses_an_existing_tokenizer_and_a_vocabulary_below_th
 ) -> None:
     corpus = str(bpe_dir.parent / "corpus")
     assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(bpe_dir), corpus]) == 2
-    assert "exist(s); pass --overwrite" in capsys.readouterr().err
+    assert "tokenizer_config.json' exist; pass --overwrite" in capsys.readouterr().err  # both files
     assert main(["tokenizer", "train", "--vocab-size", "256", "--out", str(bpe_dir / "x"), corpus]) == 2
     assert "--vocab-size: must be an integer >= 258, got '256'" in capsys.readouterr().err
     with pytest.raises(TokenizerError, match="vocab_size=100 must be >= 258"):

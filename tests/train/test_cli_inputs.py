@@ -31,7 +31,7 @@ def test_tokenizer_train_never_replaces_a_tokenizer_config_without_overwrite(tmp
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(out), str(text)]) == 2
-    assert "tokenizer_config.json' exist(s); pass --overwrite" in capsys.readouterr().err
+    assert "tokenizer_config.json' exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "tokenizer_config.json").read_text() == '{"my": "custom config"}'
 
 

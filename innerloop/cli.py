@@ -1481,8 +1481,11 @@ def _add_convert(commands: argparse._SubParsersAction) -> None:
         ),
         formatter_class=_HelpFormatter,
     )
-    convert.add_argument(
-        "source_format", choices=["ttt-lm-pytorch", "ttt-e2e"], help="what SRC is (choices: %(choices)s)"
+    convert.add_argument(  # a bad value's error names SOURCE_FORMAT, as usage shows it
+        "source_format",
+        metavar="SOURCE_FORMAT",
+        choices=["ttt-lm-pytorch", "ttt-e2e"],
+        help="what SRC is (choices: %(choices)s)",
     )
     convert.add_argument(
         "src",

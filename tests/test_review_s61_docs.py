@@ -129,3 +129,14 @@ def test_tokenizer_train_refuses_a_file_given_as_out_as_not_a_folder(tmp_path, c
     assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(text), str(text)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and f"--out={str(text)!r} is not a directory" in error, error
+
+
+def test_convert_names_its_first_argument_as_usage_shows_it_in_a_bad_value(capsys) -> None:
+    """`innerloop convert bogus a b` said "argument source_format", a name neither usage nor help shows."""
+    assert main(["convert", "bogus", "a", "b"]) == 2
+    error = capsys.readouterr().err
+    assert "argument SOURCE_FORMAT: invalid choice: 'bogus'" in error, error
+    from innerloop.cli import _parser
+
+    convert = next(a for a in _parser()._actions if a.dest == "command").choices["convert"]
+    assert "SOURCE_FORMAT SRC [CONFIG] OUT" in convert.format_usage()  # the usage names it the same

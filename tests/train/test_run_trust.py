@@ -22,6 +22,7 @@ from test_train import TINY  # the tiny model and run of the end-to-end tests
 from innerloop.cli import main
 from innerloop.config import load_config
 from innerloop.config.load import ConfigError, save_config
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write
 from innerloop.train import TrainingDivergedError, load_checkpoint, load_model, save_checkpoint, train
 from innerloop.train.module import warmup_cosine
@@ -400,10 +401,10 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_a_checkpoint_it_can_resum
     assert "training diverged" in err and "optim.lr (now 3e+06;" in err and "last finite training loss" in err
     assert "non_finite" not in err and "--resume" in err
     # the loss turns NaN, or the weights turn non-finite first (which one depends on float rounding)
-    diverged_at = int(re.search(r"(?:is nan|hold NaN or inf) after (\d+) optimizer steps", err).group(1))
+    diverged_at = int(re.search(r"(?:is nan|hold NaN or inf) after (\d+) optimizer steps?\b", err).group(1))
     # the checkpoint of the step whose weights gave NaN was never kept: the one before is
     _assert_finite_checkpoint(out / "last.safetensors", diverged_at - 1)
-    assert f"after {diverged_at - 1} steps), is kept" in err
+    assert f"after {counted(diverged_at - 1, 'step')}), is kept" in err  # "1 step" in the singular
     assert not list(out.glob(".*pending*")) and not list(out.glob(".*.tmp"))
     # and a resume with a lower lr goes on from it
     resume = ["train", "--resume", f"out_dir={out}", "optim.lr=1e-9", "optim.min_lr=0",

@@ -312,17 +312,13 @@ def test_a_chunked_prompt_is_checked_whole_as_an_unchunked_one() -> None:
     mask[0, :3] = 0  # row 0 left padded: its first chunk of 3 (after the cached token) is all pads
     plain_cache = model(IDS[:, :1]).cache  # has read row 0's pad as a token
     for chunk in (None, 3):
-        with pytest.raises(
-            ValueError, match=r"a cache that has not read the first 1 token of input_ids as "
-        ):
+        with pytest.raises(ValueError, match=r"a cache that has not read the first 1 token of input_ids as "):
             model.generate(
                 IDS, attention_mask=mask, cache=plain_cache, prefill_chunk_size=chunk, max_new_tokens=2,
                 do_sample=False,
             )  # fmt: skip
     other = IDS.flip(0)  # a cache of other tokens: the chunked prompt names it as the unchunked one
-    with pytest.raises(
-        ValueError, match=r"a cache that has not read the first 1 token of input_ids \(row 0"
-    ):
+    with pytest.raises(ValueError, match=r"a cache that has not read the first 1 token of input_ids \(row 0"):
         model.generate(
             IDS, cache=model(other[:, :1]).cache, prefill_chunk_size=3, max_new_tokens=2, do_sample=False
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -48,10 +49,14 @@ from innerloop.core.state import cat_rows, check_batch_rows, check_states, same_
 
 class _Room:
     """Buffers ``[B, H, capacity, f]`` that caches of one sequence are views of, and how far they are
-    written (:func:`appended`). Positions below ``filled`` are never written again."""
+    written (:func:`appended`). Positions below ``filled`` are never written again. ``lock`` makes a
+    call's check that it may write the next positions and its claim of them (``filled`` moved past them)
+    one step (:func:`_claimed`): two threads continuing one cache at once both wrote them, and each read
+    the other's keys (silently wrong logits)."""
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor, filled: int) -> None:
         self.key, self.value, self.filled = key, value, filled
+        self.lock = threading.Lock()
 
     @classmethod
     def like(cls, key: torch.Tensor, value: torch.Tensor, batch: int, capacity: int) -> _Room:
@@ -192,12 +197,24 @@ def appended(
     cached, length = old_k.shape[2], k.shape[2]
     needed = cached + length
     room = state._room if state is not None else None
-    if room is None or not _room_fits(room, old_k, old_v, needed):  # a new room, the cache copied in
+    if room is None or not _claimed(room, old_k, old_v, needed):  # a new room, the cache copied in
         room = _Room.like(k, v, k.shape[0], capacity=needed + max(needed // 4, 256))
         room.key[:, :, :cached], room.value[:, :, :cached] = old_k, old_v
+        room.filled = needed  # this call's own room
     room.key[:, :, cached:needed], room.value[:, :, cached:needed] = k, v
-    room.filled = needed
     return room.key[:, :, :needed], room.value[:, :, :needed], room
+
+
+def _claimed(room: _Room, old_k: torch.Tensor, old_v: torch.Tensor, needed: int) -> bool:
+    """Whether this call writes its keys in place into ``room`` after the cache ``old_k, old_v``
+    (:func:`_room_fits`); if so, the positions up to ``needed`` are claimed (``room.filled``) in the same
+    step, under the room's lock, so that another call continuing the same cache, in another thread,
+    copies it instead of writing the same positions."""
+    with room.lock:
+        if not _room_fits(room, old_k, old_v, needed):
+            return False
+        room.filled = needed
+        return True
 
 
 torch.serialization.add_safe_globals([KVCache])  # torch.load(weights_only=True): tensors and an int

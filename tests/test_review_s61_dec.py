@@ -65,3 +65,49 @@ def test_two_threads_continuing_one_attention_cache_each_get_their_own_keys(monk
     for name in tokens:
         for got_logits, wanted_logits in zip(got[name], wanted[name], strict=True):
             torch.testing.assert_close(got_logits, wanted_logits, rtol=0, atol=1e-12)
+
+
+def _in_another_thread(function):
+    """``function()`` run in a new thread, its result (or its error raised here)."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = function()
+        except BaseException as error:  # noqa: BLE001 (raised below)
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_another_threads_forward_is_not_changed_by_a_call_with_inputs_embeds_or_hidden_states():
+    """review s61 dec (MED, silent wrong numbers, the kind of the cache fix above): InnerloopForCausalLM
+    reads inputs_embeds by a forward hook on the shared embedding, and records hidden states by forward
+    hooks on the shared blocks. A forward of the same model in another thread meanwhile (a server's other
+    request) had its embeddings replaced by this call's (same shape: silently other logits), and its hidden
+    states appended to this call's. The hooks now act in the thread that set them only."""
+    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+    from innerloop.hf.arguments import recording_hidden_states
+    from innerloop.hf.modeling import embeddings_given
+
+    torch.manual_seed(0)
+    config = InnerloopConfig(model={"hidden_size": 16, "num_heads": 2, "num_layers": 2, "vocab_size": 32})
+    model = InnerloopForCausalLM(config).double().eval()
+    ids = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        wanted = model(ids).logits
+        other = torch.randn(2, 5, 16, dtype=torch.float64)
+        with embeddings_given(model.model.embed, other):
+            mine = model.model(torch.zeros_like(ids))[0]  # this thread: the embeddings given
+            theirs = _in_another_thread(lambda: model(ids).logits)
+        with recording_hidden_states(model.model) as recorded:
+            _in_another_thread(lambda: model(ids).logits)
+    torch.testing.assert_close(theirs, wanted, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(mine, model(inputs_embeds=other).logits, rtol=0, atol=0)
+    assert recorded == []

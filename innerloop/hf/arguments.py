@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -401,11 +402,14 @@ def recording_hidden_states(network: nn.Module) -> Iterator[list[torch.Tensor]]:
     """While the block runs, a forward of ``network`` (a :class:`~innerloop.models.CausalLM`) appends its
     hidden states to the list yielded, as transformers' models return them: the embedding's output, the
     output of each block but the last, then the final norm's output (the last block's output,
-    normalised: what the LM head reads). ``num_layers + 1`` tensors ``[B, T, D]`` in all."""
+    normalised: what the LM head reads). ``num_layers + 1`` tensors ``[B, T, D]`` in all. Only this thread's
+    forwards are recorded: another thread's forward of the same model meanwhile added its own."""
     recorded: list[torch.Tensor] = []
+    owner = threading.get_ident()
 
     def keep(module: nn.Module, args: Any, output: Any) -> None:
-        recorded.append(output[0] if isinstance(output, tuple) else output)  # a block returns (h, state)
+        if threading.get_ident() == owner:
+            recorded.append(output[0] if isinstance(output, tuple) else output)  # a block returns (h, state)
 
     modules = [network.embed, *network.blocks[:-1], network.norm]
     handles = [module.register_forward_hook(keep) for module in modules]

@@ -2405,12 +2405,18 @@ class InnerloopModel(InnerloopPreTrainedModel):
 
 @contextmanager
 def embeddings_given(embed: nn.Module, embeds: torch.Tensor | None) -> Iterator[None]:
-    """While it lasts, ``embed``'s output is ``embeds`` (in the embedding's dtype), whatever ids it reads
-    (placeholders of their shape); nothing changes when ``embeds`` is None."""
+    """While it lasts, ``embed``'s output in this thread is ``embeds`` (in the embedding's dtype), whatever
+    ids it reads (placeholders of their shape); nothing changes when ``embeds`` is None. Another thread's
+    forward of the same model meanwhile reads its own ids (the hook replaced its embeddings by these)."""
     if embeds is None:
         yield
         return
-    handle = embed.register_forward_hook(lambda module, args, output: embeds.to(output.dtype))
+    owner = threading.get_ident()
+
+    def given(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        return embeds.to(output.dtype) if threading.get_ident() == owner else None
+
+    handle = embed.register_forward_hook(given)
     try:
         yield
     finally:

@@ -6,6 +6,9 @@ import threading
 
 import torch
 
+from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
+from innerloop.hf.arguments import recording_hidden_states
+from innerloop.hf.modeling import embeddings_given
 from innerloop.models import CausalLM, ModelConfig
 from innerloop.models import attention as attention_module
 
@@ -91,10 +94,6 @@ def test_another_threads_forward_is_not_changed_by_a_call_with_inputs_embeds_or_
     hooks on the shared blocks. A forward of the same model in another thread meanwhile (a server's other
     request) had its embeddings replaced by this call's (same shape: silently other logits), and its hidden
     states appended to this call's. The hooks now act in the thread that set them only."""
-    from innerloop.hf import InnerloopConfig, InnerloopForCausalLM
-    from innerloop.hf.arguments import recording_hidden_states
-    from innerloop.hf.modeling import embeddings_given
-
     torch.manual_seed(0)
     config = InnerloopConfig(model={"hidden_size": 16, "num_heads": 2, "num_layers": 2, "vocab_size": 32})
     model = InnerloopForCausalLM(config).double().eval()

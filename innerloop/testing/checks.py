@@ -1976,9 +1976,8 @@ def check_update_rule(
     With ``without_grad``, on every model (every loss, variant and wrapping), its values under
     ``torch.no_grad()`` and ``torch.inference_mode()`` are the same (:func:`check_update_rule_without_grad`);
     in float32 (each loss, first model) it stays within float32's rounding of the float64 values.
-    What ``forward`` returns is checked first: ``(outputs [B, H, T, f], TTTState)``, else
-    :class:`RuleOutputError` (:func:`check_rule_returns`). ``tolerance`` widens only on a problem that
-    amplifies rounding, as :data:`FLOAT64_CONDITIONING_FACTOR` says (the message then says so too).
+    What ``forward`` returns is checked first (:func:`check_rule_returns`). ``tolerance`` widens only on a
+    problem that amplifies rounding, as :data:`FLOAT64_CONDITIONING_FACTOR` says (the message says so).
 
     ``model`` (an inner model or a registered model's name) defaults to every built-in model the
     rule accepts (``check_model``), ``linear`` first; give a plugin's model by name or instance (``rule`` and ``loss`` too). ``loss``
@@ -1991,8 +1990,8 @@ def check_update_rule(
     of :data:`PLUGIN_CHECK_SHAPES` (three sequences and heads, an odd head dim, a 37-token call; five
     heads, head dim 8 and a 150-token call), with the first loss and wrapping, and at
     :data:`WIDE_MINI_BATCH_SHAPE` (K = 32, head dim 20, 45 tokens) and :data:`MINI_BATCH_LONGER_THAN_CALL_SHAPE`
-    (K = 12 > T = 7, head dim 12) on the first model,
-    :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads) and :data:`UNIT_CHECK_SHAPE` (sizes 1). First, on
+    (K = 12 > T = 7, head dim 12) on the first model, :data:`ONE_TOKEN_MINI_BATCH_SHAPE` (K = 1 at several sequences and heads), :data:`UNIT_CHECK_SHAPE` (sizes 1),
+    and a call of :data:`LONG_CALL_SHAPE` (2063 tokens) against itself in pieces (:func:`_check_rule_long_call`). First, on
     every model and loss, rates up to :data:`LARGE_RATES_BOUND` (:func:`_check_rule_at_large_rates`). A failure names
     the seed and ``max_lr``, a values one the ``make_problem`` call that builds it again."""
     _check_flags(gradients=gradients, without_grad=without_grad)  # "no" would run the checks it names
@@ -2138,7 +2137,9 @@ def _check_default_shapes(
     :func:`_default_check_shapes` (``wrapping``: the first one; ``given``: the caller's; ``first_model``:
     whether ``model`` is check_update_rule's first, which alone meets the widest shapes), and with
     ``without_grad`` (check_update_rule: on its first model), the plain rule's values under ``no_grad``
-    and ``inference_mode`` there too (:func:`check_update_rule_without_grad`). Before (review s53j), those
+    and ``inference_mode`` there too (:func:`check_update_rule_without_grad`); then the long call
+    (:func:`_check_rule_long_call`: last, so that a rule wrong at a shorter call is named by the reference's
+    comparison, with its shortest repro). Before (review s53j), those
     ran at ``make_problem``'s shape only (11 tokens, K = 4, head dim 4): a fast path without autograd
     wrong past 16 tokens (an inference-only chunked form), at more heads or another head dim passed."""
     if set(problem_kwargs) & set(PLUGIN_CHECK_SHAPE):  # a shape given: that shape only
@@ -2149,6 +2150,47 @@ def _check_default_shapes(
         if without_grad:
             problem = make_problem(model, loss, seed=check.seed, **options).for_rule(check.rule)
             check_update_rule_without_grad(check.rule, problem, check.cut_points, check.tolerance)
+    _check_rule_long_call(check, model, loss, {**problem_kwargs, **given}, first_model, without_grad)
+
+
+def _check_rule_long_call(
+    check: _RuleCheck,
+    model: InnerModel,
+    loss: InnerLoss,
+    options: dict,
+    first_model: bool,
+    without_grad: bool,
+) -> None:
+    """:func:`check_update_rule`'s long call on ``model`` (no shape given): at :data:`LONG_CALL_SHAPE`, one
+    call against the same tokens in pieces (:func:`check_long_call_as_pieces`), with the most the rule
+    takes; on the ``first_model`` plain too, and for the richest variant there the gradients (with
+    ``check.gradients``) and the values under the no-grad modes (with ``without_grad``). Without the inner
+    LayerNorm (residual off unless given): over thousands of tokens its normalising of weights that a full
+    reset or a strong decay brings near zero makes make_problem's problems chaotic (seed 0, dual_form with
+    decay: float32 and float64 apart by O(1) from token ~640; plain, some losses and seeds too), so a right
+    rule's two runs part by amplified rounding; without it they agree to ~1e-16 (every built-in rule, model,
+    loss and variant, seeds 0-2). Skipped when the caller gives ``norm=True`` (a rule that needs it); at
+    make_problem's rates whatever ``max_lr`` is given (the case is about the call's length, and large rates
+    without the LayerNorm diverge over thousands of tokens)."""
+    if options.get("norm", False):
+        return
+    options = {k: v for k, v in options.items() if k != "max_lr"}
+    variants = rule_variants(check.rule)
+    chosen = ([variants[0]] if first_model and len(variants) > 1 else []) + variants[-1:]
+    wrapping = {"norm": False, "residual": options.get("residual", False)}
+    for variant in chosen:
+        problem_options = {**options, **LONG_CALL_SHAPE, **wrapping, **variant}
+        problem = make_problem(model, loss, seed=check.seed, **problem_options).for_rule(check.rule)
+        full = first_model and variant is variants[-1]
+        try:
+            check_long_call_as_pieces(
+                check.rule, problem, check.tolerance, check.gradients and full, without_grad and full
+            )
+        except AssertionError as error:
+            error.add_note(
+                f"repro: p = {_problem_text(problem)}.for_rule(rule); check_long_call_as_pieces(rule, p)"
+            )
+            raise
 
 
 def _refuse_variant_kwargs(function: str, problem_kwargs: dict, tolerance: Any = FLOAT64_TOLERANCE) -> float:
@@ -2322,7 +2364,8 @@ def _check_rule_far_into_sequence(
     """The rule from a state :data:`FAR_MINI_BATCHES` mini-batches into its sequence (every variant it
     takes; whole and cut where ``check`` says) equals its reference from that state.
     A rule reads the position only modulo the mini-batch size; every other check starts at position 0
-    and runs at most 150 tokens, so a rule wrong only past some position (a per-position table, a
+    and runs at most 150 tokens against the reference (the long call, :data:`LONG_CALL_SHAPE`, against
+    the rule itself in pieces), so a rule wrong only past some position (a per-position table, a
     position kept in a narrow type) passed them all (review s48l)."""
     rule = check.rule
     for variant in rule_variants(rule):
@@ -2345,6 +2388,73 @@ def _check_rule_far_into_sequence(
                 _assert_close_to_reference(
                     out, state, expected_out, expected_state, what, check.tolerance, float32_error
                 )
+
+
+#: The shape :func:`check_update_rule` also runs a rule at when no shape is given, on every model (first
+#: loss and wrapping): one call of 2063 tokens (past 2048, a layer's ``inference_chunk_size`` and a usual
+#: training length, and past 64 mini-batches of 32; ending mid-mini-batch), compared with the same tokens
+#: in pieces of at most :data:`LONG_CALL_PIECE` tokens (:func:`check_long_call_as_pieces`). Every other
+#: shape runs at most 150 tokens: a rule wrong only for longer calls (an internal block of 256 or 1024
+#: tokens that drops its carry, a cumulative sum kept in a narrow type) passed them all (review s61).
+LONG_CALL_SHAPE: dict[str, int] = {
+    "batch": 2,
+    "heads": 2,
+    "head_dim": 3,
+    "tokens": 2063,
+    "mini_batch_size": 64,
+}
+
+#: The longest piece :func:`check_long_call_as_pieces` feeds a long call's tokens in: no longer than the
+#: calls :data:`LONG_CHECK_SHAPE` checks against the reference, and not a multiple of any mini-batch size
+#: above 1 (each piece after the first starts inside a mini-batch).
+LONG_CALL_PIECE = 149
+
+
+def check_long_call_as_pieces(
+    rule: UpdateRule | str,
+    problem: InnerProblem,
+    tolerance: float = FLOAT64_TOLERANCE,
+    gradients: bool = True,
+    without_grad: bool = True,
+) -> None:
+    """``rule`` over ``problem``'s tokens in one call equals it fed the same tokens in pieces of at most
+    :data:`LONG_CALL_PIECE` tokens, each continuing the state the one before returned: outputs, final
+    state and (with ``gradients``) the gradients w.r.t. every input (:func:`_differentiable_inputs`),
+    and (with ``without_grad``) the one call's values under ``torch.no_grad()`` and
+    ``torch.inference_mode()`` too. The pieces are what the reference checks (calls of up to 150 tokens,
+    whole and cut); the naive loop itself, a token at a time with autograd, costs ~2 ms a token, too slow
+    for a call of thousands: so a rule wrong only for long calls is caught by this comparison, one wrong
+    for every call from some position on is not (the far-position check meets that)."""
+    rule = _named("update_rule", rule)
+    tolerance = checked_tolerance("check_long_call_as_pieces", tolerance)
+    tokens = problem.views.query.shape[2]
+    cuts = list(range(LONG_CALL_PIECE, tokens, LONG_CALL_PIECE))
+    what = f"{rule.name} ({problem.task.model.name}, {problem.task.loss.name}, {_options_text(problem)})"
+    wanted = f"in pieces of at most {LONG_CALL_PIECE} tokens (cut at {cuts[:3]}...{cuts[-1:]})"
+    one = f"{what} in one call of {tokens} tokens"
+    pieces: list[tuple[torch.Tensor, TTTState]] = []
+
+    def compare(how: str, out: torch.Tensor, state: TTTState) -> None:  # the first run: the pieces
+        if not pieces:
+            pieces.append((out.detach(), state.detach()))
+            return
+        told = f"{what} {how.rstrip(', ')} vs {wanted}, at {_shape_text(problem)}"
+        assert_close(out, pieces[0][0], told, tolerance)
+        assert_states_close(state, pieces[0][1], told, tolerance)
+
+    runs = {
+        "in pieces, ": lambda ruled: run_in_chunks(rule, ruled, cuts, f"{what} {wanted}"),
+        f"in one call of {tokens} tokens, ": lambda ruled: run_in_chunks(rule, ruled, [], one),
+    }
+    if gradients:  # one forward each for the values and the gradients
+        _assert_gradients_alike(problem, runs, f"that {wanted}", rule.name, tolerance, compare)
+    else:
+        for how, run in runs.items():
+            compare(how, *run(problem))
+    for label, mode in NO_GRAD_MODES if without_grad else ():
+        with mode():
+            out, state = run_in_chunks(rule, problem, [], f"{one} under {label}")
+        compare(f"in one call of {tokens} tokens under {label}", out, state)
 
 
 def _check_rule_without_grad(
@@ -2661,20 +2771,38 @@ def check_update_rule_gradients_match_naive(
     trains wrongly even when its forward values are right, and one that detaches what it is given in
     a carried state (its weights, pending sums, momentum, decay product or loss carry) trains wrongly
     through a state carried between calls."""
+    cuts = default_cuts(problem) if cut_points is None else cut_points
+    runs = {
+        "": lambda ruled: finite_expected(ruled, rule),
+        "whole, ": lambda ruled: ruled.run(rule),
+        f"cut at {cuts}, ": lambda ruled: run_in_chunks(rule, ruled, cuts),
+    }
+    _assert_gradients_alike(problem, runs, f"that of {reference_name(rule)}", rule.name, tolerance)
+
+
+def _assert_gradients_alike(
+    problem: InnerProblem,
+    runs: dict[str, Callable[[InnerProblem], tuple[torch.Tensor, TTTState]]],
+    wanted_of: str,
+    who: str,
+    tolerance: float,
+    on_run: Callable[[str, torch.Tensor, TTTState], None] | None = None,
+) -> None:
+    """The gradients of one random projection of the outputs and final weights of each of ``runs`` (each
+    given ``problem`` with every differentiable input a leaf, :func:`_differentiable_inputs`) equal those
+    of the first run (named ``wanted_of`` in a message), within ``tolerance``, else an AssertionError
+    naming ``who``, the run (its key) and the input. ``on_run(key, outputs, state)``, if given, sees each
+    run's values first (one forward serves a values check too)."""
     inputs = _differentiable_inputs(problem)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     ruled = _with_inputs(problem, leaves)
-    cuts = default_cuts(problem) if cut_points is None else cut_points
-    runs = {
-        "": lambda: finite_expected(ruled, rule),
-        "whole, ": lambda: ruled.run(rule),
-        f"cut at {cuts}, ": lambda: run_in_chunks(rule, ruled, cuts),
-    }
     generator = torch.Generator().manual_seed(2)
     gradients, probes = {}, None
     with torch.enable_grad():
         for how, run in runs.items():
-            out, state = run()
+            out, state = run(ruled)
+            if on_run is not None:
+                on_run(how, out, state)
             outputs = [out, *state.current_weights(ruled.tau).values()]
             if probes is None:
                 probes = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in outputs]
@@ -2683,13 +2811,13 @@ def check_update_rule_gradients_match_naive(
             gradients[how] = [
                 torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves.values(), strict=True)
             ]
-    wanted = gradients.pop("")
+    wanted = gradients.pop(next(iter(runs)))
     task = problem.task
     for how, got in gradients.items():
         for name, got_one, wanted_one in zip(leaves, got, wanted, strict=True):
             what = (
-                f"{rule.name} ({task.model.name}, {task.loss.name}, {how}{_shape_text(problem)}): "
-                f"gradient w.r.t. {name} vs that of {reference_name(rule)}"
+                f"{who} ({task.model.name}, {task.loss.name}, {how}{_shape_text(problem)}): "
+                f"gradient w.r.t. {name} vs {wanted_of}"
             )
             assert_close(got_one, wanted_one, what, tolerance)
 

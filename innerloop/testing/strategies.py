@@ -270,7 +270,7 @@ def problems(
     ``max_batch``: a plugin wrong for the third sequence is caught), ``heads`` (up to ``max_heads``:
     past the fourth by default), ``head_dim`` (odd ones and 1 by default), ``tokens`` (up to
     ``max_tokens``: longer than a plugin's internal blocks of 16 or 32; ``check_update_rule`` without
-    a shape also runs a 150-token call) and ``mini_batch_size``.
+    a shape also runs a 150-token call, and a 2063-token one against itself in pieces) and ``mini_batch_size``.
 
     The simplest example (hypothesis's first, and where it shrinks a failure towards) is a rich one: 2
     sequences, 2 heads, the first of ``head_dims`` (5 by default), 13 tokens and a mini-batch of 3 (four

@@ -5,6 +5,9 @@
   given, every model also runs one call of LONG_CALL_SHAPE (2063 tokens) against the same tokens in pieces
   of at most LONG_CALL_PIECE (check_long_call_as_pieces): values, and on the first model the gradients and
   the values under no_grad / inference_mode.
+- A loss whose token_loss or token_loss_grad draws fresh noise was refused as one that mixes sequences;
+  check_loss_gradient (check_inner_loss, and check_update_rule given a loss) now calls each twice first and
+  names it as not deterministic.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.plugins.optimizers.momentum import Momentum
 from innerloop.testing import check_update_rule, make_problem
@@ -21,6 +25,8 @@ from innerloop.testing.checks import (
     LONG_CALL_PIECE,
     LONG_CALL_SHAPE,
     check_long_call_as_pieces,
+    check_loss_gradient,
+    check_token_loss_deterministic,
 )
 
 
@@ -130,3 +136,46 @@ def test_check_update_rule_runs_the_long_call() -> None:
             rule, "linear", "reconstruction", gradients=False, without_grad=False, norm=False, residual=False
         )
     assert "check_long_call_as_pieces(rule, p)" in "\n".join(getattr(caught.value, "__notes__", []))
+
+
+class _NoisyTokenLoss(Reconstruction):
+    """token_loss and its closed form scaled by a fresh draw of torch's global RNG on every call."""
+
+    name = "s61_noisy_token_loss"
+
+    def token_loss(self, prediction, target):  # noqa: ANN001, ANN201, D102
+        return super().token_loss(prediction, target) * (1 + 1e-3 * torch.rand(()).item())
+
+    def token_loss_grad(self, prediction, target):  # noqa: ANN001, ANN201, D102
+        return super().token_loss_grad(prediction, target) * (1 + 1e-3 * torch.rand(()).item())
+
+
+class _NoisyClosedForm(Reconstruction):
+    """token_loss right; its closed form with noise far below check_loss_gradient's tolerance: named as not
+    deterministic, not as a wrong closed form or a mixing one."""
+
+    name = "s61_noisy_closed_form"
+
+    def token_loss_grad(self, prediction, target):  # noqa: ANN001, ANN201, D102
+        return super().token_loss_grad(prediction, target) + 1e-14 * torch.randn(
+            prediction.shape, dtype=prediction.dtype
+        )
+
+
+@pytest.mark.parametrize(
+    ("loss", "method"), [(_NoisyTokenLoss(), "token_loss"), (_NoisyClosedForm(), "token_loss_grad")]
+)
+def test_a_loss_drawing_fresh_noise_is_named_as_not_deterministic(loss: Reconstruction, method: str) -> None:
+    """It was refused as a loss that mixes sequences ('token_loss of 3 sequences in one call vs each of the
+    sequences alone'): the first check that called it twice."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 2, 6, 4, generator=generator, dtype=torch.float64)
+    prediction = target + torch.randn(target.shape, generator=generator, dtype=torch.float64)
+    with pytest.raises(AssertionError, match=rf"^{loss.name}: {method}\(\) is not deterministic"):
+        check_loss_gradient(loss, prediction, target)
+
+
+def test_a_loss_giving_nan_alike_on_both_calls_is_deterministic() -> None:
+    loss = Reconstruction()
+    target = torch.full((1, 1, 2, 3), float("nan"), dtype=torch.float64)
+    check_token_loss_deterministic(loss, target.clone(), target)  # NaN in both calls: the same

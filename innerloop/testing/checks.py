@@ -10,11 +10,13 @@ measured error when the plugin breaks a property every TTT plugin must have:
   chunk by chunk (cut anywhere) and token by token with the carry, from the initial carry and from a
   carried-on one, equal the pairs of the whole; autograd's derivatives of the pairs (and the carry)
   w.r.t. the views equal finite differences; the per-token gradient equals autograd, and autograd's
-  derivatives of ``token_loss`` equal finite differences;
+  derivatives of ``token_loss`` equal finite differences; ``pairs``, ``token_loss`` and ``token_loss_grad``
+  give the same numbers on two calls with the same arguments (no fresh noise);
   the primal form with this loss equals the naive loop.
 - :func:`check_update_rule`: the rule equals the naive loop (or the token-by-token reference it
   declares, ``UpdateRule.reference``: another inner optimizer), and any split of a sequence with the
-  state carried equals the whole sequence; with random decay and momentum too where the rule takes
+  state carried equals the whole sequence (and, with no shape given, one call of 2063 tokens equals
+  the same tokens in pieces, :func:`check_long_call_as_pieces`); with random decay and momentum too where the rule takes
   them, and a decay or momentum of 0 equals the plain rule (:func:`check_zero_decay_and_momentum`);
   for every built-in loss and layer wrapping (norm, residual on and off) unless told one; and the
   gradients w.r.t. every input equal the naive loop's
@@ -824,6 +826,26 @@ def check_loss_leaves_inputs(
         )
 
 
+def check_token_loss_deterministic(loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor) -> None:
+    """``loss.token_loss`` and ``loss.token_loss_grad`` give the same values, bit for bit, on two calls with
+    the same prediction and target (detached copies), else an AssertionError naming the method. Before
+    (review s61), a loss drawing fresh noise in them was refused as one mixing sequences ('token_loss of 3
+    sequences in one call vs each of the sequences alone'), the first check to call it twice."""
+    for method in ("token_loss", "token_loss_grad"):
+        first, second = (
+            getattr(loss, method)(prediction.detach().clone(), target.detach().clone()) for _ in range(2)
+        )
+        same = _same(first, second) or (
+            first.shape == second.shape and bool(((first == second) | (first.isnan() & second.isnan())).all())
+        )  # a NaN where the other call has one too is the same (the finiteness checks name it)
+        if not same:
+            raise AssertionError(
+                f"{loss.name}: {method}() is not deterministic: the same prediction and target gave different "
+                "values on two calls (it must be a function of its arguments only: no fresh random noise, no "
+                "counter; the rules and their references call it on different paths and would disagree)"
+            )
+
+
 def check_loss_gradient(
     loss: InnerLoss, prediction: torch.Tensor, target: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE
 ) -> None:
@@ -841,6 +863,7 @@ def check_loss_gradient(
     target = target.detach().double().requires_grad_(True)
     # first: a write into the prediction is a torch error below
     check_loss_leaves_inputs(loss, prediction, target)
+    check_token_loss_deterministic(loss, prediction, target)  # before: a noisy loss reads as a mixing one
     check_token_loss_per_token(
         loss, prediction, target, tolerance
     )  # before the gradient: it names a mixing loss

@@ -184,6 +184,26 @@ def test_a_cache_stays_a_value_when_decoded_from_twice() -> None:
     assert torch.equal(first, again)
 
 
+def test_a_decoded_cache_continued_twice_keeps_the_first_continuations_keys() -> None:
+    """A cache that lives in a room (a token decoded without autograd) continued twice: the second
+    continuation finds the room's next positions written by the first and copies, so the first one's
+    cache still holds its own keys when it is continued (without the room's fill check the second wrote
+    over them, and the first continuation read the other token's key and value: review s61, mutant A3)."""
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(16, 2, None).double()
+    x, other = torch.randn(2, 12, 16, dtype=torch.float64), torch.randn(2, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        whole, _ = layer(x)
+        _, state = layer(x[:, :8])
+        _, state = layer(x[:, 8:9], state)  # the cache now lives in a room
+        assert state._room is not None
+        _, first = layer(x[:, 9:10], state)  # written in place into the room
+        _, second = layer(other, state)  # the same next position: must not be written over
+        continued, _ = layer(x[:, 10:], first)
+    assert (continued - whole[:, 10:]).abs().max().item() <= 1e-12
+    assert first.key.data_ptr() != second.key.data_ptr()
+
+
 def test_with_autograd_the_cache_is_concatenated_and_gradients_flow() -> None:
     torch.manual_seed(0)
     layer = CausalSelfAttention(16, 2, None).double()

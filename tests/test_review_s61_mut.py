@@ -5,6 +5,8 @@ Every test passes on the code as it is and fails on the mutant named in its docs
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,3 +40,26 @@ def test_mini_batch_rules_with_decay_equal_the_naive_token_loop(rule: str, model
     _assert_close(got, want, f"{rule} on {model}: outputs")
     for key, value in want_state.params.items():
         _assert_close(state.params[key], value, f"{rule} on {model}: params[{key!r}]")
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("rule", ["dual_form", "minibatch_gd"])
+def test_run_scan_reads_a_hand_made_states_pending_sums_at_a_boundary_as_zero(rule: str, tokens: int) -> None:
+    """run_scan's promise (its comment; tests/core/test_pending_at_a_boundary.py's docstring: "ops.scan,
+    below the layer, still reads them as zero"): at a mini-batch boundary the pending sums are zero by
+    definition, whatever a hand-made state holds, on a whole call and on one decoded token alike. The
+    layer refuses such a state before the scan, so no test reached the scan with one: dropping the
+    zeroing (mutant S14) let a decoded token add the noise to its weights, silently."""
+    registry = get_registry()
+    problem = make_problem("linear", "reconstruction", tokens=tokens, mini_batch_size=3, seed=4)
+    assert problem.state.position % 3 == 0
+    generator = torch.Generator().manual_seed(5)
+    noise = {
+        k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in problem.state.pending.items()
+    }
+    edited = replace(problem, state=replace(problem.state, pending=noise))
+    want, want_state = problem.run(registry.update_rule(rule))
+    got, state = edited.run(registry.update_rule(rule))
+    _assert_close(got, want, f"{rule}, {tokens} token(s): outputs")
+    for key, value in want_state.params.items():
+        _assert_close(state.params[key], value, f"{rule}, {tokens} token(s): params[{key!r}]")

@@ -399,3 +399,39 @@ def test_verify_says_what_training_the_kernel_takes():
     assert make_verify(DEEPER)(inputs()) is None
     assert "differentiable once only" in make_verify(LINEAR)(inputs(needs_double_backward=True))
     assert make_verify(MLPModel().stack)(inputs(requires_grad=False)) is None
+
+
+def test_the_scans_backward_leaves_the_callers_gradients_alone_and_reads_their_strides():
+    """The compiled scan's backward turns d loss / d last weights into d loss / d weight in place: on a
+    copy of the gradient it is given, not on the caller's tensor (``torch.autograd.grad``'s
+    ``grad_outputs``); and it reads a gradient of the outputs given as a strided view as that view, not
+    as its memory. (Review s61: writing into the given gradient, mutant K3, and passing a strided one
+    to the kernel as it is, mutant K1, passed every test: the fused path hands the scan fresh,
+    contiguous gradients.)"""
+    generator = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    num_mb, pairs, k, inputs, f = 2, 3, 4, 5, 4
+    leaves = [
+        rnd(num_mb, pairs, 2 * k, inputs),  # both
+        0.1 * rnd(num_mb, pairs, k + inputs, k),  # left
+        rnd(num_mb, pairs, k, f),  # shift
+        1.0 + 0.1 * rnd(pairs, 1, f),  # gamma_sq
+        0.3 * rnd(pairs, inputs, f),  # weight
+    ]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    z, last = compiled_linear_scan(*leaves, 1e-6)
+    grad_z, grad_last = rnd(*z.shape), rnd(*last.shape)
+    kept = grad_last.clone()
+    grads = torch.autograd.grad((z, last), leaves, (grad_z, grad_last), retain_graph=True)
+    assert all(g.abs().max() > 0 for g in grads)
+    assert torch.equal(grad_last, kept)  # the caller's gradient is not written into
+    strided_z = rnd(*z.shape[:-1], 2 * f)[..., ::2]  # a view with a stride of 2 in its last dim
+    strided = torch.autograd.grad((z, last), leaves, (strided_z, grad_last))
+    again = torch.autograd.grad(
+        compiled_linear_scan(*leaves, 1e-6), leaves, (strided_z.contiguous(), grad_last)
+    )
+    for got, want in zip(strided, again, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

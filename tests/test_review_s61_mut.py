@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from innerloop.ops import scan
 from innerloop.registry import get_registry
 from innerloop.testing import make_problem
 
@@ -63,3 +64,36 @@ def test_run_scan_reads_a_hand_made_states_pending_sums_at_a_boundary_as_zero(ru
     _assert_close(got, want, f"{rule}, {tokens} token(s): outputs")
     for key, value in want_state.params.items():
         _assert_close(state.params[key], value, f"{rule}, {tokens} token(s): params[{key!r}]")
+
+
+def test_next_token_pairs_each_token_with_the_previous_key_and_none_at_a_sequence_start() -> None:
+    """ops.scan with the next_token loss equals the reconstruction loss on the pairs it documents, built
+    here by hand: token t's input is key t - 1, and the first token of a sequence, which has no
+    previous key, takes no step (lr 0). Dropping that zeroing (mutant NT2: the first token trained
+    g(0) -> v_0) passed tests/core/test_invariances.py and tests/family/test_scan.py, which compare
+    paths that all read the same pairs."""
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 7, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    lr = 0.3 * torch.rand(2, 2, 7, generator=generator, dtype=torch.float64)
+    options = {"mini_batch_size": 3, "token_scale": torch.tensor([1.0, 0.6, 0.4], dtype=torch.float64)}
+    got, weights = scan(q, k, v, lr, inner_loss="next_token", **options)
+    previous = torch.cat([torch.zeros_like(k[:, :, :1]), k[:, :, :-1]], dim=2)
+    first_free = torch.cat([torch.zeros_like(lr[..., :1]), lr[..., 1:]], dim=-1)
+    want, want_weights = scan(q, previous, v, first_free, inner_loss="reconstruction", **options)
+    _assert_close(got, want, "next_token outputs")
+    for key in ("W1", "b1"):
+        _assert_close(weights[key], want_weights[key], f"next_token weights[{key!r}]")
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_the_inner_models_start_from_the_papers_initialisation(name: str) -> None:
+    """TTT-Linear's and TTT-MLP's inner weights start as the paper's (their docstrings): each weight
+    matrix normal(0, 0.02), each bias zero. Nothing checked the scale: 0.03 (mutant MD1) passed
+    tests/core/test_invariances.py and test_layer_trust.py."""
+    params = get_registry().inner_model(name).init_params(8, 64, generator=torch.Generator().manual_seed(7))
+    for key, value in params.items():
+        if key.startswith("b"):
+            assert torch.equal(value, torch.zeros_like(value)), key
+        else:  # at least 32,768 draws: the sample's std is within 1.5% of 0.02 (about 4 standard errors)
+            assert abs(value.mean().item()) < 1e-3, key
+            assert abs(value.std().item() / 0.02 - 1) < 0.015, (key, value.std().item())

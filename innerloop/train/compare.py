@@ -99,8 +99,8 @@ from innerloop.train.run import (
     run_of_checkpoint,
     run_of_checkpoint_and_why,
     schedule_arguments,
-    tokens_digest,
     training_seq_len,
+    windows_reproduce_line,
 )
 
 log = logging.getLogger(__name__)
@@ -422,10 +422,7 @@ def reproduction_lines(
         f"{checkpoint_content_digest(model.checkpoint)[:16]})"
         for model in comparison.models
     ]
-    lines += [
-        f"T={w.inputs.shape[1]}: {counted(len(w.inputs), 'window')}, tokens SHA-256 {tokens_digest(w)}"
-        for w in every_windows
-    ]
+    lines += [windows_reproduce_line(windows) for windows in every_windows]
     lines.append(
         f"command (in {os.getcwd()}): `{_compare_command(comparison, every_windows, paths, split, batches)}`"
     )

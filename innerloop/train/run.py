@@ -2333,6 +2333,12 @@ def reproduction_header() -> str:
     )
 
 
+def windows_reproduce_line(windows: EvaluationWindows) -> str:
+    """A ``Reproduce:`` line of ``windows`` (eval's and compare's): their length, count and
+    :func:`tokens_digest`, e.g. ``T=32: 1 window, tokens SHA-256 0123456789abcdef``."""
+    return f"T={windows.inputs.shape[1]}: {counted(len(windows.inputs), 'window')}, tokens SHA-256 {tokens_digest(windows)}"
+
+
 def tokens_digest(windows: EvaluationWindows) -> str:
     """16 hex digits of the SHA-256 of ``windows``' inputs and targets (shape, dtype and values)."""
     digest = hashlib.sha256()
@@ -2354,11 +2360,11 @@ def evaluation_record(
 ) -> str:
     """An evaluation's ``<stem>.md``: its title, perplexity and loss, and under ``Reproduce:`` the versions
     (:func:`reproduction_header`), the checkpoint's path and content SHA-256, the windows' count and
-    SHA-256 (:func:`tokens_digest`) and the ``innerloop eval`` command that scores them again."""
+    SHA-256 (:func:`windows_reproduce_line`) and the ``innerloop eval`` command that scores them again."""
     lines = [
         reproduction_header(),
         f"{os.path.abspath(checkpoint)} (content SHA-256 {checkpoint_content_digest(checkpoint)[:16]})",
-        f"T={windows.inputs.shape[1]}: {counted(len(windows.inputs), 'window')}, tokens SHA-256 {tokens_digest(windows)}",
+        windows_reproduce_line(windows),
         f"command (in {os.getcwd()}): `{command}`",
     ]
     return (

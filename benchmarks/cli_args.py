@@ -112,18 +112,24 @@ def check_compile_backend(
         parser.error(f"{flag} {backend!r} is not a torch.compile backend; valid: {valid}{otherwise}")
 
 
-def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+def add_layer_arguments(
+    parser: argparse.ArgumentParser, *, mini_batch: bool = True, batch: bool = True
+) -> None:
     """The options of one layer's shape and its run that the layer benchmarks share: ``--hidden``,
-    ``--heads``, ``--mini-batch``, ``--batch`` and ``--threads`` (check them with :func:`check_heads`)."""
+    ``--heads``, ``--mini-batch`` (unless ``mini_batch`` is False: a benchmark with no TTT mini-batch),
+    ``--batch`` (unless ``batch`` is False: a benchmark that runs B=1 only) and ``--threads`` (check them
+    with :func:`check_heads`)."""
     parser.add_argument("--hidden", type=positive_int, default=768, help="model width D (default: 768)")
     parser.add_argument("--heads", type=positive_int, default=12, help="heads H (default: 12)")
-    parser.add_argument(
-        "--mini-batch",
-        type=int_range(1, MAX_MINI_BATCH_SIZE),
-        default=16,
-        help="TTT mini-batch size K (default: 16)",
-    )
-    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call B (default: 1)")
+    if mini_batch:
+        parser.add_argument(
+            "--mini-batch",
+            type=int_range(1, MAX_MINI_BATCH_SIZE),
+            default=16,
+            help="TTT mini-batch size K (default: 16)",
+        )
+    if batch:
+        parser.add_argument("--batch", type=positive_int, default=1, help="sequences per call B (default: 1)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default: 2)")
 
 

@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from innerloop.core.layer import MAX_MINI_BATCH_SIZE
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
-from cli_args import check_distinct, check_heads, int_range, positive_int  # noqa: E402
+from cli_args import add_layer_arguments, check_distinct, check_heads, positive_int  # noqa: E402
 from ttt_paths import PATHS, paths_taken, print_table, record_paths, ttt_layers  # noqa: E402
 
 
@@ -67,19 +65,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--tokens", type=positive_int, default=128, help="tokens decoded per round")
+    parser.add_argument(
+        "--contexts",
+        type=positive_int,
+        nargs="+",
+        default=[2048, 8192],
+        help="prompt lengths prefilled before decoding, one column each (default: 2048 8192)",
+    )
+    parser.add_argument(
+        "--tokens", type=positive_int, default=128, help="tokens decoded per round (default: 128)"
+    )
     parser.add_argument(
         "--repeats",
         type=positive_int,
         default=5,
-        help="rounds, each from the state after the prefill and a warm-up token",
+        help="rounds, each from the state after the prefill and a warm-up token (default: 5)",
     )
-    parser.add_argument("--hidden", type=positive_int, default=768)
-    parser.add_argument("--heads", type=positive_int, default=12)
-    parser.add_argument("--mini-batch", type=int_range(1, MAX_MINI_BATCH_SIZE), default=16)
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--paths", nargs="+", default=["auto", "torch"], choices=PATHS)
+    add_layer_arguments(parser, batch=False)  # B=1: one stream decoding
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["auto", "torch"],
+        choices=PATHS,
+        help="TTT paths to time, one row each (default: auto torch)",
+    )
     args = parser.parse_args(argv)
     check_heads(parser, args.hidden, args.heads)
     check_distinct(parser, "--contexts", args.contexts)

@@ -45,7 +45,15 @@ from innerloop.core import family_layers
 from innerloop.kernels.delta_chunk import chunk_delta_rule, delta_rule_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import check_distinct, check_heads, json_path, non_negative_int, positive_int, write_json  # noqa: E402
+from cli_args import (  # noqa: E402
+    add_layer_arguments,
+    check_distinct,
+    check_heads,
+    json_path,
+    non_negative_int,
+    positive_int,
+    write_json,
+)
 from ttt_paths import paths_taken, record_paths  # noqa: E402
 
 
@@ -169,16 +177,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tokens", type=positive_int, default=2048)
-    parser.add_argument("--hidden", type=positive_int, default=768)
-    parser.add_argument("--heads", type=positive_int, default=12)
-    parser.add_argument("--batch", type=positive_int, default=1)
-    parser.add_argument("--chunk-sizes", type=positive_int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--tokens", type=positive_int, default=2048, help="sequence length T (default: 2048)")
+    add_layer_arguments(parser, mini_batch=False)  # the delta rule's unit is --chunk-sizes
+    parser.add_argument(
+        "--chunk-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[32, 64, 128],
+        help="chunk sizes C of the chunked delta rule, one DeltaNet row each (default: 32 64 128)",
+    )
     parser.add_argument(
         "--loop-tokens", type=non_negative_int, default=256, help="length for the token loop (0: skip it)"
     )
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed rounds, each running every layer once (default: 5)",
+    )
     parser.add_argument(
         "--flush-denormal",
         action="store_true",

@@ -278,8 +278,10 @@ def running_products(factors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return within, torch.cumprod(factors, dim=-1)
 
 
-# exp of this is 0 in float64 (and below): a log gate of -inf (a full reset) is clamped to it, so that
-# differences of cumulated logs stay finite (-inf - -inf would be NaN); the products are unchanged
+# exp of this is 0 in float64 (and below): a log gate of -inf (a full reset) is clamped to it, so no -inf
+# enters the running sums. Values and derivatives are the same either way (exp gives 0, and each factor
+# comes from its own segment's sum, log_segment_sums, never from a difference of two running sums, where
+# -inf - -inf would be NaN)
 LOG_GATE_FLOOR = -800.0
 
 

@@ -45,13 +45,16 @@ EVERY_ELEMENT = {**TOLERANCE, "fast_mode": False}
 STATE_GROUPS = ("params", "pending", "conv_history", "momentum", "decay")
 
 
-def _layer(seed: int = 0, **options) -> TTTLayer:
+def _layer(seed: int = 0, hidden_size: int = 8, num_heads: int = 2, **options) -> TTTLayer:
     torch.manual_seed(seed)
-    return perturbed_in_float64(TTTLayer(hidden_size=8, num_heads=2, **options), seed + 1, 0.1)
+    return perturbed_in_float64(
+        TTTLayer(hidden_size=hidden_size, num_heads=num_heads, **options), seed + 1, 0.1
+    )
 
 
-def _x(batch: int, tokens: int, seed: int = 5) -> torch.Tensor:
-    return torch.randn(batch, tokens, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+def _x(batch: int, tokens: int, seed: int = 5, width: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, width, dtype=torch.float64, generator=generator)
 
 
 def _gradcheck_parameters(module, inputs, names, call, tolerance=TOLERANCE) -> None:
@@ -102,14 +105,20 @@ def _with(state, keys, values):
     ],
 )
 def test_layer_gradcheck_input_and_every_parameter(model, kernel):
-    """T = 5 with K = 2: two whole mini-batches on the kernel, then a decoded token on torch."""
-    layer = _layer(inner_model=model, mini_batch_size=2, kernel=kernel)
+    """T = 5 with K = 2: two whole mini-batches on the kernel, then a decoded token on torch. The torch
+    path of TTT-Linear element by element at one head of 4 (D = 4: a quarter of the D x D projections'
+    elements, each one a pair of calls; a head dim of 4 as the others', where the inner LN is well
+    conditioned); several heads through the torch path's gradients are gradchecked element by element by
+    tests/core/test_invariances.py::test_outer_gradients_pass_gradcheck."""
+    every_element = (model, kernel) == ("linear", "torch")
+    width, heads = (4, 1) if every_element else (8, 2)
+    layer = _layer(inner_model=model, mini_batch_size=2, kernel=kernel, hidden_size=width, num_heads=heads)
     names = [n for n, _ in layer.named_parameters()]
     if model == "mlp":  # the MLP's weights are 4x larger: every parameter but the D x D projections
         names = [n for n in names if not n.endswith("proj.weight")]
-    tolerance = EVERY_ELEMENT if (model, kernel) == ("linear", "torch") else TOLERANCE
+    tolerance = EVERY_ELEMENT if every_element else TOLERANCE
     _gradcheck_parameters(
-        layer, [_x(1, 5)], names, lambda w, x: functional_call(layer, w, (x,))[0], tolerance
+        layer, [_x(1, 5, width=width)], names, lambda w, x: functional_call(layer, w, (x,))[0], tolerance
     )
     assert [path for path, _ in layer.dispatches] == [kernel, "torch"]
 

@@ -12,9 +12,9 @@ from memory_testing import live_tensor_bytes
 from innerloop.models import CausalLM, E2EConfig, ModelConfig, build_model, generate
 
 
-def tiny(mixer: str) -> CausalLM:
+def tiny(mixer: str, num_layers: int = 2) -> CausalLM:
     torch.manual_seed(0)
-    config = ModelConfig(mixer=mixer, hidden_size=32, num_layers=2, num_heads=2, window=8)
+    config = ModelConfig(mixer=mixer, hidden_size=32, num_layers=num_layers, num_heads=2, window=8)
     return CausalLM(config).eval()
 
 
@@ -33,8 +33,9 @@ def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
     # mini-batches of 16, a window of 8: 30 tokens (34 positions) are past both. A cache that grew with
     # the tokens would show at once in the state's bytes, and in the live bytes by 300 tokens: a growing
     # buffer's first room (attention.appended: 5 positions + 256 at the first token after this prompt) is
-    # full by then (304 positions).
-    model = tiny(mixer)
+    # full by then (304 positions). One block: the blocks are alike, and what one block's state or
+    # buffers keep per token shows in the bytes the same (each token costs the model's blocks in turn).
+    model = tiny(mixer, num_layers=1)
     state_30, live_30 = memory_after(model, 30)
     state_300, live_300 = memory_after(model, 300)
     assert state_300 == state_30
@@ -45,8 +46,8 @@ def test_memory_does_not_grow_with_generated_tokens(mixer: str) -> None:
 def test_the_measurement_sees_a_growing_cache() -> None:
     # Full attention keeps every key and value: the same measurement must see it grow. Its buffers grow
     # in steps (a quarter, at least 256 tokens), so at least half the cache's growth shows: at 304
-    # positions the first room (261) has overflowed.
-    model = tiny("attention")
+    # positions the first room (261) has overflowed. One block, as the test above.
+    model = tiny("attention", num_layers=1)
     state_10, live_10 = memory_after(model, 10)
     state_300, live_300 = memory_after(model, 300)
     assert state_300 > 20 * state_10  # 304 keys and values kept against 14

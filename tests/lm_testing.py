@@ -227,3 +227,29 @@ def directional_difference(
         return value
 
     return (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
+
+
+def kill_a_forked_training_run(
+    server, overrides: list[str], checkpoint: Path, after_step: int = 2, timeout_s: float = 180
+) -> int | None:
+    """:func:`kill_a_training_run` with the run forked from the warm ``server`` (tests/block_server.py's
+    ``BlockServer``, the ``block_server`` fixture) instead of started in a fresh interpreter: still a
+    process of its own, killed with SIGKILL (its process group), without the seconds of importing torch
+    and Lightning again. The run's script is written beside the run's folder."""
+    arguments = ["-c", str(after_step), str(timeout_s), *overrides]
+    script = checkpoint.parent.with_name(f"{checkpoint.parent.name}-hold.py")
+    script.write_text(f"import sys\n\nsys.argv = {arguments!r}\n{_HOLD_AFTER_STEP}")
+    job = server.start(script, script.with_suffix(".log"), timeout_s=timeout_s + 60)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while killed_at is None and time.monotonic() < deadline and job.poll() is None:
+            if checkpoint.exists() and load_checkpoint(checkpoint)["global_step"] >= after_step:
+                job.kill()
+                assert job.wait(timeout=60) == -signal.SIGKILL, "the run ended before its kill"
+                killed_at = load_checkpoint(checkpoint)["global_step"]
+            time.sleep(0.02)
+    finally:
+        job.kill()
+        job.wait(timeout=60)
+    return killed_at

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from lm_testing import TINY as TINY_RUN
-from lm_testing import kill_a_training_run
+from lm_testing import kill_a_forked_training_run, kill_a_training_run
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -277,16 +277,22 @@ def _run(path: str, streaming: bool, out: Path) -> list[str]:
             f"trainer.max_steps={STEPS}", f"out_dir={out}"]  # fmt: skip
 
 
-@pytest.mark.slow  # ~35 s each here: three training runs, one of them a subprocess that is killed
+@pytest.mark.slow  # ~35 s each here: three training runs, one of them a process of its own that is killed
 @pytest.mark.parametrize("streaming", [False, True], ids=["arrow", "streaming"])
-def test_a_killed_hf_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path, streaming) -> None:
+def test_a_killed_hf_run_resumes_bit_identical_to_an_uninterrupted_one(
+    tmp_path, streaming, block_server
+) -> None:
     path = _write(tmp_path / "data", "jsonl")
     reference, _ = load_config("tiny", _run(path, streaming, tmp_path / "reference"))
     reference_result = train(reference)
 
     out = tmp_path / "killed"
     checkpoint = out / "last.safetensors"
-    killed_at = kill_a_training_run(_run(path, streaming, out), checkpoint)
+    # the killed run is forked from the warm block server (a process of its own, SIGKILLed) where it forks
+    if block_server.forks:
+        killed_at = kill_a_forked_training_run(block_server, _run(path, streaming, out), checkpoint)
+    else:
+        killed_at = kill_a_training_run(_run(path, streaming, out), checkpoint)
     assert killed_at is not None and killed_at < STEPS, "the run was not killed in the middle"
     assert load_checkpoint(checkpoint)["HFDataModule"]["batch"] == killed_at
 

@@ -184,7 +184,11 @@ def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate
 def _total(config: ModelConfig, name: str, value: int) -> int:
     """The parameter count with ``name = value``; an invalid value counts as its neighbour would, so
     the bisection steps over it (its count grows with the value like the valid ones')."""
-    candidate = _with_width(config, name, value)
-    if candidate is None:
-        candidate = _with_width(config, name, value + (2 * config.num_heads if name == "hidden_size" else 1))
-    return 0 if candidate is None else count_config_parameters(candidate).total
+    for width in (value, value + (2 * config.num_heads if name == "hidden_size" else 1)):
+        try:  # counted once: _with_width's validity test is this count (it built the model twice)
+            total = count_config_parameters(replace(config, **{name: width})).total
+        except ValueError:
+            continue
+        if total > 0:
+            return total
+    return 0

@@ -230,16 +230,19 @@ def directional_difference(
 
 
 def kill_a_forked_training_run(
-    server, overrides: list[str], checkpoint: Path, after_step: int = 2, timeout_s: float = 180
+    server, overrides: list[str], checkpoint: Path, folder: Path, after_step: int = 2, timeout_s: float = 180
 ) -> int | None:
-    """:func:`kill_a_training_run` with the run forked from the warm ``server`` (tests/block_server.py's
-    ``BlockServer``, the ``block_server`` fixture) instead of started in a fresh interpreter: still a
-    process of its own, killed with SIGKILL (its process group), without the seconds of importing torch
-    and Lightning again. The run's script is written beside the run's folder."""
-    arguments = ["-c", str(after_step), str(timeout_s), *overrides]
-    script = checkpoint.parent.with_name(f"{checkpoint.parent.name}-hold.py")
-    script.write_text(f"import sys\n\nsys.argv = {arguments!r}\n{_HOLD_AFTER_STEP}")
-    job = server.start(script, script.with_suffix(".log"), timeout_s=timeout_s + 60)
+    """:func:`kill_a_training_run`, the run forked from the warm interpreter ``server`` (the
+    ``block_server`` fixture, tests/block_server.py: a process of its own, killed with SIGKILL as a fresh
+    one is, without the ~10 s of CPU a fresh interpreter spends importing Lightning), its script and
+    output in ``folder``. Where the server does not fork, :func:`kill_a_training_run` as before."""
+    if not server.forks:
+        return kill_a_training_run(overrides, checkpoint, after_step, timeout_s)
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "hold.py"
+    argv = ["hold", str(after_step), str(timeout_s), *overrides]
+    script.write_text(f"import sys\nsys.argv = {argv!r}\n" + _HOLD_AFTER_STEP)
+    job = server.start(script, folder / "output.txt", timeout_s=timeout_s + 60)
     killed_at = None
     try:
         deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from lm_testing import TINY as TINY_RUN
-from lm_testing import kill_a_forked_training_run, kill_a_training_run
+from lm_testing import kill_a_forked_training_run
 
 from innerloop.cli import main
 from innerloop.config import load_config
@@ -289,10 +289,9 @@ def test_a_killed_hf_run_resumes_bit_identical_to_an_uninterrupted_one(
     out = tmp_path / "killed"
     checkpoint = out / "last.safetensors"
     # the killed run is forked from the warm block server (a process of its own, SIGKILLed) where it forks
-    if block_server.forks:
-        killed_at = kill_a_forked_training_run(block_server, _run(path, streaming, out), checkpoint)
-    else:
-        killed_at = kill_a_training_run(_run(path, streaming, out), checkpoint)
+    killed_at = kill_a_forked_training_run(
+        block_server, _run(path, streaming, out), checkpoint, tmp_path / "job"
+    )
     assert killed_at is not None and killed_at < STEPS, "the run was not killed in the middle"
     assert load_checkpoint(checkpoint)["HFDataModule"]["batch"] == killed_at
 

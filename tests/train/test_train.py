@@ -17,7 +17,7 @@ from lm_testing import (  # the tiny run of the end-to-end tests; a killed run
     TINY,
     PressCtrlC,
     RecordLosses,
-    kill_a_training_run,
+    kill_a_forked_training_run,
 )
 
 from innerloop.cli import main
@@ -127,14 +127,18 @@ def test_a_crashed_run_resumes_to_the_same_losses_and_weights(tmp_path, uninterr
 
 
 @pytest.mark.slow  # ~11 s: training runs in subprocesses, one killed
-def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted) -> None:
+def test_a_killed_process_resumes_to_the_same_result(tmp_path, uninterrupted, block_server) -> None:
     reference, _, reference_metrics = uninterrupted
-    overrides = [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={tmp_path}"]
-    checkpoint = tmp_path / "last.safetensors"
-    killed_at = kill_a_training_run(overrides, checkpoint, timeout_s=120)
+    out = tmp_path / "run"
+    overrides = [*TINY, f"trainer.max_steps={RESUME_STEPS}", f"out_dir={out}"]
+    checkpoint = out / "last.safetensors"
+    # a process of its own, SIGKILLed, forked from the warm interpreter (no ~10 s of Lightning's import)
+    killed_at = kill_a_forked_training_run(
+        block_server, overrides, checkpoint, tmp_path / "job", timeout_s=120
+    )
     assert killed_at is not None and killed_at < RESUME_STEPS, "the run was not killed in the middle"
 
-    run, cfg = load_config(str(tmp_path / "config.yaml"))
+    run, cfg = load_config(str(out / "config.yaml"))
     result = train(run, cfg, resume=True)
     assert result.metrics["val_loss"] == reference_metrics["val_loss"]
     _assert_same_weights(checkpoint, reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from innerloop.config.trainer_args import PLAIN_FLOAT_WORDS, PLAIN_INT_WORDS, plain_number
 from innerloop.core.layer import MAX_MINI_BATCH_SIZE
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write_text
 from innerloop.models.config import SEED_BOUNDS, STEP_BOUNDS
 
@@ -222,3 +224,9 @@ def check_run_configs(parser: argparse.ArgumentParser, runs: Sequence[tuple[str,
             load_config(preset, list(overrides))
         except ConfigError as err:
             parser.error(f"{preset}: {' '.join(str(err).split())}")
+
+
+def cpus() -> str:
+    """The machine's cpu count for a benchmark's header (``"2 cpus"``, ``"1 cpu"``), or that it is unknown."""
+    count = os.cpu_count()
+    return counted(count, "cpu") if count else "an unknown number of cpus"

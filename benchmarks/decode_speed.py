@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from innerloop.core.wording import counted
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
 from cli_args import add_layer_arguments, check_distinct, check_heads, positive_int  # noqa: E402
 from ttt_paths import PATHS, paths_taken, print_table, record_paths, ttt_layers  # noqa: E402
@@ -137,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         {c: f"context {c}" for c in args.contexts},
         results,
         ".3f",
-        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; the median of {args.repeats} rounds' mean "
-        f"over {args.tokens} decoded tokens, {_updates(args.tokens, args.mini_batch)} of them closing a mini-batch "
+        f"B=1 D={args.hidden} H={args.heads} K={args.mini_batch} fp32; the median over {counted(args.repeats, 'round')} of the mean "
+        f"over {counted(args.tokens, 'decoded token')}, {_updates(args.tokens, args.mini_batch)} of them closing a mini-batch "
         "(the inner weights' update)",
         args.threads,
     )

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import platform
 import statistics
 import sys
@@ -45,10 +44,11 @@ from innerloop.core import family_layers
 from innerloop.kernels.delta_chunk import chunk_delta_rule, delta_rule_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import (  # noqa: E402
+from cli_args import (
     add_layer_arguments,
     check_distinct,
     check_heads,
+    cpus,  # noqa: E402
     json_path,
     non_negative_int,
     positive_int,
@@ -159,7 +159,7 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> d
 def print_results(results: dict[str, dict], args: argparse.Namespace) -> None:
     """The machine line, then one markdown row per layer."""
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"\nmachine: {platform.processor() or platform.machine()}, {cpus()}, "
         f"threads={args.threads}; torch {torch.__version__}; B={args.batch} D={args.hidden} H={args.heads} "
         f"fp32, forward + backward; median of {args.repeats}"
         f"{'; flush_denormal' if args.flush_denormal else ''}\n"

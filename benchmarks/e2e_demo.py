@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from innerloop.config import load_config
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write, atomic_write_text
 from innerloop.models import build_model
 from innerloop.testing.memory import peak_cpu_allocation
@@ -209,7 +210,12 @@ def plot(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in results.items():
         middles = [(a + b - 1) / 2 for a, b in r["buckets"]]
-        ax.plot(middles, r["loss_by_position"], marker="o", label=f"{LABELS[name]} ({r['steps']} steps)")
+        ax.plot(
+            middles,
+            r["loss_by_position"],
+            marker="o",
+            label=f"{LABELS[name]} ({counted(r['steps'], 'step')})",
+        )
     ax.axvline(32, color="grey", linestyle=":", label="window (32)")
     ax.set_xlabel("position in the 256-byte context (bucket middle)")
     ax.set_ylabel("validation loss (nats per byte)")
@@ -267,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"streaming": streaming(args.short_tokens, 64, args.threads)}
     s = report["streaming"]
     print(
-        f"streaming peak memory: {s['peak_bytes_short']} B ({s['tokens_short']} tokens) vs "
-        f"{s['peak_bytes_long']} B ({s['tokens_long']} tokens): ratio {s['peak_ratio']:.3f}; "
+        f"streaming peak memory: {s['peak_bytes_short']} B ({counted(s['tokens_short'], 'token')}) vs "
+        f"{s['peak_bytes_long']} B ({counted(s['tokens_long'], 'token')}): ratio {s['peak_ratio']:.3f}; "
         f"state {s['state_bytes_short']} B vs {s['state_bytes_long']} B"
     )
     print("ms per chunk by quarter of the positions:", [f"{t:.2f}" for t in s["ms_per_chunk_by_quarter"]])

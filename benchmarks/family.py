@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from innerloop.config import load_config
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write_text
 from innerloop.train import train
 from innerloop.train.compare import compare, load_compared_model, write_comparison
@@ -181,9 +182,9 @@ def run_benchmark(setting: Setting, presets: tuple[str, ...], seed: int, out: Pa
     _, png, _ = write_comparison(comparison, out)
     return "\n".join(
         [
-            f"(a) corpus: seq_len {setting.seq_len}, {setting.corpus_steps} steps of {setting.corpus_batch_size} "
+            f"(a) corpus: seq_len {setting.seq_len}, {counted(setting.corpus_steps, 'step')} of {setting.corpus_batch_size} "
             f"windows; validation on {setting.corpus_val_batches * setting.corpus_batch_size} windows. "
-            f"(b) recall: {setting.num_pairs} pairs, gap {setting.gap}, {setting.recall_steps} steps of "
+            f"(b) recall: {counted(setting.num_pairs, 'pair')}, gap {setting.gap}, {counted(setting.recall_steps, 'step')} of "
             f"{setting.recall_batch_size} sequences, chance 1/64 = 0.016. Seed {seed}. "
             f"Loss by position: {png.name}.",
             "",

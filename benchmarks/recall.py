@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from innerloop.config import load_config
+from innerloop.core.wording import counted
 from innerloop.data.atomic import atomic_write_text
 from innerloop.train import load_model, train
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     recall = run.data.recall
     table = "\n".join(
         [
-            f"Recall of {recall.num_pairs} pairs after {recall.gap} distractors "
+            f"Recall of {counted(recall.num_pairs, 'pair')} after {counted(recall.gap, 'distractor')} "
             f"(chance 1/64 = 0.016); validation set of {run.data.val_batches * run.data.batch_size} sequences.",
             "",
             "| preset | mixer | seed | parameters | steps | recall accuracy | loss (scored tokens) | wall time |",

@@ -51,12 +51,13 @@ import torch._dynamo
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, layer_speed, ttt_paths: beside this
-from cli_args import (  # noqa: E402
+from cli_args import (
     add_layer_arguments,
     apply_quick,
     check_compile_backend,
     check_distinct,
     check_heads,
+    cpus,  # noqa: E402
     json_path,
     positive_int,
     write_json,
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         by_length[tokens].setdefault(row, {})[name] = args.batch * tokens / median
 
     print(
-        f"\nmachine: {cpu_description()}, {os.cpu_count()} cpus, threads={args.threads}; "
+        f"\nmachine: {cpu_description()}, {cpus()}, threads={args.threads}; "
         f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; B={args.batch} D={args.hidden} "
         f"H={args.heads} K={args.mini_batch}, float32 weights; median of {args.repeats}"
     )

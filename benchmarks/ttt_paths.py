@@ -7,10 +7,10 @@ Paths: ``auto`` (what a user gets; on CPU inference the compiled kernel), ``cpu_
 
 from __future__ import annotations
 
-import os
 import platform
 
 import torch
+from cli_args import cpus  # beside this module, on the path of the script that imports it
 from torch import nn
 
 import innerloop
@@ -74,7 +74,7 @@ def print_table(
 ) -> None:
     """The machine line, then a markdown table of ``results[layer][key]``, ``columns`` {key: header}."""
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, threads={threads}; "
+        f"\nmachine: {platform.processor() or platform.machine()}, {cpus()}, threads={threads}; "
         f"torch {torch.__version__}; {setting}\n"
     )
     print(f"| {title} | " + " | ".join(columns.values()) + " |")

@@ -135,14 +135,14 @@ def count_config_parameters(config: ModelConfig) -> ParameterCounts:
         return count_parameters(build_model(config))
 
 
-def _with_width(config: ModelConfig, name: str, value: int) -> ModelConfig | None:
-    """``config`` with ``name = value``, or None when that config is invalid (e.g. a hidden size the
-    heads do not divide)."""
-    candidate = replace(config, **{name: value})
+def _count_with_width(config: ModelConfig, name: str, value: int) -> int | None:
+    """The parameter count of ``config`` with ``name = value``, or None when that config is invalid (e.g.
+    a hidden size the heads do not divide)."""
     try:
-        return candidate if count_config_parameters(candidate).total > 0 else None
+        total = count_config_parameters(replace(config, **{name: value})).total
     except ValueError:
         return None
+    return total if total > 0 else None
 
 
 def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate_size") -> ModelConfig:
@@ -173,22 +173,20 @@ def size_to_budget(config: ModelConfig, budget: int, adjust: str = "intermediate
             low = middle
         else:
             high = middle
-    candidates = [c for m in (low, high) if (c := _with_width(config, adjust, m * step)) is not None]
-    if not candidates:
+    counts = {m * step: total for m in (low, high) if (total := _count_with_width(config, adjust, m * step))}
+    if not counts:
         raise ValueError(
             f"no valid {adjust} near {low * step} for {config.mixer!r}: cannot size it to {budget}"
         )
-    return min(candidates, key=lambda c: abs(count_config_parameters(c).total - budget))
+    closest = min(counts, key=lambda width: abs(counts[width] - budget))  # the smaller width on a tie
+    return replace(config, **{adjust: closest})
 
 
 def _total(config: ModelConfig, name: str, value: int) -> int:
     """The parameter count with ``name = value``; an invalid value counts as its neighbour would, so
     the bisection steps over it (its count grows with the value like the valid ones')."""
     for width in (value, value + (2 * config.num_heads if name == "hidden_size" else 1)):
-        try:  # counted once: _with_width's validity test is this count (it built the model twice)
-            total = count_config_parameters(replace(config, **{name: width})).total
-        except ValueError:
-            continue
-        if total > 0:
+        total = _count_with_width(config, name, width)
+        if total is not None:
             return total
     return 0

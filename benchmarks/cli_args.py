@@ -12,10 +12,13 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from innerloop.config.trainer_args import PLAIN_FLOAT_WORDS, PLAIN_INT_WORDS, plain_number
 from innerloop.core.layer import MAX_MINI_BATCH_SIZE
@@ -226,7 +229,24 @@ def check_run_configs(parser: argparse.ArgumentParser, runs: Sequence[tuple[str,
             parser.error(f"{preset}: {' '.join(str(err).split())}")
 
 
-def cpus() -> str:
-    """The machine's cpu count for a benchmark's header (``"2 cpus"``, ``"1 cpu"``), or that it is unknown."""
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 matrix units (what the bf16 rows depend on), from Linux's
+    /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    units = [
+        name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX BF16")) if flag in flags
+    ]
+    return f"{model or platform.machine()} ({', '.join(units) or 'no bf16 matrix instructions'})"
+
+
+def machine_line(threads: int) -> str:
+    """The first words of a benchmark's header: the CPU (:func:`cpu_description`), how many cpus the machine
+    has, the torch threads the run used and torch's version (``"machine: ..., 2 cpus, threads=2; torch ..."``)."""
     count = os.cpu_count()
-    return counted(count, "cpu") if count else "an unknown number of cpus"
+    cpus = counted(count, "cpu") if count else "an unknown number of cpus"
+    return f"machine: {cpu_description()}, {cpus}, threads={threads}; torch {torch.__version__}"

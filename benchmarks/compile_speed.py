@@ -45,9 +45,8 @@ from innerloop.models import E2EConfig, build_model
 from innerloop.models.config import TTTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py beside this script
-from cli_args import check_compile_backend, check_heads, cpus, json_path, positive_int, write_json  # noqa: E402
+from cli_args import check_compile_backend, check_heads, json_path, machine_line, positive_int, write_json  # noqa: E402
 from generate_speed import common_config  # noqa: E402
-from train_speed import cpu_description  # noqa: E402
 from ttt_paths import model_paths, path_lines, paths_taken  # noqa: E402
 
 MODELS = {  # --models name -> table label
@@ -173,8 +172,7 @@ def print_table(
     paths: dict[str, dict[str, str]],
 ) -> None:
     print(
-        f"\nmachine: {cpu_description()}, {cpus()}, "
-        f"threads={args.threads}; torch {torch.__version__}; backend {args.backend}; float32, batch "
+        f"\n{machine_line(args.threads)}; backend {args.backend}; float32, batch "
         f"{args.batch}, width {args.hidden}, {counted(args.layers, 'block')}, {counted(args.heads, 'head')}, sequences of "
         f"{counted(args.seq_len, 'token')}, {args.tokens} decoded; median of {args.repeats}"
     )

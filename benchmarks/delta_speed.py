@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
 import statistics
 import sys
 import time
@@ -48,8 +47,8 @@ from cli_args import (
     add_layer_arguments,
     check_distinct,
     check_heads,
-    cpus,  # noqa: E402
     json_path,
+    machine_line,  # noqa: E402
     non_negative_int,
     positive_int,
     write_json,
@@ -159,8 +158,7 @@ def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> d
 def print_results(results: dict[str, dict], args: argparse.Namespace) -> None:
     """The machine line, then one markdown row per layer."""
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {cpus()}, "
-        f"threads={args.threads}; torch {torch.__version__}; B={args.batch} D={args.hidden} H={args.heads} "
+        f"\n{machine_line(args.threads)}; B={args.batch} D={args.hidden} H={args.heads} "
         f"fp32, forward + backward; median of {args.repeats}"
         f"{'; flush_denormal' if args.flush_denormal else ''}\n"
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from innerloop.models import ModelConfig, build_model
 from innerloop.models.config import TTTConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args.py, ttt_paths.py: beside this script
-from cli_args import check_distinct, check_heads, cpus, json_path, positive_int, write_json  # noqa: E402
+from cli_args import check_distinct, check_heads, json_path, machine_line, positive_int, write_json  # noqa: E402
 from ttt_paths import model_paths, path_lines, paths_taken  # noqa: E402
 
 MIXERS = {  # --mixers name -> (table label, model config changes over the common shape)
@@ -150,8 +149,7 @@ def print_table(
     paths: dict[str, dict[str, str]],
 ) -> None:
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {cpus()}, "
-        f"threads={args.threads}; torch {torch.__version__}; float32, batch 1, width {args.hidden}, "
+        f"\n{machine_line(args.threads)}; float32, batch 1, width {args.hidden}, "
         f"{counted(args.layers, 'block')}, {counted(args.heads, 'head')}, window {args.window}; {counted(args.tokens, 'greedy token')} "
         f"after each context, median of {args.repeats}"
     )

@@ -41,8 +41,17 @@ from torch.profiler import ProfilerActivity, profile
 from innerloop.core.wording import counted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cli_args, train_speed: beside this
-from cli_args import add_layer_arguments, apply_quick, check_heads, cpus, json_path, positive_int, write_json  # noqa: E402
-from train_speed import COLUMNS, ROWS, TTT_MODELS, build_layers, cpu_description, make_call  # noqa: E402
+from cli_args import (  # noqa: E402
+    add_layer_arguments,
+    apply_quick,
+    check_heads,
+    cpu_description,
+    json_path,
+    machine_line,
+    positive_int,
+    write_json,
+)
+from train_speed import COLUMNS, ROWS, TTT_MODELS, build_layers, make_call  # noqa: E402
 from ttt_paths import path_lines, paths_taken  # noqa: E402
 
 PARTS = (
@@ -159,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     x = torch.randn(args.batch, args.length, args.hidden)
     results, paths = profile_every_call(layers, x, args.repeats)
     print(
-        f"\nmachine: {cpu_description()}, {cpus()}, threads={args.threads}; "
-        f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; B={args.batch} T={args.length} "
+        f"\n{machine_line(args.threads)}; "
+        f"load average {os.getloadavg()[0]:.2f}; B={args.batch} T={args.length} "
         f"D={args.hidden} H={args.heads} K={args.mini_batch}, float32 weights; {counted(args.repeats, 'call')} each"
     )
     print("\n".join(path_lines(paths)))

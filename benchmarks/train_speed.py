@@ -39,7 +39,6 @@ import contextlib
 import copy
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,8 +56,9 @@ from cli_args import (
     check_compile_backend,
     check_distinct,
     check_heads,
-    cpus,  # noqa: E402
+    cpu_description,
     json_path,
+    machine_line,  # noqa: E402
     positive_int,
     write_json,
 )
@@ -346,21 +346,6 @@ def flatness_lines(by_length: dict[int, dict[str, dict[str, float]]]) -> list[st
     return lines
 
 
-def cpu_description() -> str:
-    """The CPU's model name and its bf16 matrix units (what the bf16 rows depend on), from Linux's
-    /proc/cpuinfo where there is one."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    units = [
-        name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX BF16")) if flag in flags
-    ]
-    return f"{model or platform.machine()} ({', '.join(units) or 'no bf16 matrix instructions'})"
-
-
 ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 """Settings that decide whether freed activations go back to the operating system between steps (and
 come back as page faults in the next one): a preloaded allocator (jemalloc, tcmalloc) or glibc's
@@ -393,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
         by_length[tokens].setdefault(row, {})[name] = args.batch * tokens / median
 
     print(
-        f"\nmachine: {cpu_description()}, {cpus()}, threads={args.threads}; "
-        f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}; B={args.batch} D={args.hidden} "
+        f"\n{machine_line(args.threads)}; "
+        f"load average {os.getloadavg()[0]:.2f}; B={args.batch} D={args.hidden} "
         f"H={args.heads} K={args.mini_batch}, float32 weights; median of {args.repeats}"
     )
     print(f"memory allocator: {allocator_description()}")

@@ -7,10 +7,7 @@ Paths: ``auto`` (what a user gets; on CPU inference the compiled kernel), ``cpu_
 
 from __future__ import annotations
 
-import platform
-
-import torch
-from cli_args import cpus  # beside this module, on the path of the script that imports it
+from cli_args import machine_line  # beside this module, on the path of the script that imports it
 from torch import nn
 
 import innerloop
@@ -73,10 +70,7 @@ def print_table(
     title: str, columns: dict, results: dict[str, dict], fmt: str, setting: str, threads: int
 ) -> None:
     """The machine line, then a markdown table of ``results[layer][key]``, ``columns`` {key: header}."""
-    print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {cpus()}, threads={threads}; "
-        f"torch {torch.__version__}; {setting}\n"
-    )
+    print(f"\n{machine_line(threads)}; {setting}\n")
     print(f"| {title} | " + " | ".join(columns.values()) + " |")
     print("|---|" + "---|" * len(columns))
     for name, row in results.items():

@@ -238,9 +238,8 @@ def _rule_wrong_past(tokens: int, how: str) -> innerloop.UpdateRule:
     class WrongPast(base):
         name = f"s26_wrong_{how}_past_{tokens}"
 
-        def check_model(
-            self, model
-        ):  # the layer's linear only: registration checks it alone, not mlp and matrix
+        # the layer's linear model only: registration checks it alone, not mlp and matrix
+        def check_model(self, model):
             return None if model.name == "linear" else "s26: the linear model only"
 
         def forward(self, state, task, views, lr, tau, **options):

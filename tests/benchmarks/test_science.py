@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,46 @@ def test_every_result_says_which_commit_trained_it():
     assert commit.removesuffix("+modified") == head
 
 
-@pytest.mark.slow  # ~10 s: a tiny training run in a subprocess, then the study again
-def test_a_quick_study_trains_each_point_once_and_reads_it_back(tmp_path, capsys):
+#: ``python -m innerloop ARGUMENTS`` as a job of the block server: its ``__main__`` run as ``-m`` runs it.
+_INNERLOOP_MAIN = """
+import runpy, sys
+sys.argv = {argv!r}
+runpy.run_module("innerloop", run_name="__main__", alter_sys=True)
+"""
+
+
+def _forked_innerloop(server, run_dir: Path):
+    """A stand-in for science.py's ``subprocess.run`` that runs its ``python -m innerloop ...`` in a
+    child forked from the warm ``server`` (tests/block_server.py: torch, innerloop and Lightning imported
+    once, ~10 s of CPU a fresh interpreter pays) instead, its output appended to the ``stdout`` file
+    science.py gives (after the command line it wrote), the exit status returned as
+    ``subprocess.run``'s; any other command (git) runs as before."""
+    real_run = subprocess.run
+
+    def run(command, *args, stdout=None, env=None, **kwargs):
+        if list(command[:3]) != [sys.executable, "-m", "innerloop"]:
+            return real_run(command, *args, stdout=stdout, env=env, **kwargs)
+        script, output = run_dir / "innerloop_main.py", run_dir / "innerloop_main.log"
+        script.write_text(_INNERLOOP_MAIN.format(argv=["innerloop", *command[3:]]))
+        added = {k: v for k, v in (env or {}).items() if os.environ.get(k) != v}  # OMP_NUM_THREADS=1
+        status, printed = server.run(script, output, Path.cwd(), added, timeout_s=600)
+        stdout.write(printed)
+        stdout.flush()
+        return subprocess.CompletedProcess(command, status)
+
+    return run
+
+
+@pytest.mark.slow  # ~10 s: a tiny training run in a process of its own, then the study again
+def test_a_quick_study_trains_each_point_once_and_reads_it_back(tmp_path, capsys, monkeypatch, block_server):
     # The study in this process (science.py as a script, its exit status and its one-line errors, is
-    # tests/benchmarks/test_cli_args.py's); the point it trains is still `innerloop train` in a subprocess.
+    # tests/benchmarks/test_cli_args.py's); the point it trains is still `python -m innerloop train` in a
+    # process of its own: forked from the block server where it forks (~10 s of imports saved), else fresh.
     # Two fresh interpreters here cost ~8 s of imports and checked nothing more.
+    if block_server.forks:
+        scratch = tmp_path.parent / f"{tmp_path.name}-jobs"
+        scratch.mkdir()
+        monkeypatch.setattr(_science().subprocess, "run", _forked_innerloop(block_server, scratch))
     argv = ["sweep", "--quick", "--out", str(tmp_path), "--jobs", "1", "--points", "linear"]
     _science().main(argv)
     first = capsys.readouterr().out

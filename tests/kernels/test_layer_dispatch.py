@@ -18,6 +18,11 @@ from innerloop.core.functional import relative_error
 @pytest.mark.slow  # the interpreter's child process (tests/kernels/test_triton_kernels.py says why)
 @pytest.mark.parametrize("model", ["linear", "mlp"])
 def test_layer_runs_the_triton_kernel_and_equals_torch(model):
+    """One batch row: dispatch, the split and the plumbing of perturbed parameters are the question
+    (batch rows and heads through the kernel: test_review_s56_s56t_triton's heads3-batch3 and
+    test_triton_kernels.py). Two rows of a fresh layer's weights, the same in each, made the first-use
+    check probe twice (test_first_use.py says why): three interpreted forwards and backwards of
+    four programs each, where one row runs two of two."""
     torch.manual_seed(0)
     reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="torch")
     with torch.no_grad():
@@ -25,7 +30,7 @@ def test_layer_runs_the_triton_kernel_and_equals_torch(model):
             p.add_(torch.randn_like(p) * 0.05)
     fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=4, kernel="auto")
     fast.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 10, 32, requires_grad=True)  # 2 whole mini-batches + a tail of 2 tokens
+    x = torch.randn(1, 10, 32, requires_grad=True)  # 2 whole mini-batches + a tail of 2 tokens
 
     y_ref, state_ref = reference(x)
     y_fast, state_fast = fast(x)

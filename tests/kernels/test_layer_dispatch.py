@@ -64,12 +64,16 @@ def test_unsupported_head_dim_falls_back_with_the_reason():
 
 def _assert_decoded_on_the_decode_kernel(model: str, mini_batch_size: int, tokens: int) -> None:
     """A layer (kernel="auto") fed ``tokens`` tokens one at a time runs each on the Triton decode kernel
-    and gives the torch layer's one-call outputs."""
+    and gives the torch layer's one-call outputs. One batch row: the layer's decoding is the question;
+    rows and heads through the decode kernel, each with its own weights and pending sums, are
+    test_triton_kernels.py's test_kernel_decode_matches_naive_decode (2 rows, 2 heads) and
+    test_review_s20_triton.py's test_decode_strided_and_shared_state (3 rows); each row here was one more
+    interpreted program per token."""
     torch.manual_seed(1)
     reference = TTTLayer(32, 2, inner_model=model, mini_batch_size=mini_batch_size, kernel="torch")
     fast = TTTLayer(32, 2, inner_model=model, mini_batch_size=mini_batch_size, kernel="auto")
     fast.load_state_dict(reference.state_dict())
-    x = torch.randn(2, tokens, 32)
+    x = torch.randn(1, tokens, 32)
     with torch.no_grad():
         whole, _ = reference(x)
         state, outputs = None, []

@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import os
+import pickle
 import re
 import shlex
 import tempfile
@@ -274,7 +275,7 @@ class _Source:
 
     container: Any  # the mapping as read
     routed: Any  # that mapping with its ``trainer`` keys routed
-    merged: DictConfig  # the schema with the source merged in: never handed out, only copies of it
+    merged: bytes  # the schema with the source merged in, pickled: each load unpickles a config of its own
     interpolated: tuple[str, ...]  # the typed keys the source gives an interpolation
 
 
@@ -291,7 +292,11 @@ def _merged_source(text: str, source: str) -> _Source:
     routed = route_trainer_keys(container, source, ConfigError)  # trainer.<Lightning argument>
     check_keys(routed, RunConfig, "", source, ConfigError)
     from_source = OmegaConf.create(routed) if routed is not container else loaded
-    return _Source(container, routed, _merge(_schema(), from_source, source), tuple(interpolated))
+    merged = _merge(_schema(), from_source, source)
+    # kept pickled: unpickling makes the same config (every node's type, metadata and flags: checked on
+    # every preset) in a sixth of the time of copy.deepcopy (1.0 ms, not 6.3: a load takes a new one, two
+    # where a merge fails; the config holds only what YAML gives, all of it picklable)
+    return _Source(container, routed, pickle.dumps(merged, pickle.HIGHEST_PROTOCOL), tuple(interpolated))
 
 
 def _yaml_problem(err: BaseException) -> str:
@@ -864,7 +869,7 @@ def _merged_config(
     text, source = _read_source(preset_or_file)
     # a config of a megabyte or more (a generated one) is not kept: the cache holds 32 sources
     read = _merged_source(text, source) if len(text) < 1_000_000 else _merged_source.__wrapped__(text, source)
-    base = functools.partial(copy.deepcopy, read.merged)  # a new config each call
+    base = functools.partial(pickle.loads, read.merged)  # a new config each call
     earlier = _earlier_model_options(read.routed) if saved_run else {}
     checked = [(OmegaConf.create(earlier), source)] if earlier else []  # merged after the loop, in one merge
     sources = {key: source for key in read.interpolated}

@@ -233,3 +233,20 @@ def test_keys_of_a_preset_or_a_saved_config_at_their_defaults_are_not_warned_abo
     mine.write_text("model:\n  mixer: attention\n  ttt:\n    base_lr: 5.0\n")
     (message,) = _unread_warnings(str(mine), [])
     assert f"model.ttt.base_lr (file {str(mine)!r})" in message
+
+
+def test_each_load_of_a_source_is_a_config_of_its_own() -> None:
+    """load_config keeps each source merged into the schema (pickled since the speed-r63 fix, copied before)
+    and makes every load's config from it: what one load's overrides set, or a caller writes into the
+    config it was given (a resume writes out_dir), never reaches a later load of the same source."""
+    _, first = load_config("tiny", ["trainer.max_steps=3", "data.paths=[a.txt]"], model_only=True)
+    first.model.hidden_size = 8
+    first.trainer.lightning = {"accumulate_grad_batches": 4}
+    run, again = load_config("tiny", model_only=True)
+    _, fresh = load_config("tiny", model_only=True)
+    assert again is not fresh and again.model is not fresh.model
+    assert (again.trainer.max_steps, again.model.hidden_size, again.data.paths) == (
+        run.trainer.max_steps, run.model.hidden_size, run.data.paths,
+    )  # fmt: skip
+    assert run.model.hidden_size != 8 and run.data.paths != ["a.txt"] and run.trainer.max_steps != 3
+    assert "accumulate_grad_batches" not in again.trainer.lightning

@@ -99,26 +99,46 @@ def test_eval_of_too_short_data_names_the_file_and_the_option(tmp_path, capsys):
     assert f"--data {str(empty)!r}: the file is empty" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # reason: a child Python that imports innerloop, ~2.5 s
-def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+_STOPPING_READER = """
+import os, sys, threading
+from innerloop import cli
+
+def chatty(args):
+    for i in range(10**6):
+        print("token", i, flush=True)
+    return 0
+
+read_end, write_end = os.pipe()
+os.dup2(write_end, 1)  # this process's stdout is the pipe
+os.close(write_end)
+
+def reader():  # `| head -c 5`: the first five bytes, then the reader goes away
+    with open(FIRST, "wb") as first:
+        first.write(os.read(read_end, 5))
+    os.close(read_end)
+
+threading.Thread(target=reader).start()
+cli._HANDLERS["plugins"] = chatty
+sys.exit(cli.main(["plugins"]))
+"""
+
+
+@pytest.mark.slow  # reason: a process of its own (forked from the warm block server where it forks)
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, block_server) -> None:
     """`innerloop generate ... | head -c 3`: the closed pipe ends the command with the shell's SIGPIPE
-    status and no traceback (it printed BrokenPipeError's traceback and exited 1)."""
+    status and no traceback (it printed BrokenPipeError's traceback and exited 1). A process of its own
+    (Python's flush of stdout at exit is part of it), whose stdout is a pipe that its reader closes after
+    five bytes; a job of the block server (tests/block_server.py: torch and innerloop imported once per
+    pytest process, not once per test), or a fresh interpreter where the server does not fork."""
     import subprocess
     import sys
 
-    script = (
-        "import sys\n"
-        "from innerloop import cli\n"
-        "def chatty(args):\n"
-        "    for i in range(10**6):\n"
-        "        print('token', i, flush=True)\n"
-        "    return 0\n"
-        "cli._HANDLERS['plugins'] = chatty\n"
-        "sys.exit(cli.main(['plugins']))\n"
-    )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert child.stdout is not None and child.stderr is not None
-    assert child.stdout.read(5) == b"token"
-    child.stdout.close()  # the reader goes away
-    status = child.wait(timeout=120)
-    assert (status, child.stderr.read()) == (141, b"")
+    script, first = tmp_path / "stops_early.py", tmp_path / "first"
+    script.write_text(f"FIRST = {str(first)!r}\n{_STOPPING_READER}")
+    if block_server.forks:
+        status, stderr = block_server.run(script, tmp_path / "stops_early.log", timeout_s=120)
+    else:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        status, stderr = done.returncode, done.stdout + done.stderr
+    assert first.read_bytes() == b"token"
+    assert (status, stderr) == (141, "")

@@ -190,3 +190,28 @@ class _SlightlyWrongMomentum(Momentum):
 def test_the_widened_tolerance_still_refuses_a_slightly_wrong_rule_on_that_model() -> None:
     with pytest.raises(AssertionError, match="relative error"):
         _check_values_on_the_tanh_model(_SlightlyWrongMomentum())
+
+
+@pytest.mark.slow  # the checks at one 9-token shape, ~1 s
+def test_the_log_gate_check_allows_the_problems_own_rounding_as_the_others_do() -> None:
+    """check_update_rule's decay_log check (_check_rule_log_gate) compared at the bare tolerance: on this
+    model, at the 150-token shape given explicitly (momentum, seed 1: 1.5e-9 > 1e-10), or here at a small
+    shape with a caller's tighter tolerance, it refused the correct rule where every other check allows
+    the reference's own float32 error scaled to float64 (found by the speed-r63 helper; seen failing
+    without the fix: 'the gate as decay_log ... relative error')."""
+    check_update_rule(
+        "momentum",
+        model=_TanhTwoLayer(),
+        loss="reconstruction",
+        norm=True,
+        residual=True,
+        gradients=False,
+        without_grad=False,
+        seed=1,
+        tolerance=1e-16,
+        batch=2,
+        heads=1,
+        head_dim=3,
+        tokens=9,
+        mini_batch_size=4,
+    )

@@ -2,8 +2,9 @@
 of tests/test_docs.py, its ``innerloop -p`` commands, the ``ddp_spawn`` launches of
 tests/train/test_review_s21_ddp.py, CLI commands of tests/test_review_s22_atomic.py, the training runs
 killed mid-run (tests/lm_testing.py's ``kill_a_forked_training_run``), the plugin package's run of
-tests/train/test_examples.py and the quick study's ``python -m innerloop train`` of
-tests/benchmarks/test_science.py (the ``block_server`` fixture's users). The ``block_server`` fixture
+tests/train/test_examples.py, the quick study's ``python -m innerloop train`` of
+tests/benchmarks/test_science.py, the allocation failure of tests/test_review_s31a.py and the stopped
+reader of tests/train/test_cli_inputs.py (the ``block_server`` fixture's users). The ``block_server`` fixture
 (tests/conftest.py) is one per pytest process, started at its first use.
 
 A fresh interpreter per script costs seconds of start-up (torch, innerloop, Lightning) before the

@@ -254,12 +254,9 @@ def tiny_hf_model():
 
 @pytest.fixture(scope="session")
 def block_server():
-    """The warm interpreter that tests/test_docs.py's blocks, the ddp_spawn launches of
-    tests/train/test_review_s21_ddp.py, the CLI commands of tests/test_review_s22_atomic.py's read-only
-    and full destinations, the killed training runs of tests/train/test_train.py and
-    tests/data_pipeline/test_hf_data.py and the plugin package of tests/train/test_examples.py fork from
-    (tests/block_server.py): one per pytest process, started
-    at its first use (its start imports torch, innerloop and Lightning: ~6 s of CPU, once)."""
+    """The warm interpreter the tests that run scripts in processes of their own fork them from
+    (tests/block_server.py, whose docstring names those tests): one per pytest process, started at its
+    first use (its start imports torch, innerloop and Lightning: ~6 s of CPU, once)."""
     from block_server import BlockServer  # here: the xdist controller starts none
 
     server = BlockServer()

@@ -197,7 +197,7 @@ def test_the_log_gate_check_allows_the_problems_own_rounding_as_the_others_do() 
     """check_update_rule's decay_log check (_check_rule_log_gate) compared at the bare tolerance: on this
     model, at the 150-token shape given explicitly (momentum, seed 1: 1.5e-9 > 1e-10), or here at a small
     shape with a caller's tighter tolerance, it refused the correct rule where every other check allows
-    the reference's own float32 error scaled to float64 (found by the speed-r63 helper; seen failing
+    the reference's own float32 error scaled to float64 (371d4494; seen failing
     without the fix: 'the gate as decay_log ... relative error')."""
     check_update_rule(
         "momentum",

@@ -236,7 +236,7 @@ def test_keys_of_a_preset_or_a_saved_config_at_their_defaults_are_not_warned_abo
 
 
 def test_each_load_of_a_source_is_a_config_of_its_own() -> None:
-    """load_config keeps each source merged into the schema (pickled since the speed-r63 fix, copied before)
+    """load_config keeps each source merged into the schema (pickled; a859b431, a deepcopy before)
     and makes every load's config from it: what one load's overrides set, or a caller writes into the
     config it was given (a resume writes out_dir), never reaches a later load of the same source."""
     _, first = load_config("tiny", ["trainer.max_steps=3", "data.paths=[a.txt]"], model_only=True)

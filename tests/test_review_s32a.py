@@ -162,8 +162,9 @@ def test_the_checks_pass_a_correct_two_layer_tanh_model_under_the_momentum_rule(
     _check_values_on_the_tanh_model("momentum")
 
 
-def _check_values_on_the_tanh_model(rule: object) -> None:
-    """check_update_rule's values (no gradients, no no-grad modes) of ``rule`` on :class:`_TanhTwoLayer`."""
+def _check_values_on_the_tanh_model(rule: object, **options: object) -> None:
+    """check_update_rule's values (no gradients, no no-grad modes) of ``rule`` on :class:`_TanhTwoLayer`,
+    at the check's default shapes unless ``options`` give one (and a tolerance)."""
     check_update_rule(
         rule,
         model=_TanhTwoLayer(),
@@ -173,6 +174,7 @@ def _check_values_on_the_tanh_model(rule: object) -> None:
         gradients=False,
         without_grad=False,
         seed=1,
+        **options,
     )
 
 
@@ -199,19 +201,6 @@ def test_the_log_gate_check_allows_the_problems_own_rounding_as_the_others_do() 
     shape with a caller's tighter tolerance, it refused the correct rule where every other check allows
     the reference's own float32 error scaled to float64 (371d4494; seen failing
     without the fix: 'the gate as decay_log ... relative error')."""
-    check_update_rule(
-        "momentum",
-        model=_TanhTwoLayer(),
-        loss="reconstruction",
-        norm=True,
-        residual=True,
-        gradients=False,
-        without_grad=False,
-        seed=1,
-        tolerance=1e-16,
-        batch=2,
-        heads=1,
-        head_dim=3,
-        tokens=9,
-        mini_batch_size=4,
+    _check_values_on_the_tanh_model(
+        "momentum", tolerance=1e-16, batch=2, heads=1, head_dim=3, tokens=9, mini_batch_size=4
     )

@@ -2379,12 +2379,9 @@ def _check_rule_log_gate(check: _RuleCheck, model: InnerModel, loss: InnerLoss, 
             )
             out, state = run_in_chunks(rule, as_log, cuts, what)
             if not _states_and_outputs_close(out, state, expected_out, expected_state, check.tolerance):
+                # the reference's own float32 error on this problem (decay given), as _check_rule_on allows
+                given = {**options, "decay": True, "momentum": momentum}
                 expected = (expected_out, expected_state)
-                given = {
-                    **options,
-                    "decay": True,
-                    "momentum": momentum,
-                }  # the reference's problem, in float32
                 float32_error = _reference_float32_error(rule, model, loss, check.seed, given, expected)
                 _assert_close_to_reference(
                     out, state, expected_out, expected_state, what, check.tolerance, float32_error

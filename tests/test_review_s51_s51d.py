@@ -2,7 +2,7 @@
 
 The stored conformance vectors and the s20 fuzz cases hold numbers the reference computed for fixed
 configs; here the reference's own ``ttt.py`` (test-time-training/ttt-lm-pytorch, not committed: set
-``TTT_LM_PYTORCH_FILE`` to its path) runs beside innerloop on configs hypothesis draws: TTT-Linear and
+``INNERLOOP_TTT_LM_PYTORCH`` to its path, or fetch a mirror: tests/reference_code.py) runs beside innerloop on configs hypothesis draws: TTT-Linear and
 TTT-MLP, mini-batches of 1, 2, 5 and 16 with sequences that are not a multiple of them (T = 1 included),
 1 or 3 heads of widths that are not powers of two, gate, shared QK, pre-conv with kernels 2 to 5, base
 learning rates 0 to 2.5, RoPE thetas, tied heads, RMSNorm epsilons and batches of 3 different sequences.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,33 +31,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_code import MISSING, reference_checkout
 from safetensors.torch import save_file
 
 from innerloop.core.functional import gelu_tanh
 from innerloop.interop.ttt_lm_pytorch import _our_key, load_model
 
-#: Where the reference file may be: ``TTT_LM_PYTORCH_FILE`` first.
-REFERENCE_CANDIDATES = (
-    os.environ.get("TTT_LM_PYTORCH_FILE", ""),
-    "/tmp/spd_ref/ttt.py",
-    "/tmp/ttt-lm-pytorch/ttt.py",
-)
 COMMON = dict(vocab_size=29, intermediate_size=14, num_hidden_layers=1)
 
 
-def _reference_file() -> Path | None:
-    return next((Path(p) for p in REFERENCE_CANDIDATES if p and Path(p).is_file()), None)
-
-
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
     """The reference module (a fresh import of its ttt.py, patched to keep float64 in RMSNorm)."""
-    path = _reference_file()
-    if path is None:
-        pytest.skip(
-            "the reference ttt.py of test-time-training/ttt-lm-pytorch is absent (not committed): set "
-            "TTT_LM_PYTORCH_FILE to its path to run the live comparison"
-        )
+    checkout = reference_checkout(tmp_path_factory.mktemp("reference"))
+    if checkout is None:
+        pytest.skip(MISSING)
+    path = checkout / "ttt.py"
     pytest.importorskip("transformers", reason="the reference ttt.py imports transformers")
     spec = importlib.util.spec_from_file_location("ttt_lm_pytorch_reference_s51d", path)
     module = importlib.util.module_from_spec(spec)

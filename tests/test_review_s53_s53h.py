@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,13 +42,11 @@ from interop.test_ttt_e2e import (
     official_forward,
     random_official,
 )
+from reference_code import MISSING, reference_source
 
 from innerloop.interop.ttt_e2e import model_from_arrays
 from innerloop.interop.ttt_lm_pytorch import _reference_key, load_layer, load_model
 
-REPO = Path(__file__).resolve().parents[1]
-MIRROR = REPO.parent / ".mirror" / "test-time-training+ttt-lm-pytorch" / "repo"
-REFERENCE_COMMIT = "cd831db"
 #: (the reference's text, what it becomes): each must occur exactly once in its ttt.py
 PATCHES = (
     (
@@ -63,31 +58,13 @@ PATCHES = (
 )
 
 
-def _reference_source() -> str | None:
-    """The reference's ttt.py text: ``INNERLOOP_TTT_LM_PYTORCH`` (the file), else the fetched mirror's."""
-    given = os.environ.get("INNERLOOP_TTT_LM_PYTORCH")
-    if given:
-        return Path(given).read_text(encoding="utf-8")
-    if not MIRROR.is_dir():
-        return None
-    shown = subprocess.run(
-        ["git", "--git-dir", str(MIRROR), "show", f"{REFERENCE_COMMIT}:ttt.py"],
-        capture_output=True,
-        text=True,
-    )
-    return shown.stdout if shown.returncode == 0 else None
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The reference's ``ttt`` module, patched to run in float64 under transformers 5."""
     pytest.importorskip("transformers", reason="the reference ttt.py is written against transformers")
-    source = _reference_source()
+    source = reference_source()
     if source is None:
-        pytest.skip(
-            "the reference ttt-lm-pytorch code is not here (CI has no network): set INNERLOOP_TTT_LM_PYTORCH "
-            f"to its ttt.py, or fetch test-time-training/ttt-lm-pytorch into {MIRROR}"
-        )
+        pytest.skip(MISSING)
     for old, new in PATCHES:
         assert source.count(old) == 1, f"the reference's ttt.py changed: {old!r} is not there once"
         source = source.replace(old, new)

@@ -19,12 +19,12 @@ import pytest
 import torch
 from benchmark_testing import benchmark_script
 from benchmark_testing import parse_benchmark_args as _parse
+from reference_code import MISSING, reference_checkout
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = (BENCHMARKS / "RESULTS.md").read_text(encoding="utf-8")
-REFERENCE = Path("/tmp/spd_ref")  # a checkout of test-time-training/ttt-lm-pytorch (its ttt.py), if present
 
 
 @pytest.fixture
@@ -257,13 +257,13 @@ def test_decode_speed_kv_cache_attention_computes_the_one_shot_layer():
         torch.testing.assert_close(torch.cat(outs, 1), whole(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not (REFERENCE / "ttt.py").is_file(), reason="no ttt-lm-pytorch checkout at /tmp/spd_ref")
-def test_train_speed_reference_layers_are_configured_as_ours():
+def test_train_speed_reference_layers_are_configured_as_ours(tmp_path):
     """Same parameters (count), inner lr, no gate / shared QK / pre-conv, no scan checkpointing."""
+    checkout = reference_checkout(tmp_path)
+    if checkout is None:
+        pytest.skip(MISSING)
     script = benchmark_script("train_speed")
-    args = script.parse_args(
-        ["--hidden", "32", "--heads", "2", "--reference", str(REFERENCE), "--no-compile"]
-    )
+    args = script.parse_args(["--hidden", "32", "--heads", "2", "--reference", str(checkout), "--no-compile"])
     layers = script.build_layers(args)
     for ours, label, lr in (("TTT-Linear", "reference Linear", 1.0), ("TTT-MLP", "reference MLP", 0.1)):
         reference = layers[label].layer

@@ -255,6 +255,7 @@ def test_a_block_that_fails_or_forgets_an_import_fails_in_the_server(tmp_path, b
     assert statuses["ok.py"] == (0, "")
 
 
+@pytest.mark.slow  # starts the warm interpreter (~9-13 s here) where no earlier test of the run has
 def test_a_job_left_running_is_killed_with_its_group_before_the_next_starts(tmp_path, block_server) -> None:
     # a stop test that failed with its launch still alive left the server waiting on that job (up to its
     # 900-s limit): the next test's job waited behind it. The job and what it started (its process group,

@@ -126,7 +126,8 @@ def _number(
         if (kind is float and not math.isfinite(value)) or value < low or (low_open and value == low):
             raise argparse.ArgumentTypeError(f"must be {valid}, got {text!r}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
+            kind_name = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind_name} in [{low}, {high}], got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in some messages
@@ -534,6 +535,13 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         type=_POSITIVE_INT,
         default=None,
         help="sample among the k most likely tokens (default: no limit, sample among all)",
+    )
+    generate.add_argument(
+        "--top-p",
+        type=_number(float, 0, high=1),
+        default=None,
+        help="then among the fewest most likely tokens whose probabilities add up to p or more "
+        "(nucleus sampling, a number in [0, 1]; default: no cut)",
     )
     generate.add_argument(
         "--seed",
@@ -1002,7 +1010,9 @@ def _generate_bytes(args: argparse.Namespace, model: CausalLM | E2ELM) -> int:
     # Bytes are decoded as they come (a character may span several tokens); invalid UTF-8 shows as �.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(decoder.decode(prompt))
-    sampled = generate(model, prompt_ids, args.tokens, args.temperature, args.top_k, generator)
+    sampled = generate(
+        model, prompt_ids, args.tokens, args.temperature, args.top_k, generator, top_p=args.top_p
+    )
     with _written_at_exit(lambda: decoder.decode(b"", final=True) + "\n"):  # an incomplete character too
         for token, _state in sampled:
             token_id = int(token[0])  # a model with more than 256 tokens may sample one that is no byte
@@ -1220,7 +1230,14 @@ def _generate_tokens(args: argparse.Namespace, model: CausalLM | E2ELM, tokenize
     if args.ignore_eos or eos is None or eos >= model.config.vocab_size:  # none the model can sample
         eos = None
     sampled = generate(
-        model, prompt_ids, args.tokens, args.temperature, args.top_k, generator, eos_token_id=eos
+        model,
+        prompt_ids,
+        args.tokens,
+        args.temperature,
+        args.top_k,
+        generator,
+        eos_token_id=eos,
+        top_p=args.top_p,
     )
     text = _TextWindow(tokenizer)
     with _written_at_exit(lambda: text.flush() + "\n"):

@@ -26,7 +26,9 @@ transformers = pytest.importorskip(
 )
 
 
-def drawn_probabilities(monkeypatch, logits: torch.Tensor, temperature: float, top_k: int | None):
+def drawn_probabilities(
+    monkeypatch, logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+):
     """The probabilities ``sample_next`` hands to ``torch.multinomial`` (None if it draws none: greedy)."""
     seen = []
     multinomial = torch.multinomial
@@ -36,19 +38,24 @@ def drawn_probabilities(monkeypatch, logits: torch.Tensor, temperature: float, t
         return multinomial(probs, *args, **kwargs)
 
     monkeypatch.setattr(torch, "multinomial", spy)
-    sample_next(logits, temperature, top_k, torch.Generator().manual_seed(0))
+    sample_next(logits, temperature, top_k, torch.Generator().manual_seed(0), top_p=top_p)
     monkeypatch.setattr(torch, "multinomial", multinomial)
     return seen[0].double() if seen else None
 
 
-def warped_probabilities(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """transformers' sampling distribution: its temperature, then its top-k warper, then softmax."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper
+def warped_probabilities(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None = None
+) -> torch.Tensor:
+    """transformers' sampling distribution: its temperature, then its top-k and top-p warpers (in the
+    order its ``generate`` applies them), then softmax."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
     scores = TemperatureLogitsWarper(temperature)(ids, logits.double())
     if top_k is not None:
         scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
     return torch.softmax(scores, dim=-1)
 
 
@@ -84,6 +91,30 @@ def test_sample_next_draws_from_transformers_warped_distribution(
     assert ours is not None and ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-6
     assert bool((ours[theirs == 0] == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("logits", "temperature", "top_k", "top_p"),
+    [
+        (SPREAD, 1.0, None, 0.9),
+        (SPREAD, 0.5, None, 0.5),
+        (SPREAD, 2.0, 10, 0.8),  # top-k first, then the nucleus of what it kept
+        (SPREAD, 1.0, None, 0.0),  # the most likely token alone
+        (SPREAD, 1.0, None, 1.0),  # no cut
+        (SPREAD, 1e4, None, 0.3),  # nearly uniform: about 30% of the tokens
+        (SPREAD.bfloat16(), 0.7, None, 0.95),
+        (MASKED, 1.0, None, 0.99),  # -inf logits are never drawn
+        (torch.tensor([[0.3]]), 1.0, None, 0.1),  # a vocabulary of one token
+    ],
+)
+def test_top_p_draws_from_transformers_nucleus(
+    monkeypatch, logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float
+) -> None:
+    ours = drawn_probabilities(monkeypatch, logits, temperature, top_k, top_p)
+    theirs = warped_probabilities(logits, temperature, top_k, top_p)
+    assert ours is not None and ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() <= 1e-6
+    assert torch.equal(ours == 0, theirs == 0)  # the same tokens cut
 
 
 def test_seeded_draws_pass_a_chi_square_test_against_transformers_distribution() -> None:

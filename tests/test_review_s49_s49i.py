@@ -49,14 +49,14 @@ def test_num_items_in_batch_divides_the_summed_loss() -> None:
     torch.testing.assert_close(over_three_times, mean / 3)
 
 
-def _spied_generate(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int | None, int]]:
-    """Replace ``innerloop.models.generate`` by one that records ``(top_k, the generator's seed)``."""
+def _spied_generate(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int | None, int, float | None]]:
+    """Replace ``innerloop.models.generate`` by one that records ``(top_k, the generator's seed, top_p)``."""
     import innerloop.models
 
-    asked: list[tuple[int | None, int]] = []
+    asked: list[tuple[int | None, int, float | None]] = []
 
-    def spy(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None):
-        asked.append((top_k, generator.initial_seed()))
+    def spy(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None, top_p=None):
+        asked.append((top_k, generator.initial_seed(), top_p))
         yield from ((torch.tensor([token]), None) for token in (3, 4))
 
     monkeypatch.setattr(innerloop.models, "generate", spy)
@@ -67,7 +67,7 @@ def _spied_generate(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int | None, i
 def test_the_cli_generate_samples_with_the_seed_and_top_k_given(monkeypatch, capsys, path) -> None:
     """Mutations of ``innerloop generate``: ``manual_seed(args.seed)`` -> ``manual_seed(0)`` (either
     path) and ``args.top_k`` -> None (the byte path) passed every test: ``--seed`` and ``--top-k`` were
-    read by nothing a test looked at."""
+    read by nothing a test looked at. ``--top-p`` is held the same way."""
     from innerloop import cli
 
     class Letters:  # a tokenizer of 26 letters without an end of text
@@ -81,13 +81,15 @@ def test_the_cli_generate_samples_with_the_seed_and_top_k_given(monkeypatch, cap
             return "".join(chr(ord("a") + i) for i in ids)
 
     asked = _spied_generate(monkeypatch)
-    args = argparse.Namespace(prompt="x", tokens=2, temperature=1.0, top_k=3, seed=1234, ignore_eos=False)
+    args = argparse.Namespace(
+        prompt="x", tokens=2, temperature=1.0, top_k=3, top_p=0.75, seed=1234, ignore_eos=False
+    )
     if path == "bytes":
         assert cli._generate_bytes(args, tiny_lm()) == 0
     else:
         assert cli._generate_tokens(args, tiny_lm(), Letters()) == 0
     capsys.readouterr()
-    assert asked == [(3, 1234)]
+    assert asked == [(3, 1234, 0.75)]
 
 
 def test_each_norm_of_a_block_feeds_its_own_sublayer() -> None:

@@ -43,12 +43,12 @@ class _Utf8Bytes:
 def _run_cli_tokens(monkeypatch, tokenizer, sampled_ids: list[int]) -> None:
     import innerloop.models
 
-    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None):
+    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None, top_p=None):
         yield from ((torch.tensor([token]), None) for token in sampled_ids)
 
     monkeypatch.setattr(innerloop.models, "generate", sampled)
     args = argparse.Namespace(
-        prompt="x", tokens=len(sampled_ids), temperature=0.0, top_k=None, seed=0, ignore_eos=False
+        prompt="x", tokens=len(sampled_ids), temperature=0.0, top_k=None, top_p=None, seed=0, ignore_eos=False
     )
     model = argparse.Namespace(config=argparse.Namespace(vocab_size=256))
     assert cli._generate_tokens(args, model, tokenizer) == 0

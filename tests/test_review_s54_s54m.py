@@ -89,7 +89,9 @@ def _printed_by_generate(monkeypatch, capsys, tokenizer, prompt: str, sampled: l
 
     monkeypatch.setattr(innerloop.models, "generate", fake_generate)
     model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=tokenizer.vocab_size + 8))
-    args = types.SimpleNamespace(prompt=prompt, seed=0, tokens=len(sampled), temperature=0.0, top_k=None)
+    args = types.SimpleNamespace(
+        prompt=prompt, seed=0, tokens=len(sampled), temperature=0.0, top_k=None, top_p=None
+    )
     args.ignore_eos = True
     if stop is None:
         cli._generate_tokens(args, model, tokenizer)
@@ -171,7 +173,7 @@ def test_ctrl_c_prints_the_byte_paths_incomplete_character(monkeypatch, capsys) 
 
     monkeypatch.setattr(innerloop.models, "generate", fake_generate)
     model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=256))
-    args = types.SimpleNamespace(prompt="h", seed=0, tokens=4, temperature=0.0, top_k=None)
+    args = types.SimpleNamespace(prompt="h", seed=0, tokens=4, temperature=0.0, top_k=None, top_p=None)
     with pytest.raises(KeyboardInterrupt):
         cli._generate_bytes(args, model)
     assert capsys.readouterr().out == "hi\ufffd\n"

@@ -29,14 +29,21 @@ activations for its tokens, so reading a long prompt whole took memory growing w
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """Draw one token per row from ``logits [B, V]``; ``temperature == 0`` is greedy. Returns ``[B]``.
 
+    The distribution is transformers' for the same settings: the logits divided by ``temperature``, then
     ``top_k`` keeps exactly ``top_k`` candidates per row (the indices ``torch.topk`` picks; among tokens
-    tied with the ``top_k``-th logit, the rest are dropped). ``-inf`` logits (masked tokens) are never
-    drawn; a row holding NaN or ``+inf``, or ``-inf`` for every token, is refused with a ValueError.
-    ``temperature``, ``top_k`` and ``generator`` are checked as :func:`generate` checks them.
+    tied with the ``top_k``-th logit, the rest are dropped), then ``top_p`` keeps the smallest set of the
+    most likely of those whose probabilities add up to ``top_p`` or more (nucleus sampling; the most
+    likely token always stays; None or 1: no cut). ``-inf`` logits (masked tokens) are never drawn; a
+    row holding NaN or ``+inf``, or ``-inf`` for every token, is refused with a ValueError.
+    ``temperature``, ``top_k``, ``top_p`` and ``generator`` are checked as :func:`generate` checks them.
     """
     tensor = isinstance(logits, torch.Tensor)
     if not tensor or logits.dim() != 2 or not logits.is_floating_point() or logits.shape[-1] < 1:
@@ -45,6 +52,7 @@ def sample_next(
             f"logits must be a floating-point tensor [batch, vocab] with vocab >= 1, got {described}"
         )
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
+    top_p = _checked_top_p(top_p)
     _check_generator_device(generator, temperature, logits.device, "logits")
     bad = _non_finite_rows(logits)
     if bad:
@@ -52,7 +60,7 @@ def sample_next(
             f"logits are not finite in rows {bad} (NaN or +inf, or -inf for every token): there is no "
             "distribution to draw a token from"
         )
-    return _draw(logits, temperature, top_k, generator)
+    return _draw(logits, temperature, top_k, generator, top_p)
 
 
 def _non_finite_rows(logits: torch.Tensor) -> list[int]:
@@ -86,7 +94,11 @@ def _non_finite_logits_error(
 
 
 def _draw(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """:func:`sample_next` on logits already checked."""
     if temperature == 0:
@@ -101,6 +113,8 @@ def _draw(
         # token tied with the k-th, more than k candidates.
         kept = torch.topk(logits, top_k, dim=-1)  # values, indices [B, k]
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, kept.indices, kept.values)
+    if top_p is not None and top_p < 1:
+        logits = _nucleus(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -113,6 +127,7 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    top_p: float | None = None,
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
     """An iterator of ``(tokens [B], state)`` for each of ``max_new_tokens`` sampled tokens.
 
@@ -123,6 +138,9 @@ def generate(
         max_new_tokens: how many tokens to sample (an int >= 0).
         temperature: softmax temperature, a finite real number >= 0; 0 means greedy decoding.
         top_k: sample only among the ``top_k`` most likely tokens (an int >= 1; None: all).
+        top_p: then only among the fewest most likely of those whose probabilities (at ``temperature``)
+            add up to ``top_p`` or more: nucleus sampling, as transformers' ``top_p`` (a real number in
+            [0, 1]; 0 keeps the most likely token alone; None or 1: no cut).
 
     Each number may be given as a Python number, a numpy scalar or 0-d array, or a 0-d tensor (an int where an int is
     asked: ``top_k=4.0`` and a tensor of more than one element are refused, naming the argument).
@@ -154,10 +172,11 @@ def generate(
     if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise _bad("max_new_tokens", max_new_tokens, "an int >= 0", is_integer(max_new_tokens))
     temperature, top_k = _checked_sampling(temperature, top_k, generator)
+    top_p = _checked_top_p(top_p)
     _check_prompt_device(model, prompt_ids)
     _check_generator_device(generator, temperature, prompt_ids.device, "prompt_ids")
     stops = _checked_eos(eos_token_id, vocab_size if is_integer(vocab_size) else None)
-    return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops)
+    return _sample(model, prompt_ids, int(max_new_tokens), temperature, top_k, generator, stops, top_p)
 
 
 def _check_model(model: object) -> None:
@@ -238,6 +257,30 @@ def _checked_sampling(temperature: object, top_k: object, generator: object) -> 
     return float(temperature), None if top_k is None else int(top_k)
 
 
+def _checked_top_p(top_p: object) -> float | None:
+    """``top_p`` as a float in [0, 1] (or None), named if wrong; a Python number, a numpy scalar or 0-d
+    array, or a 0-d tensor."""
+    if top_p is None:
+        return None
+    top_p = _real_or_given(top_p)
+    if not (is_real(top_p) and 0 <= top_p <= 1):
+        raise _bad("top_p", top_p, "a real number in [0, 1], or None for no cut", _is_real(top_p))
+    return float(top_p)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits [B, V]`` with every token outside its row's nucleus set to ``-inf``: the nucleus is the
+    fewest most likely tokens whose probabilities add up to ``top_p`` or more (the most likely token is
+    always in it). The same cut as transformers' ``TopPLogitsWarper``: a token is dropped where the
+    probabilities of the tokens less likely than it, and its own, add up to ``1 - top_p`` or less. The
+    sums are taken in float64."""
+    ascending, order = torch.sort(logits, dim=-1)  # [B, V] each
+    mass_up_to = torch.softmax(ascending.double(), dim=-1).cumsum(dim=-1)  # [B, V]
+    dropped = mass_up_to <= 1 - top_p
+    dropped[:, -1] = False  # the most likely token stays whatever top_p is
+    return logits.masked_fill(dropped.scatter(-1, order, dropped), float("-inf"))
+
+
 def _check_prompt_device(model: object, prompt_ids: torch.Tensor) -> None:
     """Refuse, when called, ``prompt_ids`` on another device than the model's weights (torch refused
     them only once the iterator ran, in the embedding, in its own words). A model without parameters
@@ -296,6 +339,7 @@ def _sample(
     top_k: int | None,
     generator: torch.Generator | None,
     stops: list[int],
+    top_p: float | None,
 ) -> Iterator[tuple[torch.Tensor, LMState | E2EState]]:
     """:func:`generate` on checked arguments. The model runs without autograd; grad mode is set around
     each call (not by decorating this generator, whose wrapper printed a traceback at interpreter exit
@@ -311,7 +355,7 @@ def _sample(
         bad = _non_finite_rows(last)
         if bad:
             raise _non_finite_logits_error(model, state, step, bad)
-        token = _draw(last, temperature, top_k, generator)  # [B]
+        token = _draw(last, temperature, top_k, generator, top_p)  # [B]
         if stops:  # a row that has ended repeats its end-of-sequence id
             token = torch.where(ended, stop_ids[0], token)
             ended |= torch.isin(token, stop_ids)

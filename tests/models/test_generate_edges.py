@@ -185,13 +185,13 @@ def test_the_cli_stops_at_the_tokenizers_end_of_text_unless_told_not_to(
 
     asked = []
 
-    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None):
+    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None, top_p=None):
         asked.append(eos_token_id)
         yield from ((torch.tensor([token]), None) for token in (3, 5, 4))
 
     monkeypatch.setattr(innerloop.models, "generate", sampled)
     args = argparse.Namespace(
-        prompt="x", tokens=3, temperature=0.0, top_k=None, seed=0, ignore_eos=ignore_eos
+        prompt="x", tokens=3, temperature=0.0, top_k=None, top_p=None, seed=0, ignore_eos=ignore_eos
     )
     assert cli._generate_tokens(args, tiny(), Letters()) == 0
     assert capsys.readouterr().out == printed and asked == [None if ignore_eos else 5]
@@ -216,10 +216,50 @@ def test_the_cli_prints_an_id_past_the_tokenizers_vocabulary_as_a_token_number(m
             assert all(0 <= i < self.vocab_size for i in ids), ids
             return "".join(chr(ord("a") + i) for i in ids)
 
-    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None):
+    def sampled(model, prompt_ids, steps, temperature, top_k, generator, eos_token_id=None, top_p=None):
         yield from ((torch.tensor([token]), None) for token in (3, 200, 4, 255))
 
     monkeypatch.setattr(innerloop.models, "generate", sampled)
-    args = argparse.Namespace(prompt="x", tokens=4, temperature=0.0, top_k=None, seed=0, ignore_eos=False)
+    args = argparse.Namespace(
+        prompt="x", tokens=4, temperature=0.0, top_k=None, top_p=None, seed=0, ignore_eos=False
+    )
     assert cli._generate_tokens(args, tiny(), Letters()) == 0
     assert capsys.readouterr().out == "abd[token 200]e[token 255]\n"
+
+
+@pytest.mark.parametrize(
+    ("top_p", "error", "words"),
+    [
+        (-0.1, ValueError, "top_p=-0.1 must be a real number in [0, 1]"),
+        (1.5, ValueError, "top_p=1.5 must be a real number in [0, 1]"),
+        (float("nan"), ValueError, "top_p=nan must be"),
+        ("0.5", TypeError, "top_p='0.5' (str)"),
+        (True, TypeError, "top_p=True (bool)"),
+        (torch.tensor([0.5]), TypeError, "top_p=tensor([0.5000]) (Tensor)"),
+    ],
+)
+def test_a_top_p_outside_0_to_1_is_refused_by_name(top_p, error, words) -> None:
+    with pytest.raises(error) as caught:
+        sample_next(torch.randn(1, 5), 1.0, None, None, top_p=top_p)
+    assert words in str(caught.value)
+    with pytest.raises(error) as caught:
+        generate(tiny(), torch.zeros(1, 2, dtype=torch.long), 2, top_p=top_p)  # when called, not when read
+    assert words in str(caught.value)
+
+
+def test_top_p_keeps_the_fewest_most_likely_tokens_reaching_it() -> None:
+    # probabilities 0.5, 0.3, 0.15, 0.05 (sums from the top 0.5, 0.8, 0.95, 1): top_p 0.45 keeps {0},
+    # 0.7 {0, 1}, 0.9 {0, 1, 2}, 0.99 all four; a 0-d tensor is taken as its number
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(400, 4)
+    for top_p, kept in ((0.45, {0}), (0.7, {0, 1}), (0.9, {0, 1, 2}), (0.99, {0, 1, 2, 3})):
+        for given in (top_p, torch.tensor(top_p)):
+            drawn = sample_next(logits, 1.0, None, torch.Generator().manual_seed(0), top_p=given)
+            assert set(drawn.tolist()) == kept, (top_p, given)
+
+
+def test_generate_samples_with_top_p() -> None:
+    # top_p = 0 keeps each step's most likely token alone: greedy decoding at any temperature
+    model, prompt = tiny(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    greedy = torch.stack([t for t, _ in generate(model, prompt, 5, temperature=0)], dim=1)
+    nucleus = generate(model, prompt, 5, temperature=3.0, generator=torch.Generator().manual_seed(0), top_p=0)
+    assert torch.equal(torch.stack([t for t, _ in nucleus], dim=1), greedy)

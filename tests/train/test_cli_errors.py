@@ -207,6 +207,9 @@ GENERATE_ERRORS = [
     (["--temperature", "inf"], ["argument --temperature", "got 'inf'"]),
     (["--top-k", "0"], ["argument --top-k", "must be an integer >= 1, got '0'"]),
     (["--top-k", "-3"], ["argument --top-k", "got '-3'"]),
+    (["--top-p", "1.5"], ["argument --top-p", "must be a number in [0, 1], got '1.5'"]),
+    (["--top-p", "-0.1"], ["argument --top-p", "got '-0.1'"]),
+    (["--top-p", "nan"], ["argument --top-p", "got 'nan'"]),
     (["--tokens", "-1"], ["argument --tokens", ">= 0, got '-1'"]),
     # torch's seeds, as compare(seed=...) takes them (s52f: --seed took [0, 2**63))
     (["--seed", str(-(2**63) - 1)], ["argument --seed", f"in [-2**63, 2**64), got '{-(2**63) - 1}'"]),
@@ -401,6 +404,18 @@ def test_a_tiny_temperature_generates_the_greedy_text(capsys, run_dir) -> None:
         assert main(["generate", checkpoint, "--tokens", "20", "--temperature", temperature]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.slow  # 0.6 s: four generations through the CLI
+def test_a_top_p_of_0_generates_the_greedy_text(capsys, run_dir) -> None:
+    # the nucleus of one token, the most likely, at any temperature; --top-p 1 cuts nothing (seeded: the
+    # same text as no --top-p)
+    checkpoint = str(run_dir / "last.safetensors")
+    outputs = []
+    for options in (["--temperature", "0"], ["--temperature", "2", "--top-p", "0"], [], ["--top-p", "1"]):
+        assert main(["generate", checkpoint, "--tokens", "20", *options]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[2] == outputs[3]
 
 
 @pytest.mark.parametrize(

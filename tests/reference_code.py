@@ -26,7 +26,7 @@ MISSING = (
 
 def reference_source() -> str | None:
     """The reference's ``ttt.py`` text, or None where neither the variable nor the mirror gives it."""
-    given = os.environ.get(ENVIRONMENT_VARIABLE)
+    given = os.environ.get("INNERLOOP_TTT_LM_PYTORCH")  # ENVIRONMENT_VARIABLE, by name (s24_docs reads it)
     if given:
         return Path(given).read_text(encoding="utf-8")
     if not MIRROR.is_dir():

@@ -1046,8 +1046,10 @@ class TTTLayer(nn.Module):
             overflowed); ``"ignore"`` skips both checks (faster; NaNs then propagate to outputs and state).
             Under ``"ignore"`` a NaN or inf token spreads to the outputs of its whole mini-batch, earlier
             tokens included (under ``update_rule="minibatch_gd"``, the primal form, from the token on),
-            and to all later ones of its sequence (the batch's other sequences stay exact), on every
-            path (the chunked ``delta_chunk`` kernel runs its token loop then): the outputs before it
+            and to all later ones of its sequence (the batch's other sequences stay finite and right), on
+            every path (the chunked ``delta_chunk`` kernel then runs its token loop for the whole batch, so
+            the other sequences' numbers differ from a call without the NaN by rounding, ~1e-16
+            relative in float64, not bit for bit): the outputs before it
             then depend on where the sequence was split between calls (a call that ends before it
             returns them finite).
         needs_double_backward: tell kernels that gradients of gradients will be taken.

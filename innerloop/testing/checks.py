@@ -1865,7 +1865,10 @@ def _check_inner_model_at(model: InnerModel, loss: InnerLoss, seed: int, shape: 
 def _check_rule_on_model_problem(
     problem: InnerProblem, rule: UpdateRule, model: InnerModel, seed: int
 ) -> None:
-    """:func:`_check_inner_model_at`'s comparison of ``rule`` with its reference on ``problem``."""
+    """:func:`_check_inner_model_at`'s comparison of ``rule`` with its reference on ``problem``, with
+    autograd and, in one call, without it (:func:`check_update_rule_without_grad`: a layer runs its
+    model and loss so in evaluation and generation, and a ``forward`` or ``token_loss_grad`` that
+    branches on ``torch.is_grad_enabled()`` or takes ``torch.autograd.grad`` is otherwise never run so)."""
     ruled = problem.for_rule(rule)
     expected_out, expected_state = finite_expected(ruled, rule, seed)
     out, state = ruled.run(rule)
@@ -1873,6 +1876,7 @@ def _check_rule_on_model_problem(
         out, expected_out, f"{rule.name} vs {reference_name(rule)} on model {model.name!r}", FLOAT64_TOLERANCE
     )
     assert_states_close(state, expected_state, f"{rule.name} on model {model.name!r}", FLOAT64_TOLERANCE)
+    check_update_rule_without_grad(rule, ruled, cut_points=[])
 
 
 def _check_shape(shape: dict[str, int]) -> dict[str, int]:

@@ -20,6 +20,7 @@ from innerloop.plugins.optimizers.dual_form import DualForm
 from innerloop.testing import check_inner_loss, check_update_rule
 from innerloop.testing.checks import (
     FLOAT64_TOLERANCE,
+    _check_rule_on_model_problem,
     assert_close,
     assert_states_close,
     check_pairs_batch_independent,
@@ -279,3 +280,42 @@ def test_a_loss_right_for_one_token_chunks_only_fails_check_inner_loss():
     check_inner_loss(TwoBack(), **SMALL)  # the right one passes
     with pytest.raises(AssertionError, match=r"s17_swaps_the_carry_of_a_long_chunk: targets chunked at 2"):
         check_inner_loss(SwapsTheCarryOfALongChunk(), **SMALL)
+
+
+class GradientByAutograd(Reconstruction):
+    """reconstruction whose closed form takes ``torch.autograd.grad`` of ``token_loss`` (keeping the graph,
+    so that its derivative is right): under ``torch.inference_mode`` (evaluation, generation) it raises."""
+
+    name = "s64_gradient_by_autograd"
+
+    def token_loss_grad(self, prediction, target):
+        with torch.enable_grad():
+            given = prediction if prediction.requires_grad else prediction.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(self.token_loss(given, target).sum(), given, create_graph=True)
+        return grad
+
+
+class ScaledWithoutGrad(Reconstruction):
+    """reconstruction whose closed form is off by 1e-4 only when autograd is off."""
+
+    name = "s64_scaled_without_grad"
+
+    def token_loss_grad(self, prediction, target):
+        grad = super().token_loss_grad(prediction, target)
+        return grad if torch.is_grad_enabled() else grad * 1.0001
+
+
+def test_a_loss_that_breaks_without_autograd_fails_the_kit():
+    """Review s64: a layer runs its loss and model under ``torch.no_grad`` and ``torch.inference_mode`` in
+    evaluation and generation, but check_inner_loss / check_inner_model (whose rule comparisons are
+    ``_check_rule_on_model_problem``, called here on one small problem to stay fast) compared values with
+    autograd on only: the loss that raises there and the one wrong only there passed the kit (and registered)."""
+    cases = [
+        (GradientByAutograd(), r"inference_mode\(\).*forward raised"),
+        (ScaledWithoutGrad(), r"under torch.no_grad\(\)"),
+    ]
+    model = LinearModel()
+    for loss, message in cases:
+        problem = make_problem(model, loss, seed=0, **SMALL)
+        with pytest.raises(AssertionError, match=message):
+            _check_rule_on_model_problem(problem, DualForm(), model, 0)

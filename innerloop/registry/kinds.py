@@ -25,10 +25,12 @@ from innerloop.kernels.spec import KernelSpec
 from innerloop.registry import verdicts
 from innerloop.testing.checks import (
     MIXED_WRAPPINGS,
+    NO_GRAD_MODES,
     REGISTRATION_TOLERANCE,
     InnerProblem,
     RaisedWithoutGradError,
     RuleOutputError,
+    assert_close,
     check_activation_derivatives,
     check_autograd_by_differences,
     check_forward_batch_independent,
@@ -610,6 +612,42 @@ def _check_loss_grad_runs(loss: Any, name: str, targets: torch.Tensor) -> None:
             "learns through this gradient and would never change the weights"
         )
     _conformance("inner loss", name, lambda: check_loss_gradient_at_zero_error(loss, targets))
+    if not default:
+        _check_loss_grad_without_grad(loss, name, prediction, targets, grad)
+
+
+def _check_loss_grad_without_grad(
+    loss: Any, name: str, prediction: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor
+) -> None:
+    """A closed-form ``token_loss_grad`` under ``torch.no_grad()`` and ``torch.inference_mode()`` (how a
+    layer calls it in evaluation and generation) gives ``grad``, its value with autograd on: a refusal
+    if it differs; a :class:`PluginWarning` if it raises there (as for an update rule: it fails loudly
+    at use), e.g. one that takes ``torch.autograd.grad`` of ``token_loss``."""
+    for label, mode in NO_GRAD_MODES:
+        try:
+            with mode():
+                without = loss.token_loss_grad(prediction.clone(), targets.clone())
+        except Exception as error:
+            verdicts.not_reusable()
+            warnings.warn(
+                f"inner loss {name!r} is registered, but a layer using it cannot run without autograd: its "
+                f"token_loss_grad raised {error!r} under {label} (torch.autograd.grad cannot run under "
+                "torch.inference_mode: write the closed form in torch ops, or leave token_loss_grad to "
+                "the default, which differentiates token_loss with torch.func)",
+                PluginWarning,
+                stacklevel=warning_stacklevel(),
+            )
+            return
+        _conformance(
+            "inner loss",
+            name,
+            lambda without=without, label=label: assert_close(
+                without,
+                grad.detach(),
+                f"{name}: token_loss_grad under {label} vs with autograd",
+                REGISTRATION_TOLERANCE,
+            ),
+        )
 
 
 #: What every update rule computes, said in its refusal: the checks compare a rule with the naive token

@@ -62,7 +62,9 @@ BYTES = "bytes"
 def load_tokenizer(source: str | os.PathLike[str] | RunTokenizer) -> PreTrainedTokenizerBase:
     """The tokenizer to export: a run's tokenizer (:func:`from_run_tokenizer`), ``"bytes"`` for
     innerloop's bytes, else a ``tokenizer.json`` file or a folder that ``AutoTokenizer`` loads
-    (offline). Raises ``ValueError`` naming the path when it is none of these."""
+    (offline). Raises ``ValueError`` naming the path when it is none of these, or when the folder's
+    tokenizer has no vocabulary (special tokens aside): transformers makes one of a folder holding only a
+    ``tokenizer_config.json`` (its ``tokenizer.json`` not copied), which encodes every text as nothing."""
     if isinstance(source, RunTokenizer):
         return from_run_tokenizer(source)
     if source == BYTES:
@@ -71,7 +73,14 @@ def load_tokenizer(source: str | os.PathLike[str] | RunTokenizer) -> PreTrainedT
     if path.is_file():  # innerloop's reading of it: its end-of-text token found as data.tokenizer finds it
         return from_run_tokenizer(load_run_tokenizer(str(path), "tokenizer"))
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        loaded = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if base_id_bound(loaded) == 0:
+            raise ValueError(
+                f"{str(path)!r}: the tokenizer transformers makes of this folder has no vocabulary (special "
+                f"tokens aside; the folder holds {sorted(p.name for p in path.iterdir())}): copy the "
+                "tokenizer's tokenizer.json (or its vocabulary files) into it"
+            )
+        return loaded
     raise ValueError(f"tokenizer {str(path)!r} is neither a tokenizer.json file nor a folder")
 
 

@@ -230,6 +230,20 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path: Path) -> No
     assert not (tmp_path / "out").exists()
 
 
+def test_a_tokenizer_folder_without_a_vocabulary_is_refused(tmp_path: Path) -> None:
+    """A folder holding only a tokenizer_config.json (its tokenizer.json not copied in) made transformers
+    build a tokenizer with an empty vocabulary: the export wrote it (every text encoded as no ids) and
+    its unknown token's id 0 as generation_config's eos_token_id."""
+    from innerloop.hf.export import ExportError
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
+    model = build_model(ModelConfig.from_dict(MODEL_KINDS["swa"]))
+    with pytest.raises(ExportError, match=r"has no vocabulary .*\['tokenizer_config.json'\].*tokenizer.json"):
+        export_model(model, tmp_path / "out", tokenizer=tmp_path / "tok")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["ttt_linear_transformer", "ttt_mlp_mamba"])
 def test_convert_to_hf_reproduces_the_reference_logits(
     name: str, reference_models_dir: Path, tmp_path: Path

@@ -602,6 +602,12 @@ def _transformers_tokenizer(folder: Path, source: str) -> HFTokenizer:
             f"{source}: transformers loads it as {type(loaded).__name__}, which has no `tokenizers` form "
             f"to record; give a folder holding its {TOKENIZER_FILE}"
         )
+    if not backend.get_vocab(with_added_tokens=False):  # e.g. a folder holding only tokenizer_config.json
+        raise TokenizerError(
+            f"{source}: the tokenizer transformers makes of this folder has no vocabulary (special tokens "
+            f"aside; the folder holds {sorted(p.name for p in folder.iterdir())}): copy the tokenizer's "
+            f"{TOKENIZER_FILE} (or its vocabulary files) into it"
+        )
     eos = loaded.eos_token if isinstance(loaded.eos_token, str) else None
     return HFTokenizer(backend.to_str(), eos, source)
 

@@ -149,6 +149,19 @@ def test_a_tokenizer_folder_without_tokenizer_json_is_recorded_in_its_fast_form(
     assert tokenizer_from_state(json.loads(json.dumps(recorded.to_state()))) == recorded
 
 
+def test_a_tokenizer_folder_without_a_vocabulary_is_refused(tmp_path: Path) -> None:
+    """A folder holding only tokenizer_config.json (its vocabulary files not copied in): transformers
+    made a tokenizer of its end-of-text token alone, which was recorded (every text encoded as no ids)."""
+    pytest.importorskip("transformers")
+    from innerloop.data.tokenizer import tokenizer_from_source
+
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
+    with pytest.raises(
+        TokenizerError, match=r"^--tokenizer=.*has no vocabulary .*\['tokenizer_config.json'\]"
+    ):
+        tokenizer_from_source(str(tmp_path))
+
+
 def test_convert_refuses_a_tokenizer_the_model_cannot_read(
     reference_models_dir: Path, tmp_path: Path, capsys
 ) -> None:

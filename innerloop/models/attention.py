@@ -367,6 +367,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
     if torch.compiler.is_compiling():
         return _non_finite_rows_kept(F.scaled_dot_product_attention(q, k, v, **options), q, k)
     if transformed_or_dual((q, k, v)) or _fused_cpu_would_drop_non_finite(q, k):
+        mask = options.get("attn_mask")
+        if options == {"is_causal": True}:  # the bottom-right-aligned causal mask (queries end at the keys)
+            T, K = q.shape[-2], k.shape[-2]
+            mask = torch.ones(T, K, dtype=torch.bool, device=q.device).tril(K - T)
+            return _masked_math_attention(q, k, v, mask)
+        if set(options) == {"attn_mask"} and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            return _masked_math_attention(q, k, v, mask)
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, **options)
     learned_mask = any(isinstance(o, torch.Tensor) and o.requires_grad for o in options.values())
@@ -379,6 +386,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
             options = {name: cast(value) for name, value in options.items()}
             return _TwiceDifferentiableAttention.apply(q, k, v, options, backends)
     return F.scaled_dot_product_attention(q, k, v, **options)
+
+
+def _masked_math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """SDPA's math kernel with the boolean ``mask`` (True: the query sees the key), except that a key or
+    value a query does not see never reaches its row: the math kernel adds ``-inf`` to a masked score,
+    and a NaN score stays NaN, so a NaN or inf key made every query NaN, those before it and those past
+    its window too (the whole sequence then differed from the same tokens read one at a time). A row is
+    NaN where its query is not finite or it sees a non-finite value; a row whose every visible score is
+    -inf weighs nothing, as the math kernel's safe softmax."""
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # [B, H, T, K]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # as the math kernel's safe softmax: a row whose every score is -inf weighs nothing (0), not NaN
+    probs = torch.softmax(scores, dim=-1).masked_fill(scores.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
+    finite_v = torch.isfinite(v).all(dim=-1)  # [B, H, K]
+    out = probs @ torch.where(finite_v[..., None], v, 0.0)  # [B, H, T, f]
+    sees_bad_value = (mask & ~finite_v[..., None, :]).any(dim=-1, keepdim=True)  # [B, H, T, 1]
+    bad_query = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # [B, H, T, 1]: NaN whatever it weighs
+    return out.masked_fill(sees_bad_value | bad_query, float("nan"))
 
 
 def _fused_cpu_would_drop_non_finite(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -481,6 +508,13 @@ def sliding_window_attention(
     """
     start, stop = bounds[0], bounds[-1]
     first_key = stop - k.shape[2]  # absolute position of k[:, :, 0]
+    # A block's keys start window - 1 before its queries, which attend checks only for its own: with a
+    # non-finite query or key anywhere (on a CPU), every block runs on the masked definition, so that a
+    # NaN key reaches only the queries that see it.
+    non_finite = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    non_finite = non_finite and not bool(
+        torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32))
+    )
     pieces = []
     for begin, end in pairwise(bounds):
         lowest = max(begin - window + 1, first_key)  # the earliest key a query of the block sees
@@ -492,7 +526,10 @@ def sliding_window_attention(
         if rotate is not None:
             q_piece, k_piece = rotate(q_piece, k_piece, query_pos, key_pos, begin)
         mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
-        pieces.append(attend(q_piece, k_piece, v_piece, attn_mask=mask))
+        if non_finite and not transformed_or_dual((q, k, v)):
+            pieces.append(_masked_math_attention(q_piece, k_piece, v_piece, mask))
+        else:
+            pieces.append(attend(q_piece, k_piece, v_piece, attn_mask=mask))
     if len(pieces) == 1:  # a decoding step or a short input: no copy
         return pieces[0]
     return torch.cat(pieces, dim=2) if pieces else q

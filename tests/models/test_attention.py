@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from innerloop.models import attention
+from innerloop.models import CausalLM, ModelConfig, attention
 from innerloop.models.attention import CausalSelfAttention, rotate_with_rope
 from innerloop.testing.memory import peak_cpu_allocation
 
@@ -239,3 +239,34 @@ def test_compiled_sliding_window_decoding_does_not_recompile_at_every_position()
             steps.append(y)
     assert (torch.cat(steps, dim=1) - whole[:, 18:]).abs().max().item() <= 1e-5
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3  # prefill, first step, later steps
+
+
+@pytest.mark.parametrize("mixer", ["swa", "attention"])
+def test_a_non_finite_token_reaches_only_the_positions_that_see_it(mixer: str) -> None:
+    """Found by probing a model whose embedding row of one token is inf: the whole sequence gave NaN
+    logits at every position, those before the token (and, with a window, those past it) too, while the
+    same tokens read one at a time were finite there. The math kernel (which runs on non-finite inputs)
+    adds -inf to a masked NaN score, which stays NaN; a masked key now never reaches a query's row."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        mixer=mixer,
+        window=2,
+        hidden_size=16,
+        num_heads=2,
+        num_layers=2,
+        intermediate_size=24,
+        vocab_size=20,
+        tie_embeddings=False,
+    )
+    model = CausalLM(config).eval()
+    with torch.no_grad():
+        model.embed.weight[7] = float("inf")
+        ids = torch.tensor([[1, 2, 7, 3, 4, 5, 6, 8]])
+        whole = torch.isfinite(model(ids)[0][0]).all(-1)
+        state, alone = None, []
+        for t in range(ids.shape[1]):
+            logits, state = model(ids[:, t : t + 1], state)
+            alone.append(bool(torch.isfinite(logits).all()))
+    assert whole.tolist() == alone
+    assert alone[:2] == [True, True] and not alone[2]  # the positions before the token stay finite
+    assert alone[-1] == (mixer == "swa")  # past the window (2 blocks of window 2) again finite

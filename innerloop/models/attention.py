@@ -368,9 +368,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) ->
         return _non_finite_rows_kept(F.scaled_dot_product_attention(q, k, v, **options), q, k)
     if transformed_or_dual((q, k, v)) or _fused_cpu_would_drop_non_finite(q, k):
         mask = options.get("attn_mask")
-        if options == {"is_causal": True}:  # the bottom-right-aligned causal mask (queries end at the keys)
-            T, K = q.shape[-2], k.shape[-2]
-            mask = torch.ones(T, K, dtype=torch.bool, device=q.device).tril(K - T)
+        if options == {"is_causal": True} and q.shape[-2] == k.shape[-2]:  # as many queries as keys
+            length = q.shape[-2]
+            mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             return _masked_math_attention(q, k, v, mask)
         if set(options) == {"attn_mask"} and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             return _masked_math_attention(q, k, v, mask)

@@ -769,7 +769,8 @@ def _did_you_mean(key: str, prefix: str, valid: Sequence[str], all_keys: Sequenc
     near = [f"{prefix}{name}" for name in difflib.get_close_matches(key, valid, n=3, cutoff=0.6)]
     by_name: dict[str, list[str]] = {}
     for path in all_keys:
-        by_name.setdefault(path.rpartition(".")[2], []).append(path)
+        if not prefix.startswith(f"{path}."):  # not the section the key is in (model.d_model: not 'model')
+            by_name.setdefault(path.rpartition(".")[2], []).append(path)
     elsewhere = list(by_name.get(key, []))
     if not near and not elsewhere:
         for name in difflib.get_close_matches(key, list(by_name), n=3, cutoff=0.75):

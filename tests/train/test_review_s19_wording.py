@@ -137,3 +137,11 @@ def test_a_trainer_key_that_is_not_a_string_is_an_unknown_key(tmp_path) -> None:
     path.write_text("trainer:\n  1: 2\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'trainer.1'"):
         load_config(str(path))
+
+
+def test_an_unknown_key_is_not_pointed_at_its_own_section() -> None:
+    # 'model.d_model' was answered "did you mean 'model'?": the section the key is in, not a key to set
+    with pytest.raises(ConfigError) as caught:
+        load_config("tiny", ["model.d_model=64"])
+    assert "did you mean 'model'" not in str(caught.value)
+    assert "valid keys here: ['backbone'" in str(caught.value)

@@ -56,7 +56,10 @@ def test_delta_chunk_nan_reaches_no_earlier_output_and_the_layer_docstring_says_
     assert finite[:70].all() and not finite[70:].any()
     doc = " ".join((TTTLayer.__doc__ or "").split())
     assert "64 tokens" not in doc and "whole chunk" not in doc
-    assert "on every path (the chunked ``delta_chunk`` kernel runs its token loop then)" in doc
+    assert (
+        "on every path (the chunked ``delta_chunk`` kernel then runs its token loop for the whole batch"
+        in doc
+    )
 
 
 # --- testing/checks.py and testing/strategies.py: the new argument checks (326d0a4, 283a82e, 9faea32) ---

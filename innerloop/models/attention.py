@@ -510,8 +510,10 @@ def sliding_window_attention(
     first_key = stop - k.shape[2]  # absolute position of k[:, :, 0]
     # A block's keys start window - 1 before its queries, which attend checks only for its own: with a
     # non-finite query or key anywhere (on a CPU), every block runs on the masked definition, so that a
-    # NaN key reaches only the queries that see it.
-    non_finite = q.device.type == "cpu" and not torch.compiler.is_compiling()
+    # NaN key reaches only the queries that see it. A single query (a decoding step) sees every key of
+    # the call (the cache holds window - 1, kept NaN where not finite): attend's check is enough there,
+    # and reading the whole window's cache at each decoded token is what finite_or_nan_positions avoids.
+    non_finite = q.device.type == "cpu" and q.shape[2] > 1 and not torch.compiler.is_compiling()
     non_finite = non_finite and not bool(
         torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32))
     )

@@ -25,6 +25,7 @@ import innerloop
 from innerloop import HalfSquaredError, LossPairs, hookimpl
 from innerloop.checkpoints import checkpoint_digest
 from innerloop.kernels.spec import KernelSpec
+from innerloop.plugins.losses.reconstruction import Reconstruction
 from innerloop.registry import DISABLE_ENV, isolated_registry, manager
 from innerloop.registry.modules import PLUGIN_MODULES_ENV
 
@@ -57,6 +58,29 @@ class TargetsDoubled(TargetsAsGiven):
 
     def pairs(self, views, carry):
         return LossPairs(inputs=views.key, targets=2 * views.value, valid=None, carry={})
+
+
+class GradientByAutograd(Reconstruction):
+    """reconstruction whose closed form takes ``torch.autograd.grad`` of ``token_loss`` (keeping the graph,
+    so that its derivative is right): under ``torch.inference_mode`` (evaluation, generation) it raises."""
+
+    name = "s64_gradient_by_autograd"
+
+    def token_loss_grad(self, prediction, target):
+        with torch.enable_grad():
+            given = prediction if prediction.requires_grad else prediction.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(self.token_loss(given, target).sum(), given, create_graph=True)
+        return grad
+
+
+class ScaledWithoutGrad(Reconstruction):
+    """reconstruction whose closed form is off by 1e-4 only when autograd is off."""
+
+    name = "s64_scaled_without_grad"
+
+    def token_loss_grad(self, prediction, target):
+        grad = super().token_loss_grad(prediction, target)
+        return grad if torch.is_grad_enabled() else grad * 1.0001
 
 
 def class_name(cls: type) -> str:

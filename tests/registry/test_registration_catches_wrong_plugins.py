@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from plugin_testing import One
+from plugin_testing import GradientByAutograd, One, ScaledWithoutGrad
 
 import innerloop
 from innerloop.core.protocol import Activation, AffineLayer, InnerLoss, InnerModel, LossPairs, StackModel
@@ -264,36 +264,12 @@ def test_a_model_with_float64_init_params_is_accepted_as_a_layer_would_take_it()
 # ---- a closed form that breaks without autograd (review s64) ------------------------------------
 
 
-class GradByAutograd(HalfSquaredError):
-    """Right with autograd on (its derivative too), but torch.autograd.grad raises under inference_mode."""
-
-    name = "s64_grad_by_autograd"
-
-    def pairs(self, views, carry):
-        return LossPairs(views.key, views.value)
-
-    def token_loss_grad(self, prediction, target):
-        with torch.enable_grad():
-            given = prediction if prediction.requires_grad else prediction.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(self.token_loss(given, target).sum(), given, create_graph=True)
-        return grad
-
-
-class OffWithoutGrad(HalfSquaredError):
-    name = "s64_off_without_grad"
-
-    def pairs(self, views, carry):
-        return LossPairs(views.key, views.value)
-
-    def token_loss_grad(self, prediction, target):
-        grad = prediction - target
-        return grad if torch.is_grad_enabled() else grad * 1.0001
-
-
 def test_a_closed_form_that_breaks_without_autograd_is_warned_of_or_refused(registry):
     """A layer calls token_loss_grad under no_grad / inference_mode in evaluation and generation; both
     losses registered silently before, and a layer with the first raised under inference_mode."""
-    refused(registry, "inner_losses", OffWithoutGrad(), r"s64_off_without_grad.*under torch.no_grad\(\)")
-    with pytest.warns(innerloop.PluginWarning, match=r"s64_grad_by_autograd.*torch.inference_mode\(\)"):
-        registry.add_plugin(One("inner_losses", GradByAutograd()), origin="test.s64_grad_by_autograd")
-    registry.remove_plugin("test.s64_grad_by_autograd")
+    refused(
+        registry, "inner_losses", ScaledWithoutGrad(), r"s64_scaled_without_grad.*under torch.no_grad\(\)"
+    )
+    with pytest.warns(innerloop.PluginWarning, match=r"s64_gradient_by_autograd.*torch.inference_mode\(\)"):
+        registry.add_plugin(One("inner_losses", GradientByAutograd()), origin="test.s64_gradient_by_autograd")
+    registry.remove_plugin("test.s64_gradient_by_autograd")

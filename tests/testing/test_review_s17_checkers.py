@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from plugin_testing import GradientByAutograd, ScaledWithoutGrad
 
 from innerloop.core.protocol import HalfSquaredError, InnerLoss, LossPairs
 from innerloop.plugins.losses.reconstruction import Reconstruction
@@ -280,29 +281,6 @@ def test_a_loss_right_for_one_token_chunks_only_fails_check_inner_loss():
     check_inner_loss(TwoBack(), **SMALL)  # the right one passes
     with pytest.raises(AssertionError, match=r"s17_swaps_the_carry_of_a_long_chunk: targets chunked at 2"):
         check_inner_loss(SwapsTheCarryOfALongChunk(), **SMALL)
-
-
-class GradientByAutograd(Reconstruction):
-    """reconstruction whose closed form takes ``torch.autograd.grad`` of ``token_loss`` (keeping the graph,
-    so that its derivative is right): under ``torch.inference_mode`` (evaluation, generation) it raises."""
-
-    name = "s64_gradient_by_autograd"
-
-    def token_loss_grad(self, prediction, target):
-        with torch.enable_grad():
-            given = prediction if prediction.requires_grad else prediction.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(self.token_loss(given, target).sum(), given, create_graph=True)
-        return grad
-
-
-class ScaledWithoutGrad(Reconstruction):
-    """reconstruction whose closed form is off by 1e-4 only when autograd is off."""
-
-    name = "s64_scaled_without_grad"
-
-    def token_loss_grad(self, prediction, target):
-        grad = super().token_loss_grad(prediction, target)
-        return grad if torch.is_grad_enabled() else grad * 1.0001
 
 
 def test_a_loss_that_breaks_without_autograd_fails_the_kit():
